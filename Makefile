@@ -1,0 +1,36 @@
+# Thin targets; the logic lives in lib/ and scripts/.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed-$(EXTRAS)
+EXTRAS ?= book,test
+
+.PHONY: book test reproduce wheelhouse clean venv
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@touch $@
+
+## book: make a venv, install, build the whole book from committed data (CPU only)
+book: venv
+	$(VENV)/bin/jupyter-book build . -W --keep-going -q
+	@echo "Open: file://$(CURDIR)/_build/html/index.html"
+
+## test: make a venv, install, run the test suite (GPU tests skip without a GPU)
+test: venv
+	bash scripts/ensure-chromium
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+## reproduce: rerun every experiment chapter on a GPU (mode=run), then rebuild the book
+reproduce:
+	$(PYTHON) -m lib reproduce $(CHAPTERS) $(PARAMS)
+
+## wheelhouse: wheels + kernel-only vLLM for an offline GPU node
+wheelhouse:
+	$(PYTHON) -m lib wheelhouse $(WHEELHOUSE_ARGS)
+
+clean:
+	rm -rf _build .jupyter_cache
