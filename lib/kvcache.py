@@ -1,0 +1,410 @@
+"""KV-cache contents, block tables and the physical layouts each backend reads.
+
+One idea runs through this module: the *logical* K and V of every sequence live in a token-major
+**block pool** ``[num_blocks, block_size, num_kv_heads, head_size]``; a **block table** says which
+physical blocks hold a sequence's tokens, in order. Every physical layout a backend needs is an
+exact reshape/transpose (or gather) of the pool, so all backends see bit-identical inputs:
+
+==========  ===========================================================  =====================
+layout      shape                                                        made by
+==========  ===========================================================  =====================
+pool/vllm   K, V ``[NB, BS, KVH, D]``                                    ``random_pool``,
+                                                                         ``to_vllm`` (identity)
+classic     K ``[NB, KVH, D/x, BS, x]``, V ``[NB, KVH, D, BS]``,         ``to_classic``
+            x = 16 bytes / element size (8 for 16-bit, 4 for fp32)
+dense       K, V ``[num_seqs, KVH, max_len, D]``, zero past each length  ``to_dense``
+==========  ===========================================================  =====================
+
+vLLM 0.33's cache layout *is* the pool layout, so ``to_vllm`` returns the pool itself.
+
+**bfloat16 storage.** NumPy (and CuPy) have no native bfloat16, so bf16 values are stored as
+``uint16`` arrays holding the raw bf16 bit patterns (the top 16 bits of the float32, rounded to
+nearest even). A CUDA kernel reads them as ``__nv_bfloat16`` unchanged. ``as_float64`` decodes any
+of the three storage forms (float16, bf16-as-uint16, float32) to float64; ``to_storage`` encodes.
+
+Every array function takes ``xp`` (the array module: ``numpy`` by default, ``cupy`` on the GPU)
+and uses only operations both provide. Block tables are always host (NumPy) ``int32`` arrays; a
+GPU caller copies them with ``xp.asarray``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SUPPORTED_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+PLACEMENTS = ("identity", "shuffled", "single_content")
+DTYPES = ("float16", "bfloat16", "float32")
+
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+_VECTOR_BYTES = 16  # the classic layout packs keys in 16-byte vectors
+
+
+# --------------------------------------------------------------------------- dtypes and bf16
+
+
+def _check_dtype_name(dtype_name: str) -> str:
+    if dtype_name not in DTYPES:
+        raise ValueError(f"dtype {dtype_name!r} is not supported; allowed: {', '.join(DTYPES)}")
+    return dtype_name
+
+
+def itemsize(dtype_name: str) -> int:
+    """Bytes per element of a cache/query dtype ("float16", "bfloat16", "float32")."""
+    return _ITEMSIZE[_check_dtype_name(dtype_name)]
+
+
+def storage_dtype(dtype_name: str, xp=np):
+    """The array dtype that stores `dtype_name`: bf16 is stored as ``uint16`` bit patterns."""
+    _check_dtype_name(dtype_name)
+    return {"float16": xp.float16, "bfloat16": xp.uint16, "float32": xp.float32}[dtype_name]
+
+
+def infer_dtype_name(arr) -> str:
+    """Storage dtype → dtype name; a ``uint16`` array is taken to hold bfloat16 bit patterns."""
+    name = str(arr.dtype).replace("torch.", "")
+    if name == "uint16":
+        return "bfloat16"
+    if name in DTYPES:
+        return name
+    raise ValueError(
+        f"array dtype {name!r} is not a cache storage dtype; allowed: float16, "
+        "uint16 (bfloat16 bit patterns), float32"
+    )
+
+
+def float32_to_bf16_bits(x, *, xp=np):
+    """Round float32 values to bfloat16 (nearest, ties to even); return the uint16 bit patterns.
+
+    NaN stays NaN (quiet bit set) instead of being rounded into an infinity.
+    """
+    x = xp.ascontiguousarray(xp.asarray(x, dtype=xp.float32))
+    bits = x.view(xp.uint32)
+    rounding = xp.uint32(0x7FFF) + ((bits >> xp.uint32(16)) & xp.uint32(1))
+    rounded = ((bits + rounding) >> xp.uint32(16)).astype(xp.uint16)
+    quiet_nan = ((bits >> xp.uint32(16)) | xp.uint32(0x0040)).astype(xp.uint16)
+    return xp.where(xp.isnan(x), quiet_nan, rounded)
+
+
+def bf16_bits_to_float32(bits, *, xp=np):
+    """Decode uint16 bfloat16 bit patterns to float32 (exact: bf16 is a truncated float32)."""
+    wide = xp.ascontiguousarray(xp.asarray(bits, dtype=xp.uint16).astype(xp.uint32) << xp.uint32(16))
+    return wide.view(xp.float32)
+
+
+def to_storage(values, dtype_name: str, *, xp=np):
+    """Encode real values (any float array) into the storage form of `dtype_name`."""
+    _check_dtype_name(dtype_name)
+    if dtype_name == "bfloat16":
+        return float32_to_bf16_bits(values, xp=xp)
+    return xp.asarray(values).astype(storage_dtype(dtype_name, xp))
+
+
+def as_float64(arr, dtype_name: str | None = None, *, xp=np):
+    """Decode a stored array (float16, bf16-as-uint16, float32, or float64) to float64.
+
+    `dtype_name` None infers it from the array's dtype (``uint16`` → bfloat16).
+    """
+    if dtype_name is None:
+        if str(arr.dtype) == "float64":
+            return xp.asarray(arr)
+        dtype_name = infer_dtype_name(arr)
+    _check_dtype_name(dtype_name)
+    if dtype_name == "bfloat16":
+        if str(arr.dtype) != "uint16":
+            raise ValueError(
+                f"bfloat16 data must be stored as uint16 bit patterns, got dtype {arr.dtype}"
+            )
+        return bf16_bits_to_float32(arr, xp=xp).astype(xp.float64)
+    return xp.asarray(arr).astype(xp.float64)
+
+
+# --------------------------------------------------------------------------- random contents
+
+
+def _as_rng(rng) -> np.random.Generator:
+    """Accept a NumPy Generator or an int seed (seeded determinism everywhere)."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None or isinstance(rng, (int, np.integer)):
+        return np.random.default_rng(rng)
+    raise ValueError(f"rng must be a numpy.random.Generator or an int seed, got {type(rng).__name__}")
+
+
+def random_array(shape, dtype_name: str, rng, *, xp=np, chunk_elements: int = 1 << 26):
+    """Uniform values in [-1, 1] in storage form; never exactly zero (|x| >= 2**-14).
+
+    Numbers are drawn on the array module's own generator (``xp.random.default_rng``, seeded
+    from `rng`), so a CuPy cache is filled on the GPU without a host round trip. The same `rng`
+    state gives the same array for a given `xp`; NumPy and CuPy streams differ. The leading axis
+    is filled in chunks so float32 temporaries stay bounded for multi-GB caches.
+    """
+    _check_dtype_name(dtype_name)
+    rng = _as_rng(rng)
+    shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape {shape} has a negative extent")
+    out = xp.empty(shape, dtype=storage_dtype(dtype_name, xp))
+    if out.size == 0:
+        return out
+    gen = xp.random.default_rng(int(rng.integers(0, 2**63 - 1)))
+    flat = out.reshape(-1)
+    tiny = np.float32(2.0**-14)  # smallest normal float16: survives every storage dtype
+    for start in range(0, flat.size, chunk_elements):
+        n = min(chunk_elements, flat.size - start)
+        u = gen.random(n, dtype=xp.float32) * xp.float32(2) - xp.float32(1)
+        u = xp.copysign(xp.maximum(xp.abs(u), tiny), u)
+        flat[start:start + n] = to_storage(u, dtype_name, xp=xp)
+    return out
+
+
+def random_pool(num_blocks, block_size, num_kv_heads, head_size, dtype, rng, *,
+                single_content=False, xp=np):
+    """A block pool ``[num_blocks, block_size, num_kv_heads, head_size]`` of random K or V.
+
+    Values are uniform in [-1, 1] and never zero (a zero cache would hide addressing bugs), in
+    storage form (bf16 as uint16 bits). With `single_content`, every block is a copy of block 0
+    (tokens inside a block still differ): the cache the `no_offset` ablation is exact on.
+    """
+    shape = (int(num_blocks), int(block_size), int(num_kv_heads), int(head_size))
+    if min(shape) < 1:
+        raise ValueError(f"pool shape {shape}: every extent must be >= 1")
+    if not single_content:
+        return random_array(shape, dtype, rng, xp=xp)
+    block = random_array(shape[1:], dtype, rng, xp=xp)
+    return xp.ascontiguousarray(xp.broadcast_to(block[None], shape))
+
+
+# --------------------------------------------------------------------------- block tables
+
+
+def blocks_needed(seq_lens, block_size: int) -> np.ndarray:
+    """Blocks each sequence occupies: ceil(seq_len / block_size), as int64."""
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    return -(-lens // int(block_size))
+
+
+@dataclass(frozen=True)
+class BlockTables:
+    """Block tables plus what the addressing modes need.
+
+    tables:     int32 ``[num_seqs, max_blocks_per_seq]``; row s lists the physical blocks of
+                sequence s in logical order; entries past its last block are 0.
+    seq_start:  int32 ``[num_seqs]``: the first physical block of each sequence in the identity
+                layout (the `contiguous` mode reads ``seq_start[s] + j``). For shuffled tables
+                it is still the identity start (so contiguous mode reads the same blocks
+                unshuffled); for seed-protocol random tables it is all zeros.
+    num_blocks: physical blocks in the pool (>= the largest entry + 1).
+    placement:  "identity", "shuffled", "single_content" or "random" (seed protocol).
+    """
+
+    tables: np.ndarray
+    seq_start: np.ndarray
+    num_blocks: int
+    placement: str
+    block_size: int = 0
+    seq_lens: np.ndarray | None = None
+
+
+def _check_lens(seq_lens) -> np.ndarray:
+    lens = np.asarray(seq_lens)
+    if lens.ndim != 1 or lens.size == 0:
+        raise ValueError(f"seq_lens must be a non-empty 1-D sequence, got shape {lens.shape}")
+    if not np.issubdtype(lens.dtype, np.integer):
+        raise ValueError(f"seq_lens must be integers, got dtype {lens.dtype}")
+    if (lens < 1).any():
+        raise ValueError(f"seq_lens must all be >= 1, got min {int(lens.min())}")
+    return lens.astype(np.int64)
+
+
+def make_block_tables(seq_lens, block_size, placement, rng=None, num_blocks=None, *,
+                      max_blocks_per_seq=None) -> BlockTables:
+    """Block tables for `seq_lens` under a placement.
+
+    identity:       sequence s owns blocks ``seq_start[s] + j`` (consecutive, in order).
+    shuffled:       the same physical blocks, relabelled by a seeded random permutation
+                    (each block used exactly once): a fragmented cache. Needs `rng`.
+    single_content: identity tables (the pool, not the table, makes every block equal).
+
+    `num_blocks` may exceed the blocks needed (extra blocks stay unused); fewer is an error.
+    `max_blocks_per_seq` widens the table (extra columns 0).
+    """
+    lens = _check_lens(seq_lens)
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement {placement!r} is not known; allowed: {', '.join(PLACEMENTS)}")
+    nb = blocks_needed(lens, block_size)
+    total = int(nb.sum())
+    if num_blocks is None:
+        num_blocks = total
+    if num_blocks < total:
+        raise ValueError(
+            f"num_blocks={num_blocks} is too small: these sequences need {total} blocks"
+        )
+    width = int(nb.max()) if max_blocks_per_seq is None else int(max_blocks_per_seq)
+    if width < nb.max():
+        raise ValueError(f"max_blocks_per_seq={width} < {int(nb.max())} blocks of the longest sequence")
+    if total > np.iinfo(np.int32).max:
+        raise ValueError(f"{total} blocks overflow int32 block tables")
+
+    seq_start = np.zeros(lens.size, dtype=np.int64)
+    seq_start[1:] = np.cumsum(nb)[:-1]
+    cols = np.arange(width, dtype=np.int64)
+    used = cols[None, :] < nb[:, None]
+    physical = seq_start[:, None] + cols[None, :]
+    if placement == "shuffled":
+        perm = _as_rng(rng).permutation(total)
+        physical = perm[np.where(used, physical, 0)]
+    tables = np.where(used, physical, 0).astype(np.int32)
+    return BlockTables(tables=tables, seq_start=seq_start.astype(np.int32),
+                       num_blocks=int(num_blocks), placement=placement,
+                       block_size=int(block_size), seq_lens=lens.astype(np.int32))
+
+
+def make_random_block_tables(seq_lens, block_size, num_physical_blocks, rng) -> BlockTables:
+    """The seed protocol: every used entry drawn uniformly, with replacement, from the pool.
+
+    This is how vLLM's old ``benchmark_paged_attention.py`` built its tables (NOTES.md): blocks
+    may repeat within and across sequences, so a small pool can sit in L2. ``seq_start`` is all
+    zeros (contiguous addressing then reads blocks 0, 1, ... of the pool for every sequence).
+    """
+    lens = _check_lens(seq_lens)
+    if num_physical_blocks < 1:
+        raise ValueError(f"num_physical_blocks must be >= 1, got {num_physical_blocks}")
+    nb = blocks_needed(lens, block_size)
+    width = int(nb.max())
+    draws = _as_rng(rng).integers(0, num_physical_blocks, size=(lens.size, width))
+    used = np.arange(width)[None, :] < nb[:, None]
+    tables = np.where(used, draws, 0).astype(np.int32)
+    return BlockTables(tables=tables, seq_start=np.zeros(lens.size, dtype=np.int32),
+                       num_blocks=int(num_physical_blocks), placement="random",
+                       block_size=int(block_size), seq_lens=lens.astype(np.int32))
+
+
+def _table_array(tables) -> np.ndarray:
+    """Accept a BlockTables or a bare 2-D table."""
+    return np.asarray(getattr(tables, "tables", tables))
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def _vector_width(arr) -> int:
+    size = int(arr.dtype.itemsize)
+    if _VECTOR_BYTES % size:
+        raise ValueError(f"element size {size} bytes does not divide the 16-byte key vector")
+    return _VECTOR_BYTES // size
+
+
+def to_classic(kpool, vpool, *, xp=np):
+    """Pool → the classic vLLM paged-attention layout (our kernels').
+
+    K ``[NB, KVH, D/x, BS, x]`` (x elements = 16 bytes), V ``[NB, KVH, D, BS]``; contiguous copies.
+    """
+    nb, bs, kvh, d = kpool.shape
+    if tuple(vpool.shape) != (nb, bs, kvh, d):
+        raise ValueError(f"kpool {tuple(kpool.shape)} and vpool {tuple(vpool.shape)} differ")
+    x = _vector_width(kpool)
+    if d % x:
+        raise ValueError(f"head_size {d} is not a multiple of the key vector width {x}")
+    k = xp.ascontiguousarray(kpool.reshape(nb, bs, kvh, d // x, x).transpose(0, 2, 3, 1, 4))
+    v = xp.ascontiguousarray(vpool.transpose(0, 2, 3, 1))
+    return k, v
+
+
+def from_classic(k_cache, v_cache, *, xp=np):
+    """Classic layout → pool ``[NB, BS, KVH, D]`` (exact inverse of `to_classic`)."""
+    nb, kvh, dx, bs, x = k_cache.shape
+    if tuple(v_cache.shape) != (nb, kvh, dx * x, bs):
+        raise ValueError(
+            f"v_cache {tuple(v_cache.shape)} does not match k_cache {tuple(k_cache.shape)}: "
+            f"expected {(nb, kvh, dx * x, bs)}"
+        )
+    k = xp.ascontiguousarray(k_cache.transpose(0, 3, 1, 2, 4).reshape(nb, bs, kvh, dx * x))
+    v = xp.ascontiguousarray(v_cache.transpose(0, 3, 1, 2))
+    return k, v
+
+
+def to_vllm(kpool, vpool):
+    """Pool → vLLM 0.33's ``[NB, BS, KVH, D]`` cache. It *is* the pool layout: no copy."""
+    return kpool, vpool
+
+
+def gather_sequence(pool, tables, seq_len, s, *, xp=np):
+    """Logical K or V of sequence `s`: ``[seq_len, KVH, D]`` in token order (a copy)."""
+    table = _table_array(tables)
+    bs = pool.shape[1]
+    n = int(blocks_needed([seq_len], bs)[0])
+    if n > table.shape[1]:
+        raise ValueError(f"sequence {s} of length {seq_len} needs {n} blocks; its table has {table.shape[1]}")
+    idx = xp.asarray(table[s, :n].astype(np.int64))
+    blocks = xp.take(pool, idx, axis=0)
+    return blocks.reshape(n * bs, pool.shape[2], pool.shape[3])[: int(seq_len)]
+
+
+def to_dense(kpool, vpool, block_tables, seq_lens, *, xp=np):
+    """Pool + tables → dense K, V ``[num_seqs, KVH, max_len, D]``, zero past each length.
+
+    The layout SDPA reads for the no-page-table baseline.
+    """
+    lens = _check_lens(seq_lens)
+    _, _, kvh, d = kpool.shape
+    shape = (lens.size, kvh, int(lens.max()), d)
+    k = xp.zeros(shape, dtype=kpool.dtype)
+    v = xp.zeros(shape, dtype=vpool.dtype)
+    for s, n in enumerate(lens.tolist()):
+        k[s, :, :n] = gather_sequence(kpool, block_tables, n, s, xp=xp).transpose(1, 0, 2)
+        v[s, :, :n] = gather_sequence(vpool, block_tables, n, s, xp=xp).transpose(1, 0, 2)
+    return k, v
+
+
+def dense_to_pool(k_dense, v_dense, block_tables, seq_lens, num_blocks, block_size=None, *, xp=np):
+    """Dense K, V → pools ``[num_blocks, BS, KVH, D]`` written through the tables.
+
+    The inverse of `to_dense` (tokens past a sequence's length in its last block stay zero);
+    used to check the dense round trip and to build a paged cache from contiguous K/V.
+    `block_size` defaults to the BlockTables' own.
+    """
+    lens = _check_lens(seq_lens)
+    table = _table_array(block_tables)
+    bs = int(block_size or getattr(block_tables, "block_size", 0))
+    if bs < 1:
+        raise ValueError("dense_to_pool needs block_size (or a BlockTables, which carries it)")
+    nseq, kvh, _, d = k_dense.shape
+    pools = []
+    for dense in (k_dense, v_dense):
+        pool = xp.zeros((int(num_blocks), bs, kvh, d), dtype=dense.dtype)
+        for s, n in enumerate(lens.tolist()):
+            nb = int(blocks_needed([n], bs)[0])
+            tokens = xp.zeros((nb * bs, kvh, d), dtype=dense.dtype)
+            tokens[:n] = dense[s, :, :n].transpose(1, 0, 2)
+            pool[xp.asarray(table[s, :nb].astype(np.int64))] = tokens.reshape(nb, bs, kvh, d)
+        pools.append(pool)
+    return pools[0], pools[1]
+
+
+# --------------------------------------------------------------------------- traffic
+
+
+def cache_bytes(seq_lens, num_kv_heads, head_size, itemsize) -> int:
+    """Bytes of K plus V a decode step must read: every token of every sequence, once.
+
+    `itemsize` is bytes per element (or a dtype name). Counts tokens, not whole blocks: the
+    unused tail of a sequence's last block is not traffic a kernel needs.
+    """
+    size = _ITEMSIZE[itemsize] if isinstance(itemsize, str) else int(itemsize)
+    tokens = int(np.asarray(seq_lens, dtype=np.int64).sum())
+    return 2 * tokens * int(num_kv_heads) * int(head_size) * size
+
+
+def decode_bytes(seq_lens, num_heads, num_kv_heads, head_size, itemsize) -> int:
+    """Bytes that must move in one decode step: K and V, plus the query and the output.
+
+    The bandwidth numerator of DESIGN.md ("K, V, Q, output"); block tables are not counted.
+    """
+    size = _ITEMSIZE[itemsize] if isinstance(itemsize, str) else int(itemsize)
+    num_seqs = int(np.asarray(seq_lens).size)
+    qo = 2 * num_seqs * int(num_heads) * int(head_size) * size
+    return cache_bytes(seq_lens, num_kv_heads, head_size, size) + qo
