@@ -1,0 +1,216 @@
+"""Our paged-attention decode kernels: instantiation rules, compile cache and launcher.
+
+The CUDA source is `paged_attention.cu` beside this file. Each (dtype, block size, head size,
+head tile) is one CuPy `RawModule` holding the three addressing modes and the v2 reduce kernel,
+compiled once per process (and cached on disk by CuPy). Everything that decides *which* kernel
+and *how* it is launched is plain Python, importable and testable without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("paged_attention.cu")
+
+ADDRESSING = {"paged": 0, "contiguous": 1, "no_offset": 2}
+CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+NUM_THREADS = 128
+NUM_WARPS = NUM_THREADS // 32
+DEFAULT_PARTITION = 512
+HEAD_TILES = (8, 4, 2, 1)
+#: Head tiles allowed per head size: above 128 the per-thread accumulators would spill.
+MAX_TILE_FOR_HEAD = {64: 8, 80: 8, 96: 8, 112: 8, 128: 8, 256: 4}
+#: v1 keeps a whole sequence's logits in shared memory; above this it must be v2.
+V1_SMEM_LIMIT = 96 * 1024
+
+
+def head_tile(num_heads: int, num_kv_heads: int, head_size: int) -> int:
+    """Query heads one thread block serves (sharing each K/V load among them)."""
+    group = num_heads // num_kv_heads
+    cap = MAX_TILE_FOR_HEAD.get(head_size, 1)
+    return next(t for t in HEAD_TILES if t <= cap and group % t == 0)
+
+
+def smem_bytes(tile: int, head_size: int, partition_tokens: int) -> int:
+    """Dynamic shared memory of the decode kernel: q, output, reduction scratch, logits."""
+    return 4 * (2 * tile * head_size + NUM_WARPS * tile + tile * partition_tokens)
+
+
+def choose_version(
+    *, num_seqs: int, num_heads: int, num_kv_heads: int, head_size: int, block_size: int,
+    max_seq_len: int, num_sms: int = 132, partition_size: int = DEFAULT_PARTITION,
+) -> int:
+    """v1 (one block per sequence) or v2 (partitions + reduce), like vLLM's rule of thumb.
+
+    v1 avoids the reduce kernel but leaves SMs idle when there are few (sequence, head) blocks
+    and long sequences; v2 splits each sequence so the grid fills the GPU.
+    """
+    tile = head_tile(num_heads, num_kv_heads, head_size)
+    v1_tokens = _round_up(max_seq_len, block_size)
+    if smem_bytes(tile, head_size, v1_tokens) > V1_SMEM_LIMIT:
+        return 2
+    parts = math.ceil(max_seq_len / partition_size)
+    blocks_v1 = num_seqs * num_heads // tile
+    if parts == 1 or blocks_v1 >= 4 * num_sms:
+        return 1
+    return 2
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def decode_name(dtype: str, block_size: int, head_size: int, tile: int, addressing: str) -> str:
+    return (f"upa::paged_attention_decode<{CTYPE[dtype]}, {block_size}, {head_size}, {tile}, "
+            f"{ADDRESSING[addressing]}>")
+
+
+def reduce_name(dtype: str, head_size: int) -> str:
+    return f"upa::paged_attention_reduce<{CTYPE[dtype]}, {head_size}>"
+
+
+def instantiations(dtype: str, block_size: int, head_size: int, tile: int) -> list[str]:
+    """Name expressions of one module: three addressing modes and the reduce kernel."""
+    names = [decode_name(dtype, block_size, head_size, tile, a) for a in ADDRESSING]
+    return names + [reduce_name(dtype, head_size)]
+
+
+def all_modules():
+    """Every (dtype, block size, head size, tile) the registry can launch."""
+    from lib.kvcache import SUPPORTED_BLOCK_SIZES
+    from lib.validation import SUPPORTED_DTYPES, SUPPORTED_HEAD_SIZES
+
+    for dtype in SUPPORTED_DTYPES:
+        for head_size in SUPPORTED_HEAD_SIZES:
+            for block_size in SUPPORTED_BLOCK_SIZES:
+                for tile in HEAD_TILES:
+                    if tile <= MAX_TILE_FOR_HEAD[head_size]:
+                        yield dtype, block_size, head_size, tile
+
+
+def compile_options() -> tuple[str, ...]:
+    opts = ["-std=c++17"]
+    cuda = os.environ.get("CUDA_PATH") or os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    if Path(cuda, "include", "cuda_bf16.h").exists():
+        opts.append(f"-I{Path(cuda, 'include')}")
+    return tuple(opts)
+
+
+@functools.lru_cache(maxsize=None)
+def get_module(dtype: str, block_size: int, head_size: int, tile: int):
+    """Compile (once per process) the module for one (dtype, block, head, tile)."""
+    import cupy
+
+    return cupy.RawModule(
+        code=SOURCE.read_text(), options=compile_options(),
+        name_expressions=instantiations(dtype, block_size, head_size, tile),
+    )
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything about one launch that does not depend on the data."""
+
+    dtype: str
+    block_size: int
+    head_size: int
+    num_heads: int
+    num_kv_heads: int
+    addressing: str
+    version: int
+    tile: int
+    partition_size: int  # tokens per thread block (v1: the whole padded sequence)
+    max_partitions: int
+
+    @property
+    def shared_bytes(self) -> int:
+        return smem_bytes(self.tile, self.head_size, self.partition_size)
+
+
+def plan_launch(
+    *, dtype: str, block_size: int, head_size: int, num_heads: int, num_kv_heads: int,
+    num_seqs: int, max_seq_len: int, addressing: str = "paged", version: int | str = "auto",
+    partition_size: int = DEFAULT_PARTITION, num_sms: int = 132,
+) -> LaunchPlan:
+    """Decide version, head tile and partitioning; raise ValueError for what cannot run."""
+    if addressing not in ADDRESSING:
+        raise ValueError(f"addressing={addressing!r}: choose one of {sorted(ADDRESSING)}")
+    if partition_size % block_size or partition_size <= 0:
+        raise ValueError(
+            f"partition_size={partition_size} must be a positive multiple of block_size={block_size}")
+    tile = head_tile(num_heads, num_kv_heads, head_size)
+    if version == "auto":
+        version = choose_version(
+            num_seqs=num_seqs, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            head_size=head_size, block_size=block_size, max_seq_len=max_seq_len,
+            num_sms=num_sms, partition_size=partition_size)
+    if version not in (1, 2):
+        raise ValueError(f"version={version!r}: choose 1, 2 or 'auto'")
+    if version == 1:
+        part, parts = _round_up(max_seq_len, block_size), 1
+        if smem_bytes(tile, head_size, part) > 227 * 1024:
+            raise ValueError(
+                f"v1 keeps all {max_seq_len} logits of a sequence in shared memory "
+                f"({smem_bytes(tile, head_size, part)} bytes > 227 KiB): use version 2")
+    else:
+        part, parts = partition_size, math.ceil(max_seq_len / partition_size)
+    return LaunchPlan(dtype, block_size, head_size, num_heads, num_kv_heads, addressing,
+                      version, tile, part, parts)
+
+
+class OwnDecode:
+    """A prepared launch of our kernel on fixed buffers: `launch()` enqueues it (graph-safe).
+
+    Buffers are CuPy arrays (or anything with `.data.ptr`): q/out [S, H, D]; k_cache
+    [NB, KVH, D/X, BS, X]; v_cache [NB, KVH, D, BS]; block_tables int32 [S, max_blocks];
+    seq_first, seq_lens int32 [S]. Scratch for v2 is allocated here, never inside `launch`.
+    """
+
+    def __init__(self, plan: LaunchPlan, *, q, k_cache, v_cache, block_tables, seq_first,
+                 seq_lens, out, scale: float):
+        import cupy
+        import numpy as np
+
+        self.plan = plan
+        mod = get_module(plan.dtype, plan.block_size, plan.head_size, plan.tile)
+        self._decode = mod.get_function(
+            decode_name(plan.dtype, plan.block_size, plan.head_size, plan.tile, plan.addressing))
+        if plan.shared_bytes > 48 * 1024:
+            self._decode.max_dynamic_shared_size_bytes = plan.shared_bytes
+        num_seqs = q.shape[0]
+        tiles = plan.num_heads // plan.num_kv_heads // plan.tile
+        self._grid = (plan.num_kv_heads * tiles, num_seqs, plan.max_partitions)
+        if plan.version == 2:
+            shape = (num_seqs, plan.num_heads, plan.max_partitions)
+            self._part_max = cupy.empty(shape, dtype=cupy.float32)
+            self._part_sum = cupy.empty(shape, dtype=cupy.float32)
+            self._part_out = cupy.empty(shape + (plan.head_size,), dtype=cupy.float32)
+            self._reduce = mod.get_function(reduce_name(plan.dtype, plan.head_size))
+            self._reduce_args = (out, self._part_out, self._part_max, self._part_sum, seq_lens,
+                                 np.int32(plan.num_heads), np.int32(plan.partition_size),
+                                 np.int32(plan.max_partitions))
+            self._reduce_smem = 4 * (plan.max_partitions + NUM_WARPS)
+            parts = (self._part_out, self._part_max, self._part_sum)
+        else:
+            nothing = cupy.empty(1, dtype=cupy.float32)
+            parts = (nothing, nothing, nothing)
+        self._keep = (q, k_cache, v_cache, block_tables, seq_first, seq_lens, out) + parts
+        self._args = (out, *parts, q, k_cache, v_cache, block_tables, seq_first, seq_lens,
+                      np.int32(plan.num_heads), np.int32(plan.num_kv_heads),
+                      np.int32(block_tables.shape[1]), np.float32(scale),
+                      np.int32(plan.partition_size), np.int32(plan.max_partitions),
+                      np.int32(1 if plan.version == 1 else 0))
+        self._num_seqs = num_seqs
+
+    def launch(self) -> None:
+        self._decode(self._grid, (NUM_THREADS,), self._args, shared_mem=self.plan.shared_bytes)
+        if self.plan.version == 2:
+            self._reduce((self.plan.num_heads, self._num_seqs), (NUM_THREADS,),
+                         self._reduce_args, shared_mem=self._reduce_smem)
+
+    __call__ = launch
