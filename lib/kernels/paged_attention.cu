@@ -33,6 +33,9 @@ constexpr int NUM_THREADS = 128;
 constexpr int NUM_WARPS = NUM_THREADS / WARP;
 constexpr unsigned FULL = 0xffffffffu;
 
+// NVRTC has no <cmath>: build -inf from its bit pattern.
+__device__ __forceinline__ float NEG_INF() { return __int_as_float(0xff800000u); }
+
 enum Addressing { PAGED = 0, CONTIGUOUS = 1, NO_OFFSET = 2 };
 
 template <typename T, int N>
@@ -138,7 +141,7 @@ paged_attention_decode(T* __restrict__ out,              // [S, H, D]          (
   const int tok_in_step = lane / TG;
   float tmax[GT];
 #pragma unroll
-  for (int g = 0; g < GT; ++g) tmax[g] = -INFINITY;
+  for (int g = 0; g < GT; ++g) tmax[g] = NEG_INF();
 
   for (int step = warp; step < num_steps; step += NUM_WARPS) {
     const int lb = first_block + step / STEPS_PER_BLOCK;
@@ -180,7 +183,7 @@ paged_attention_decode(T* __restrict__ out,              // [S, H, D]          (
       const bool valid = token < seq_len;
 #pragma unroll
       for (int g = 0; g < GT; ++g) {
-        const float l = valid ? acc[g] : -INFINITY;
+        const float l = valid ? acc[g] : NEG_INF();
         logits[g * partition_size + token - part_start] = l;
         tmax[g] = fmaxf(tmax[g], l);
       }
@@ -331,7 +334,7 @@ paged_attention_reduce(T* __restrict__ out, const float* __restrict__ part_out,
   const int n_parts = (seq_lens[seq] + partition_size - 1) / partition_size;
   const size_t base = ((size_t)seq * num_heads + head) * max_partitions;
 
-  float m = -INFINITY;
+  float m = NEG_INF();
   for (int p = tid; p < n_parts; p += NUM_THREADS) m = fmaxf(m, part_max[base + p]);
   m = warp_max(m);
   if (lane == 0) red_s[warp] = m;
