@@ -232,7 +232,12 @@ class Backend:
                                          num_kv_heads=case.problem.num_kv_heads,
                                          block_size=case.problem.block_size,
                                          dtype=case.problem.dtype)
-        return self._prepare(self, case, k, v, out, **options)
+        launcher = self._prepare(self, case, k, v, out, **options)
+        import cupy
+
+        # Inputs were written on the default stream; a launcher may run on any stream.
+        cupy.cuda.Device().synchronize()
+        return launcher
 
 
 def _needs_cupy() -> str | None:
@@ -258,7 +263,7 @@ def _prepare_own(backend: Backend, case: DecodeCase, k, v, out, *, partition_siz
         dtype=p.dtype, block_size=p.block_size, head_size=p.head_size, num_heads=p.num_heads,
         num_kv_heads=p.num_kv_heads, num_seqs=p.num_seqs, max_seq_len=p.max_seq_len,
         addressing=backend.addressing, version=backend.version,
-        partition_size=partition_size or kernels.DEFAULT_PARTITION, num_sms=num_sms)
+        partition_size=partition_size, num_sms=num_sms)
     return kernels.OwnDecode(plan, q=case.q, k_cache=k, v_cache=v,
                              block_tables=case.device_tables, seq_first=case.device_seq_start,
                              seq_lens=case.device_seq_lens, out=out, scale=case.scale)

@@ -22,9 +22,10 @@ ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 NUM_THREADS = 128
 NUM_WARPS = NUM_THREADS // 32
 DEFAULT_PARTITION = 512
-HEAD_TILES = (8, 4, 2, 1)
-#: Head tiles allowed per head size: above 128 the per-thread accumulators would spill.
-MAX_TILE_FOR_HEAD = {64: 8, 80: 8, 96: 8, 112: 8, 128: 8, 256: 4}
+HEAD_TILES = (4, 2, 1)
+#: Head tiles allowed per head size. A tile of 8 needed ~250 registers (one block per SM) and ran
+#: slower on H100 than two tiles of 4 that re-read K/V mostly from L2.
+MAX_TILE_FOR_HEAD = {64: 4, 80: 4, 96: 4, 112: 4, 128: 4, 256: 4}
 #: v1 keeps a whole sequence's logits in shared memory; above this it must be v2.
 V1_SMEM_LIMIT = 96 * 1024
 
@@ -43,7 +44,7 @@ def smem_bytes(tile: int, head_size: int, partition_tokens: int) -> int:
 
 def choose_version(
     *, num_seqs: int, num_heads: int, num_kv_heads: int, head_size: int, block_size: int,
-    max_seq_len: int, num_sms: int = 132, partition_size: int = DEFAULT_PARTITION,
+    max_seq_len: int, num_sms: int = 132, partition_size: int | None = None,
 ) -> int:
     """v1 (one block per sequence) or v2 (partitions + reduce), like vLLM's rule of thumb.
 
@@ -51,14 +52,25 @@ def choose_version(
     and long sequences; v2 splits each sequence so the grid fills the GPU.
     """
     tile = head_tile(num_heads, num_kv_heads, head_size)
+    partition_size = partition_size or DEFAULT_PARTITION
     v1_tokens = _round_up(max_seq_len, block_size)
     if smem_bytes(tile, head_size, v1_tokens) > V1_SMEM_LIMIT:
         return 2
-    parts = math.ceil(max_seq_len / partition_size)
-    blocks_v1 = num_seqs * num_heads // tile
-    if parts == 1 or blocks_v1 >= 4 * num_sms:
-        return 1
-    return 2
+    # Measured on H100 (data/results/kernel_speed): v2 beat v1 at every multi-partition shape,
+    # even with thousands of thread blocks, so v1 is kept for single-partition sequences.
+    return 1 if max_seq_len <= partition_size else 2
+
+
+def auto_partition(*, num_seqs: int, num_heads: int, num_kv_heads: int, head_size: int,
+                   block_size: int, max_seq_len: int, num_sms: int = 132) -> int:
+    """v2 partition size: 512 tokens, halved (down to max(block, 128)) until the grid has
+    at least 4 thread blocks per SM, so small batches still keep every SM busy."""
+    tile = head_tile(num_heads, num_kv_heads, head_size)
+    rows = num_seqs * num_heads // tile
+    part = DEFAULT_PARTITION
+    while rows * math.ceil(max_seq_len / part) < 4 * num_sms and part // 2 >= max(block_size, 128):
+        part //= 2
+    return max(part, block_size)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -135,11 +147,18 @@ class LaunchPlan:
 def plan_launch(
     *, dtype: str, block_size: int, head_size: int, num_heads: int, num_kv_heads: int,
     num_seqs: int, max_seq_len: int, addressing: str = "paged", version: int | str = "auto",
-    partition_size: int = DEFAULT_PARTITION, num_sms: int = 132,
+    partition_size: int | None = None, num_sms: int = 132,
 ) -> LaunchPlan:
-    """Decide version, head tile and partitioning; raise ValueError for what cannot run."""
+    """Decide version, head tile and partitioning; raise ValueError for what cannot run.
+
+    `partition_size=None` picks it (`auto_partition`); v1 ignores it.
+    """
     if addressing not in ADDRESSING:
         raise ValueError(f"addressing={addressing!r}: choose one of {sorted(ADDRESSING)}")
+    if partition_size is None:
+        partition_size = auto_partition(
+            num_seqs=num_seqs, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            head_size=head_size, block_size=block_size, max_seq_len=max_seq_len, num_sms=num_sms)
     if partition_size % block_size or partition_size <= 0:
         raise ValueError(
             f"partition_size={partition_size} must be a positive multiple of block_size={block_size}")

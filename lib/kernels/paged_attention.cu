@@ -38,8 +38,9 @@ __device__ __forceinline__ float NEG_INF() { return __int_as_float(0xff800000u);
 
 enum Addressing { PAGED = 0, CONTIGUOUS = 1, NO_OFFSET = 2 };
 
+// N values loaded as one access (up to 16 bytes; wider vectors split into 16-byte accesses).
 template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
+struct alignas(sizeof(T) * N > 16 ? 16 : sizeof(T) * N) Vec {
   T v[N];
 };
 
@@ -60,6 +61,15 @@ __device__ __forceinline__ int physical_block(const int* __restrict__ table_row,
   if (ADDR == PAGED) return table_row[logical];
   if (ADDR == CONTIGUOUS) return first + logical;
   return 0;  // NO_OFFSET
+}
+
+// Physical block of the warp's step `step + lane * NUM_WARPS` (0 past the end).
+template <int ADDR, int STEPS_PER_BLOCK>
+__device__ __forceinline__ int lookup_steps(const int* __restrict__ table_row, int first,
+                                            int first_block, int step, int num_steps, int lane) {
+  const int s = step + lane * NUM_WARPS;
+  return s < num_steps ? physical_block<ADDR>(table_row, first, first_block + s / STEPS_PER_BLOCK)
+                       : 0;
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -143,10 +153,16 @@ paged_attention_decode(T* __restrict__ out,              // [S, H, D]          (
 #pragma unroll
   for (int g = 0; g < GT; ++g) tmax[g] = NEG_INF();
 
-  for (int step = warp; step < num_steps; step += NUM_WARPS) {
+  // Block-table reads are batched per warp: lane j fetches the physical block of the warp's
+  // j-th next step (one coalesced load per 32 steps), and each step takes its entry with a
+  // shuffle, so key loads never wait on a table read.
+  int phys_lane = 0;
+  for (int step = warp, j = 0; step < num_steps; step += NUM_WARPS, j = (j + 1) % WARP) {
+    if (j == 0) phys_lane = lookup_steps<ADDR, STEPS_PER_BLOCK>(table_row, first, first_block,
+                                                                 step, num_steps, lane);
     const int lb = first_block + step / STEPS_PER_BLOCK;
     const int tok_in_block = (step % STEPS_PER_BLOCK) * WARP + tok_in_step;
-    const int phys = physical_block<ADDR>(table_row, first, lb);
+    const int phys = __shfl_sync(FULL, phys_lane, j);
     const T* kb = k_cache + ((size_t)phys * num_kv_heads + kvh) * head_stride + tok_in_block * X;
     Vec<T, VEC> kv[SLOTS];
 #pragma unroll
@@ -166,10 +182,10 @@ paged_attention_decode(T* __restrict__ out,              // [S, H, D]          (
       if (NVEC % TG == 0 || slot < NVEC) {
         const int e = slot * VEC;
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          const float kf = to_float(kv[s].v[i]);
+        for (int g = 0; g < GT; ++g) {
+          const Vec<float, VEC> qv = *reinterpret_cast<const Vec<float, VEC>*>(q_s + g * D + e);
 #pragma unroll
-          for (int g = 0; g < GT; ++g) acc[g] = fmaf(q_s[g * D + e + i], kf, acc[g]);
+          for (int i = 0; i < VEC; ++i) acc[g] = fmaf(qv.v[i], to_float(kv[s].v[i]), acc[g]);
         }
       }
     }
@@ -253,11 +269,13 @@ paged_attention_decode(T* __restrict__ out,              // [S, H, D]          (
 #pragma unroll
     for (int r = 0; r < ROWS_PER_THREAD; ++r) acc[g][r] = 0.f;
 
-  for (int step = warp; step < num_steps; step += NUM_WARPS) {
+  for (int step = warp, j = 0; step < num_steps; step += NUM_WARPS, j = (j + 1) % WARP) {
+    if (j == 0) phys_lane = lookup_steps<ADDR, STEPS_PER_BLOCK>(table_row, first, first_block,
+                                                                 step, num_steps, lane);
     const int lb = first_block + step / STEPS_PER_BLOCK;
     const int tok0 = (step % STEPS_PER_BLOCK) * WARP + vec_idx * V_VEC;  // within the block
     const int token0 = lb * BS + tok0;
-    const int phys = physical_block<ADDR>(table_row, first, lb);
+    const int phys = __shfl_sync(FULL, phys_lane, j);
     const T* vb = v_cache + ((size_t)phys * num_kv_heads + kvh) * head_stride + tok0;
     Vec<T, V_VEC> vv[ROWS_PER_THREAD];
 #pragma unroll
@@ -266,11 +284,10 @@ paged_attention_decode(T* __restrict__ out,              // [S, H, D]          (
       if (D % ROWS_PER_ITER == 0 || row < D)
         vv[r] = *reinterpret_cast<const Vec<T, V_VEC>*>(vb + (size_t)row * BS);
     }
-    float p[GT][V_VEC];
+    Vec<float, V_VEC> p[GT];  // probabilities of this thread's V_VEC tokens, per head
 #pragma unroll
     for (int g = 0; g < GT; ++g)
-#pragma unroll
-      for (int i = 0; i < V_VEC; ++i) p[g][i] = logits[g * partition_size + token0 - part_start + i];
+      p[g] = *reinterpret_cast<const Vec<float, V_VEC>*>(logits + g * partition_size + token0 - part_start);
 #pragma unroll
     for (int r = 0; r < ROWS_PER_THREAD; ++r) {
       const int row = row0 + r * ROWS_PER_ITER;
@@ -280,7 +297,7 @@ paged_attention_decode(T* __restrict__ out,              // [S, H, D]          (
           // Past the sequence's end the cache may hold anything (even NaN): never multiply it.
           const float vf = (token0 + i < seq_len) ? to_float(vv[r].v[i]) : 0.f;
 #pragma unroll
-          for (int g = 0; g < GT; ++g) acc[g][r] = fmaf(p[g][i], vf, acc[g][r]);
+          for (int g = 0; g < GT; ++g) acc[g][r] = fmaf(p[g].v[i], vf, acc[g][r]);
         }
       }
     }
