@@ -1,0 +1,142 @@
+"""The command line: usage errors, list/env on CPU, sweep, wheelhouse plan, papermill reruns."""
+
+import json
+import os
+import subprocess
+import sys
+
+import nbformat
+import pytest
+
+from lib import ROOT
+from lib import results as R
+from lib.__main__ import main, platform_tags
+
+
+def cli(*args, timeout=120):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "lib", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["sweep", "seltest"], "unknown experiment 'seltest'; did you mean 'selftest'"),
+    (["sweep", "selftest", "-p", "variants=a"], "unknown parameter 'variants' for experiment 'selftest'; did you mean 'variant'"),
+    (["sweep", "selftest", "-p", "n=two"], "n='two' is not a valid int"),
+    (["sweep", "selftest", "--shard", "2/2"], "shard index must be in 0..1"),
+    (["sweep", "selftest", "--shard", "x"], "shard must look like i/n"),
+    (["sweep", "selftest", "--devices", "0,0"], "devices"),
+    (["list", "nope"], "unknown experiment 'nope'"),
+])
+def test_usage_errors_are_one_line_with_exit_code_2(args, match, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err
+    assert err.count("\n") == 1
+
+
+def test_usage_error_in_a_real_process():
+    r = cli("sweep", "seltest")
+    assert r.returncode == 2
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: unknown experiment 'seltest'; did you mean 'selftest'?")
+
+
+def test_list_and_env_run_without_a_gpu():
+    r = cli("list")
+    assert r.returncode == 0, r.stderr
+    assert "selftest  (16 points, CPU)" in r.stdout and "variant = a,b" in r.stdout
+    r = cli("env")
+    assert r.returncode == 0, r.stderr
+    assert "gpu " in r.stdout and "missing" in r.stdout and "papermill" in r.stdout
+    r = cli("env", "--json")
+    rep = json.loads(r.stdout)
+    assert set(rep) >= {"gpu", "libraries", "missing", "git"}
+    assert rep["libraries"]["pandas"]
+
+
+def test_sweep_from_the_command_line(tmp_path, capsys):
+    assert main(["sweep", "selftest", "-p", "sleep_s=0", "-p", "n=1,2", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert "measured 4 points (4 rows, 0 errors)" in capsys.readouterr().out
+    assert len(R.load("selftest", root=tmp_path)) == 4
+    assert main(["sweep", "selftest", "-p", "sleep_s=0", "--shard", "0/2", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert main(["merge", "selftest", "--out", str(tmp_path)]) == 0
+    assert "merged" in capsys.readouterr().out
+    assert R.sibling_parts(R.csv_path("selftest", "cpu", root=tmp_path)) == []
+
+
+def test_wheelhouse_plan_targets_the_chosen_python_and_platform(capsys):
+    assert main(["wheelhouse", "--dry-run", "--python-version", "3.12", "--dest", "/tmp/wh-plan"]) == 0
+    cmd = capsys.readouterr().out.split()
+    assert cmd[cmd.index("--python-version") + 1] == "3.12"
+    assert "--only-binary=:all:" in cmd
+    for pkg in ("papermill>=2.6", "jupytext>=1.16", "nbclient", "ipykernel>=6.29", "jupyter-book==1.0.4.post1"):
+        assert pkg in cmd
+    assert not os.path.exists("/tmp/wh-plan")
+
+
+def test_platform_tags_include_older_glibc():
+    tags = platform_tags("manylinux_2_28_x86_64")
+    assert tags[0] == "manylinux_2_28_x86_64" and "manylinux_2_17_x86_64" in tags
+    assert "manylinux2014_x86_64" in tags and "manylinux_2_29_x86_64" not in tags
+    assert platform_tags("macosx_14_0_arm64") == ["macosx_14_0_arm64"]
+
+
+def test_vllm_kernel_delegates(capsys):
+    rc = main(["vllm-kernel", "--status"])
+    assert rc == 0
+    assert isinstance(json.loads(capsys.readouterr().out), dict)
+
+
+def test_reproduce_rejects_unknown_chapter_parameter(capsys):
+    assert main(["reproduce", "seed", "--mode", "replay", "-p", "tabels", "1", "--no-build"]) == 2
+    assert "declared by none" in capsys.readouterr().err
+
+
+def _outputs(nb):
+    """Code-cell outputs without counters: what a reader of the executed chapter sees."""
+    out = []
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "injected-parameters" not in cell.metadata.get("tags", []):
+            out.append([{k: v for k, v in o.items() if k != "execution_count"} for o in cell.get("outputs", [])])
+    return out
+
+
+def test_papermill_rerun_in_replay_mode_with_a_changed_parameter_changes_the_output(tmp_path):
+    a, b = tmp_path / "default", tmp_path / "one-table"
+    r = cli("reproduce", "chapters/seed.md", "--mode", "replay", "--no-build", "--no-progress", "--out", str(a))
+    assert r.returncode == 0, r.stderr
+    r = cli("reproduce", "seed", "--mode", "replay", "-p", "tables", "1", "--no-build", "--no-progress", "--out", str(b))
+    assert r.returncode == 0, r.stderr
+    nb_a = nbformat.read(a / "seed.ipynb", as_version=4)
+    nb_b = nbformat.read(b / "seed.ipynb", as_version=4)
+    injected = [c.source for c in nb_b.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected and 'tables = "1"' in injected[0] and 'mode = "replay"' in injected[0]
+    assert _outputs(nb_a) != _outputs(nb_b)
+    assert not list(a.glob("*.source.ipynb"))  # only the executed notebook stays
+    # the executed notebooks live outside the source tree
+    assert not list((ROOT / "chapters").glob("*.ipynb"))
+
+
+def test_reproduce_picks_registered_chapters_in_book_order(monkeypatch):
+    import dataclasses
+
+    from lib import experiments as E
+    from lib.__main__ import experiment_chapters
+
+    base = E.EXPERIMENTS["selftest"]
+    for name, chapter in [("t-about", "chapters/about"), ("t-seed", "chapters/seed.md"), ("t-gone", "chapters/gone.md")]:
+        monkeypatch.setitem(E.EXPERIMENTS, name, dataclasses.replace(base, name=name, chapter=chapter))
+    assert [p.relative_to(ROOT).as_posix() for p in experiment_chapters()] == ["chapters/seed.md", "chapters/about.md"]
+
+
+def test_chapter_parameters_keep_the_type_of_their_default():
+    from lib.__main__ import UsageError, _coerce_param
+
+    assert _coerce_param("1,2", "1,2,3") == "1,2"
+    assert _coerce_param("1", "1,2,3") == "1"
+    assert _coerce_param("2048", 4096) == 2048
+    assert _coerce_param("0.5", 1.0) == 0.5
+    assert _coerce_param("false", True) is False
+    with pytest.raises(UsageError):
+        _coerce_param("many", 4096)

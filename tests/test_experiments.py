@@ -1,0 +1,138 @@
+"""Experiment grids: expansion, point keys, parameter parsing, shards."""
+
+import itertools
+
+import pytest
+
+from lib import experiments as E
+
+
+def exp(**kw):
+    base = dict(
+        name="demo", description="d", measure="lib.experiments:_selftest_measure",
+        grid={"block_size": [16, 1], "seq_len": [1024, 4096], "variant": ["paged", "contiguous"],
+              "scale": [0.5], "flag": [False]},
+    )
+    base.update(kw)
+    return E.Experiment(**base)
+
+
+def test_expand_is_the_product_in_grid_order():
+    pts = E.expand(exp())
+    assert len(pts) == 2 * 2 * 2
+    assert pts[0] == {"block_size": 16, "seq_len": 1024, "variant": "paged", "scale": 0.5, "flag": False}
+    assert [p["block_size"] for p in pts] == [16] * 4 + [1] * 4  # first key varies slowest
+    assert pts == E.expand(exp())  # deterministic
+
+
+def test_point_key_is_sorted_and_typed():
+    p = {"seq_len": 1024, "block_size": 16, "flag": True, "scale": 0.5, "x": None}
+    assert E.point_key(p) == "block_size=16;flag=true;scale=0.5;seq_len=1024;x=none"
+    assert E.point_key(dict(reversed(list(p.items())))) == E.point_key(p)
+
+
+def test_overrides_accept_values_lists_and_cli_strings():
+    e = exp()
+    assert {p["seq_len"] for p in E.expand(e, {"seq_len": 2048})} == {2048}
+    assert {p["seq_len"] for p in E.expand(e, {"seq_len": "512,2048"})} == {512, 2048}
+    assert {p["seq_len"] for p in E.expand(e, {"seq_len": ["8"]})} == {8}
+    over = E.parse_params(e, ["block_size=1,2,4", "scale=0.25", "flag=yes", "variant=paged"])
+    assert over == {"block_size": [1, 2, 4], "scale": [0.25], "flag": [True], "variant": ["paged"]}
+    pts = E.expand(e, over)
+    assert len(pts) == 3 * 2
+    assert all(isinstance(p["block_size"], int) and isinstance(p["scale"], float) for p in pts)
+
+
+@pytest.mark.parametrize("item,match", [
+    ("seqlen=4", "did you mean 'seq_len'"),
+    ("block_size=abc", "not a valid int"),
+    ("block_size=1.5", "not a valid int"),
+    ("flag=maybe", "not a valid bool"),
+    ("scale=", "empty value"),
+    ("scale", "name=value"),
+    ("variant=a;b", "not a valid str"),
+])
+def test_bad_params_are_clear(item, match):
+    with pytest.raises(ValueError, match=match):
+        E.parse_params(exp(), [item])
+
+
+def test_param_given_twice_is_an_error():
+    with pytest.raises(ValueError, match="given twice"):
+        E.parse_params(exp(), ["seq_len=1", "seq_len=2"])
+
+
+def test_unknown_experiment_suggests_close_names():
+    with pytest.raises(ValueError, match=r"unknown experiment 'seltest'; did you mean 'selftest'"):
+        E.get("seltest")
+
+
+def test_union_of_grids_dedupes_and_where_filters():
+    e = exp(grid=[{"a": [1, 2], "b": ["x"]}, {"a": [2, 3], "b": ["x", "y"]}],
+            where=lambda p: not (p["a"] == 3 and p["b"] == "y"))
+    keys = [E.point_key(p) for p in E.expand(e)]
+    assert keys == ["a=1;b=x", "a=2;b=x", "a=2;b=y", "a=3;b=x"]
+    # an override applies to every sub-grid that has the parameter
+    assert {p["a"] for p in E.expand(e, {"a": 7})} == {7}
+
+
+def test_int_and_float_values_coerce_to_float():
+    e = exp(grid={"x": [1, 2.5]})
+    assert E.expand(e, {"x": "3"}) == [{"x": 3.0}]
+    assert isinstance(E.expand(e, {"x": "3"})[0]["x"], float)
+
+
+@pytest.mark.parametrize("grid,match", [
+    ({"a": []}, "no values"),
+    ({"a": [1, "x"]}, "mixes value types"),
+    ({"a": [[1]]}, "not a scalar"),
+    ({"a": ["x;y"]}, "may not contain"),
+    ({"not valid": [1]}, "identifier"),
+])
+def test_register_checks_grids(grid, match):
+    with pytest.raises(ValueError, match=match):
+        E.register(exp(name="bad-grid-test", grid=grid))
+    assert "bad-grid-test" not in E.EXPERIMENTS
+
+
+def test_register_twice_is_an_error():
+    with pytest.raises(ValueError, match="twice"):
+        E.register(E.EXPERIMENTS["selftest"])
+
+
+def test_resolve_measure_lazily_and_clearly():
+    assert E.get("selftest").resolve_measure() is E._selftest_measure
+    with pytest.raises(ImportError, match="cannot load measure"):
+        exp(measure="lib.nope:f").resolve_measure()
+    with pytest.raises(ValueError, match="pkg.module:function"):
+        exp(measure="lib.experiments").resolve_measure()
+
+
+@pytest.mark.parametrize("n_points,n", [(16, 1), (16, 3), (16, 16), (5, 7), (0, 2), (100, 9)])
+def test_shards_cover_every_point_exactly_once(n_points, n):
+    points = [{"i": i} for i in range(n_points)]
+    shards = [E.shard(points, i, n) for i in range(n)]
+    flat = [E.point_key(p) for p in itertools.chain(*shards)]
+    assert sorted(flat) == sorted(E.point_key(p) for p in points)
+    assert len(flat) == len(set(flat))
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1  # round-robin keeps shards balanced
+
+
+@pytest.mark.parametrize("text", ["2/2", "-1/2", "0/0", "a/2", "1", "1/2/3", ""])
+def test_bad_shards_are_refused(text):
+    with pytest.raises(ValueError, match="shard"):
+        E.parse_shard(text)
+
+
+def test_parse_shard_is_zero_based():
+    assert E.parse_shard("0/4") == (0, 4)
+    assert E.parse_shard("3/4") == (3, 4)
+
+
+def test_selftest_measure_is_deterministic_and_can_fail():
+    p = {"n": 3, "variant": "b", "sleep_s": 0.0, "fail_n": 0}
+    assert E._selftest_measure(p) == E._selftest_measure(p)
+    assert E._selftest_measure(p)["median_us"] == 30.5
+    with pytest.raises(RuntimeError, match="planned failure"):
+        E._selftest_measure({**p, "fail_n": 3})

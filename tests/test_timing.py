@@ -1,0 +1,115 @@
+"""The measurement method: statistics and stopping rule on CPU; the GPU checks the issue asks for."""
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+
+from lib import timing as T
+
+
+def test_summarize_matches_numpy_percentiles():
+    rng = random.Random(0)
+    xs = [rng.uniform(1, 100) for _ in range(37)]
+    t = T.summarize(xs, "rigorous")
+    assert t.median_us == pytest.approx(np.percentile(xs, 50))
+    assert t.p10_us == pytest.approx(np.percentile(xs, 10))
+    assert t.p90_us == pytest.approx(np.percentile(xs, 90))
+    assert t.samples == 37 and t.raw_us == tuple(xs)
+    assert t.as_row() == {"protocol": "rigorous", "median_us": t.median_us, "p10_us": t.p10_us,
+                          "p90_us": t.p90_us, "samples": 37}
+
+
+def test_summarize_refuses_nothing():
+    with pytest.raises(ValueError):
+        T.summarize([], "hot")
+
+
+def _source(values):
+    it = iter(values)
+    calls = []
+
+    def take(k):
+        calls.append(k)
+        return [next(it) for _ in range(k)]
+
+    return take, calls
+
+
+def test_stable_samples_stop_at_min_samples():
+    take, calls = _source(itertools.repeat(10.0))
+    xs = T.sample_adaptively(take, min_samples=10, max_samples=200, rel_spread=0.05)
+    assert len(xs) == 10 and calls == [10]
+
+
+def test_noisy_samples_continue_until_the_cap():
+    rng = random.Random(1)
+    take, calls = _source(rng.uniform(5, 15) for _ in itertools.count())
+    xs = T.sample_adaptively(take, min_samples=10, max_samples=55, rel_spread=0.05, batch=10)
+    assert len(xs) == 55 and calls == [10, 10, 10, 10, 10, 5]
+
+
+def test_noise_that_settles_stops_early():
+    noisy = [1.0, 30.0] * 5
+    take, _ = _source(itertools.chain(noisy, itertools.repeat(10.0)))
+    xs = T.sample_adaptively(take, min_samples=10, max_samples=1000, rel_spread=0.05, batch=10)
+    assert 10 < len(xs) < 1000
+    assert T.summarize(xs, "").rel_spread <= 0.05
+
+
+def test_time_cap_stops_sampling():
+    clock = itertools.count(0.0, 1.0)  # each look at the clock: one more second
+    rng = random.Random(2)
+    take, _ = _source(rng.uniform(5, 15) for _ in itertools.count())
+    xs = T.sample_adaptively(take, min_samples=10, max_samples=10_000, rel_spread=0.0,
+                             max_seconds=3.0, clock=lambda: next(clock))
+    assert len(xs) < 100
+
+
+@pytest.mark.parametrize("kw", [dict(min_samples=0), dict(min_samples=20, max_samples=10),
+                                dict(rel_spread=-1), dict(max_seconds=0)])
+def test_bad_sampling_settings(kw):
+    with pytest.raises(ValueError):
+        T.sample_adaptively(lambda k: [1.0] * k, **kw)
+
+
+def test_unknown_protocol_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown protocol"):
+        T.time_fn(lambda: None, "fastest")
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+@pytest.mark.gpu
+def test_ceilings_are_sane_and_the_read_kernel_is_checked():
+    c = T.measure_ceilings()
+    assert c["nbytes"] >= 2 * T.GiB or c["nbytes"] >= 16 * c["l2_bytes"]
+    assert 100 < c["read_gbps"] < 20_000 and 100 < c["copy_gbps"] < 20_000
+
+
+@pytest.mark.gpu
+def test_harness_agrees_with_direct_memcpy_and_with_itself():
+    r = T.harness_selfcheck()
+    assert r["vs_direct_ok"], r
+    assert r["repeat_ok"], r
+
+
+@pytest.mark.gpu
+def test_protocols_run_and_capture_errors_are_clear():
+    import cupy as cp
+
+    x = cp.ones(1 << 24, dtype=cp.float32)
+    y = cp.empty_like(x)
+
+    def fn():
+        cp.multiply(x, 2.0, out=y)
+
+    for proto in ("rigorous", "hot", "eager", "seed"):
+        t = T.time_fn(fn, proto)
+        assert t.method == proto and t.median_us > 0 and t.p10_us <= t.median_us <= t.p90_us
+    assert float(y[0].get()) == 2.0
+    with pytest.raises(T.CaptureError, match="graph=False"):
+        T.time_graph(lambda: float(x.sum()))  # a host sync cannot be captured
+    T.time_graph(fn)  # the stream is usable again after a failed capture
+    assert T.graph_floor_us().median_us < 50
