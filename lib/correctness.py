@@ -123,27 +123,53 @@ def run_case(case: MatrixCase, seed: int, *, backends=None) -> list[dict]:
     return rows
 
 
-def precompile(cases, workers: int = 8) -> float:
-    """Compile every module the cases need, in parallel processes (fills CuPy's disk cache)."""
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
+def precompile(cases, workers: int | None = None) -> float:
+    """Compile every module the cases need, in parallel (see `lib.kernels.precompile`)."""
     from lib import kernels
 
     keys = set()
     for c in cases:
         nh, nkv = HEAD_LAYOUTS[c.heads]
         keys.add((c.dtype, c.block_size, c.head_size, kernels.head_tile(nh, nkv, c.head_size)))
-    t0 = time.perf_counter()
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        list(pool.map(_compile_one, sorted(keys)))
-    return time.perf_counter() - t0
+    return kernels.precompile(keys, workers)
 
 
-def _compile_one(key):
-    from lib import kernels
+def case_of(point: dict) -> MatrixCase:
+    bs = int(point["block_size"])
+    lengths = ragged_lengths(bs) if point.get("lengths", "ragged") == "ragged" else (32768, 3001)
+    return MatrixCase(point["dtype"], bs, int(point["head_size"]), point["heads"],
+                      point["placement"], lengths)
 
-    mod = kernels.get_module(*key)
-    for name in kernels.instantiations(*key):
-        mod.get_function(name)
-    return key
+
+def precompile_points(points: list[dict]) -> None:
+    """Experiment `prepare` hook: compile every module of the sweep before the first point."""
+    precompile([case_of(p) for p in points])
+
+
+def measure_point(point: dict) -> list[dict]:
+    """Experiment `measure` hook: one matrix case, as rows of the results schema."""
+    from lib.backends import get_backend
+
+    case = case_of(point)
+    nh, nkv = HEAD_LAYOUTS[case.heads]
+    rows = []
+    for r in run_case(case, seed=int(point.get("seed", 0)) or _seed_of(point)):
+        b = get_backend(r["backend"])
+        row = {"backend": r["backend"], "version": str(b.version or ""),
+               "addressing": b.addressing or "", "num_heads": nh, "num_kv_heads": nkv,
+               "batch_size": len(case.seq_lens), "seq_len": max(case.seq_lens),
+               "rel_error": r["rel_error"], "check_passed": r["passed"],
+               "extra": {"seq_lens": r["seq_lens"], "tolerance": r["tolerance"],
+                         "bit_identical_to": r["bit_identical_to"],
+                         "bit_identical": r["bit_identical"], "seed": r["seed"]}}
+        if r["error"]:
+            row.update(status="error", error=r["error"])
+        rows.append(row)
+    return rows
+
+
+def _seed_of(point: dict) -> int:
+    """A distinct, reproducible seed per point: fresh random inputs for every case."""
+    import zlib
+
+    return zlib.crc32(repr(sorted(point.items())).encode()) & 0x7FFFFFFF

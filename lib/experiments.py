@@ -52,6 +52,9 @@ class Experiment:
     chapter: str | None = None
     gpu: bool = True  # False: runs anywhere, rows are filed under gpu_slug "cpu"
     where: Callable[[dict], bool] | None = field(default=None, compare=False)
+    # "pkg.module:function" called with the points about to be measured, before the first one
+    # (e.g. compile every kernel they need in parallel); its time counts as setup.
+    prepare: str | None = None
 
     @property
     def subgrids(self) -> list[dict[str, list]]:
@@ -71,13 +74,19 @@ class Experiment:
 
     def resolve_measure(self) -> Callable[[dict], Any]:
         """Import the measure function (lazily: it may need a GPU stack)."""
-        mod, sep, fn = self.measure.partition(":")
+        return self._resolve(self.measure, "measure")
+
+    def resolve_prepare(self) -> Callable[[list], Any] | None:
+        return self._resolve(self.prepare, "prepare") if self.prepare else None
+
+    def _resolve(self, path: str, what: str) -> Callable:
+        mod, sep, fn = path.partition(":")
         if not sep or not mod or not fn:
-            raise ValueError(f"measure of {self.name!r} must look like 'pkg.module:function', got {self.measure!r}")
+            raise ValueError(f"{what} of {self.name!r} must look like 'pkg.module:function', got {path!r}")
         try:
             return getattr(importlib.import_module(mod), fn)
         except (ImportError, AttributeError) as e:
-            raise ImportError(f"cannot load measure {self.measure!r} of experiment {self.name!r}: {e}") from e
+            raise ImportError(f"cannot load {what} {path!r} of experiment {self.name!r}: {e}") from e
 
 
 EXPERIMENTS: dict[str, Experiment] = {}
@@ -299,4 +308,62 @@ register(Experiment(
     measure="lib.experiments:_selftest_measure",
     grid={"n": [1, 2, 3, 4, 5, 6, 7, 8], "variant": ["a", "b"], "sleep_s": [0.05], "fail_n": [0]},
     gpu=False,
+))
+
+
+# ----------------------------------------------------------------------------- kernel experiments
+
+#: Every kernel variant the seed's ablations map to, plus today's references.
+SEED_BACKENDS = "+".join([
+    "own-v1-paged", "own-v1-contiguous", "own-v1-no_offset",
+    "own-v2-paged", "own-v2-contiguous", "own-v2-no_offset", "vllm", "sdpa_dense"])
+#: The shape vLLM's 2024 benchmark defaulted to (NOTES.md): 64 query heads, 8 KV heads, head 128.
+SEED_SHAPE = {"num_heads": [64], "num_kv_heads": [8], "head_size": [128], "dtype": ["float16"]}
+#: The seed tables' (seq_len, batch) points.
+SEED_POINTS = [(4096, 1), (1024, 1), (1024, 16), (1024, 32)]
+
+register(Experiment(
+    name="correctness",
+    description="Correctness matrix: every backend x variant x block x dtype x head size x "
+                "head layout, fresh inputs, NaN-poisoned outputs, float64 reference",
+    measure="lib.correctness:measure_point",
+    prepare="lib.correctness:precompile_points",
+    grid=[
+        {"dtype": ["float16", "bfloat16", "float32"], "block_size": [1, 2, 4, 8, 16, 32, 64, 128, 256],
+         "head_size": [64, 80, 96, 112, 128, 256], "heads": ["MHA", "GQA4", "MQA"],
+         "placement": ["identity", "shuffled", "single_content"], "lengths": ["ragged"]},
+        {"dtype": ["float16"], "block_size": [1, 16, 256], "head_size": [128],
+         "heads": ["MHA", "GQA4"], "placement": ["shuffled"], "lengths": ["long"]},
+    ],
+))
+
+register(Experiment(
+    name="kernel_speed",
+    description="Decode time of our kernels, vLLM's and dense SDPA at the issue's shapes "
+                "(fp16, head 128, block 16, identity placement, rigorous protocol)",
+    measure="lib.bench:measure_decode",
+    prepare="lib.bench:precompile_points",
+    grid=[{"batch_size": [b], "seq_len": [n], "num_heads": [h], "num_kv_heads": [kv],
+           "head_size": [128], "block_size": [16], "dtype": ["float16"],
+           "placement": ["identity"], "memory_kind": ["device"], "protocol": ["rigorous"],
+           "partition_size": [0], "seed": [0],
+           "backends": ["own-auto-paged+own-auto-contiguous+own-v1-paged+own-v2-paged+vllm+sdpa_dense"]}
+          for b, n, h, kv in [(1, 4096, 32, 32), (16, 1024, 32, 32), (32, 1024, 32, 32),
+                              (32, 4096, 32, 32), (128, 4096, 32, 32), (32, 4096, 32, 8)]],
+))
+
+register(Experiment(
+    name="seed_tables",
+    description="The seed's six tables' points (block 1-32; 4096x1, 1024x1, 1024x16, 1024x32), "
+                "device and managed memory, our variants, vLLM and SDPA, under the seed's "
+                "protocol (1024 reused random blocks, host clock, no flush) and the rigorous one",
+    chapter=None,
+    measure="lib.bench:measure_decode",
+    prepare="lib.bench:precompile_points",
+    grid=[{**SEED_SHAPE, "seq_len": [n], "batch_size": [b], "block_size": [1, 2, 4, 8, 16, 32],
+           "memory_kind": ["device", "managed"], "protocol": [proto], "placement": [place],
+           "physical_blocks": [phys], "partition_size": [0], "seed": [0],
+           "backends": [SEED_BACKENDS]}
+          for n, b in SEED_POINTS
+          for proto, place, phys in [("seed", "random", 1024), ("rigorous", "identity", 0)]],
 ))

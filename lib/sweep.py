@@ -254,6 +254,9 @@ def measure_points(
         ceiling = prov["ceilings"]["read_gbps"]
     R.write_provenance(path, run_id, prov)
     measure = exp.resolve_measure()
+    prepare = exp.resolve_prepare()
+    if prepare is not None and points:
+        prepare([dict(p) for p in points])
     slug = Path(R._main_of(Path(path))).stem
     setup_s = time.perf_counter() - t0
     base = {"experiment": exp.name, "run_id": run_id, "gpu_slug": slug, "status": "ok"}

@@ -39,7 +39,7 @@ def test_usage_error_in_a_real_process():
     r = cli("sweep", "seltest")
     assert r.returncode == 2
     (line,) = r.stderr.strip().splitlines()
-    assert line.startswith("error: unknown experiment 'seltest'; did you mean 'selftest'?")
+    assert line.startswith("error: unknown experiment 'seltest'; did you mean 'selftest'")
 
 
 def test_list_and_env_run_without_a_gpu():

@@ -63,12 +63,13 @@ def choose_version(
 
 def auto_partition(*, num_seqs: int, num_heads: int, num_kv_heads: int, head_size: int,
                    block_size: int, max_seq_len: int, num_sms: int = 132) -> int:
-    """v2 partition size: 512 tokens, halved (down to max(block, 128)) until the grid has
-    at least 4 thread blocks per SM, so small batches still keep every SM busy."""
+    """v2 partition size: 512 tokens, halved (down to max(block, 128)) until the grid has at
+    least 16 thread blocks per SM. A few resident blocks per SM make a wave, so a grid of
+    only ~1.3 waves leaves most SMs idle in its last wave; many small waves do not."""
     tile = head_tile(num_heads, num_kv_heads, head_size)
     rows = num_seqs * num_heads // tile
     part = DEFAULT_PARTITION
-    while rows * math.ceil(max_seq_len / part) < 4 * num_sms and part // 2 >= max(block_size, 128):
+    while rows * math.ceil(max_seq_len / part) < 16 * num_sms and part // 2 >= max(block_size, 128):
         part //= 2
     return max(part, block_size)
 
@@ -233,3 +234,34 @@ class OwnDecode:
                          self._reduce_args, shared_mem=self._reduce_smem)
 
     __call__ = launch
+
+
+def precompile(keys, workers: int | None = None) -> float:
+    """Compile modules (dtype, block, head, tile) in parallel processes; returns seconds.
+
+    NVRTC is single-threaded and a module takes seconds, so a sweep that needs dozens compiles
+    them up front in a process pool; CuPy's on-disk cache then makes each load instant.
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    import time
+
+    keys = sorted(set(keys))
+    t0 = time.perf_counter()
+    if not keys:
+        return 0.0
+    workers = workers or min(len(keys), os.cpu_count() or 1, 16)
+    if workers <= 1 or len(keys) == 1:
+        for k in keys:
+            _compile_one(k)
+    else:
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            list(pool.map(_compile_one, keys))
+    return time.perf_counter() - t0
+
+
+def _compile_one(key):
+    mod = get_module(*key)
+    for name in instantiations(*key):
+        mod.get_function(name)
+    return key
