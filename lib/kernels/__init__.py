@@ -107,20 +107,26 @@ def all_modules():
 
 
 def compile_options() -> tuple[str, ...]:
+    """NVRTC options; `UVM_STUDY_KERNEL_DEFINES="-DUPA_UNROLL_SINGLE=1 ..."` adds tuning defines."""
     opts = ["-std=c++17"]
+    opts += os.environ.get("UVM_STUDY_KERNEL_DEFINES", "").split()
     cuda = os.environ.get("CUDA_PATH") or os.environ.get("CUDA_HOME") or "/usr/local/cuda"
     if Path(cuda, "include", "cuda_bf16.h").exists():
         opts.append(f"-I{Path(cuda, 'include')}")
     return tuple(opts)
 
 
-@functools.lru_cache(maxsize=None)
 def get_module(dtype: str, block_size: int, head_size: int, tile: int):
-    """Compile (once per process) the module for one (dtype, block, head, tile)."""
+    """Compile (once per process and set of options) the module for one (dtype, block, head, tile)."""
+    return _module(dtype, block_size, head_size, tile, compile_options())
+
+
+@functools.lru_cache(maxsize=None)
+def _module(dtype: str, block_size: int, head_size: int, tile: int, options: tuple):
     import cupy
 
     return cupy.RawModule(
-        code=SOURCE.read_text(), options=compile_options(),
+        code=SOURCE.read_text(), options=options,
         name_expressions=instantiations(dtype, block_size, head_size, tile),
     )
 

@@ -26,6 +26,14 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
+// Tuning knobs (compile-time defines; lib.kernels passes UVM_STUDY_KERNEL_DEFINES through).
+#ifndef UPA_UNROLL_SINGLE
+#define UPA_UNROLL_SINGLE 2  // steps in flight per warp when a block serves one query head
+#endif
+#ifndef UPA_MIN_BLOCKS
+#define UPA_MIN_BLOCKS 1     // resident blocks per SM the register allocation must allow
+#endif
+
 namespace upa {
 
 constexpr int WARP = 32;
@@ -84,7 +92,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 template <typename T, int BS, int D, int GT, int ADDR>
-__global__ void __launch_bounds__(NUM_THREADS)
+__global__ void __launch_bounds__(NUM_THREADS, UPA_MIN_BLOCKS)
 paged_attention_decode(T* __restrict__ out,              // [S, H, D]          (v1)
                        float* __restrict__ part_out,     // [S, H, P, D]       (v2)
                        float* __restrict__ part_max,     // [S, H, P]          (v2)
@@ -110,6 +118,9 @@ paged_attention_decode(T* __restrict__ out,              // [S, H, D]          (
   constexpr int VECS_PER_ROW = TOK_PER_STEP / V_VEC;
   constexpr int ROWS_PER_ITER = WARP / VECS_PER_ROW;
   constexpr int ROWS_PER_THREAD = (D + ROWS_PER_ITER - 1) / ROWS_PER_ITER;
+  // Steps whose loads one warp issues together: two for a single head, where registers are
+  // plentiful; one for head tiles, whose accumulators already fill the register file.
+  constexpr int UNROLL = GT == 1 ? UPA_UNROLL_SINGLE : 1;
   static_assert(D % VEC == 0, "head size must be a multiple of the key vector");
   static_assert(X % VEC == 0, "a key vector must not straddle an x-chunk");
 
@@ -155,53 +166,65 @@ paged_attention_decode(T* __restrict__ out,              // [S, H, D]          (
 
   // Block-table reads are batched per warp: lane j fetches the physical block of the warp's
   // j-th next step (one coalesced load per 32 steps), and each step takes its entry with a
-  // shuffle, so key loads never wait on a table read.
+  // shuffle, so key loads never wait on a table read. Each iteration issues the loads of
+  // UNROLL steps before using any of them (more bytes in flight per warp).
   int phys_lane = 0;
-  for (int step = warp, j = 0; step < num_steps; step += NUM_WARPS, j = (j + 1) % WARP) {
+  for (int base = warp, j = 0; base < num_steps; base += NUM_WARPS * UNROLL, j = (j + UNROLL) % WARP) {
     if (j == 0) phys_lane = lookup_steps<ADDR, STEPS_PER_BLOCK>(table_row, first, first_block,
-                                                                 step, num_steps, lane);
-    const int lb = first_block + step / STEPS_PER_BLOCK;
-    const int tok_in_block = (step % STEPS_PER_BLOCK) * WARP + tok_in_step;
-    const int phys = __shfl_sync(FULL, phys_lane, j);
-    const T* kb = k_cache + ((size_t)phys * num_kv_heads + kvh) * head_stride + tok_in_block * X;
-    Vec<T, VEC> kv[SLOTS];
+                                                                 base, num_steps, lane);
+    Vec<T, VEC> kv[UNROLL][SLOTS];
 #pragma unroll
-    for (int s = 0; s < SLOTS; ++s) {
-      const int slot = s * TG + glane;
-      if (NVEC % TG == 0 || slot < NVEC) {
-        const int e = slot * VEC;
-        kv[s] = *reinterpret_cast<const Vec<T, VEC>*>(kb + (e / X) * BS * X + (e % X));
-      }
-    }
-    float acc[GT];
+    for (int u = 0; u < UNROLL; ++u) {
+      const int step = base + u * NUM_WARPS;
+      const int phys = __shfl_sync(FULL, phys_lane, j + u);
+      if (step < num_steps) {  // warp-uniform
+        const int tok_in_block = (step % STEPS_PER_BLOCK) * WARP + tok_in_step;
+        const T* kb = k_cache + ((size_t)phys * num_kv_heads + kvh) * head_stride + tok_in_block * X;
 #pragma unroll
-    for (int g = 0; g < GT; ++g) acc[g] = 0.f;
-#pragma unroll
-    for (int s = 0; s < SLOTS; ++s) {
-      const int slot = s * TG + glane;
-      if (NVEC % TG == 0 || slot < NVEC) {
-        const int e = slot * VEC;
-#pragma unroll
-        for (int g = 0; g < GT; ++g) {
-          const Vec<float, VEC> qv = *reinterpret_cast<const Vec<float, VEC>*>(q_s + g * D + e);
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) acc[g] = fmaf(qv.v[i], to_float(kv[s].v[i]), acc[g]);
+        for (int s = 0; s < SLOTS; ++s) {
+          const int slot = s * TG + glane;
+          if (NVEC % TG == 0 || slot < NVEC) {
+            const int e = slot * VEC;
+            kv[u][s] = *reinterpret_cast<const Vec<T, VEC>*>(kb + (e / X) * BS * X + (e % X));
+          }
         }
       }
     }
 #pragma unroll
-    for (int m = TG / 2; m >= 1; m /= 2) {
+    for (int u = 0; u < UNROLL; ++u) {
+      const int step = base + u * NUM_WARPS;
+      if (step >= num_steps) break;  // warp-uniform
+      float acc[GT];
 #pragma unroll
-      for (int g = 0; g < GT; ++g) acc[g] += __shfl_xor_sync(FULL, acc[g], m);
-    }
-    if (glane == 0) {
-      const int token = lb * BS + tok_in_block;
-      const bool valid = token < seq_len;
+      for (int g = 0; g < GT; ++g) acc[g] = 0.f;
 #pragma unroll
-      for (int g = 0; g < GT; ++g) {
-        const float l = valid ? acc[g] : NEG_INF();
-        logits[g * partition_size + token - part_start] = l;
-        tmax[g] = fmaxf(tmax[g], l);
+      for (int s = 0; s < SLOTS; ++s) {
+        const int slot = s * TG + glane;
+        if (NVEC % TG == 0 || slot < NVEC) {
+          const int e = slot * VEC;
+#pragma unroll
+          for (int g = 0; g < GT; ++g) {
+            const Vec<float, VEC> qv = *reinterpret_cast<const Vec<float, VEC>*>(q_s + g * D + e);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) acc[g] = fmaf(qv.v[i], to_float(kv[u][s].v[i]), acc[g]);
+          }
+        }
+      }
+#pragma unroll
+      for (int m = TG / 2; m >= 1; m /= 2) {
+#pragma unroll
+        for (int g = 0; g < GT; ++g) acc[g] += __shfl_xor_sync(FULL, acc[g], m);
+      }
+      if (glane == 0) {
+        const int lb = first_block + step / STEPS_PER_BLOCK;
+        const int token = lb * BS + (step % STEPS_PER_BLOCK) * WARP + tok_in_step;
+        const bool valid = token < seq_len;
+#pragma unroll
+        for (int g = 0; g < GT; ++g) {
+          const float l = valid ? acc[g] : NEG_INF();
+          logits[g * partition_size + token - part_start] = l;
+          tmax[g] = fmaxf(tmax[g], l);
+        }
       }
     }
   }
@@ -269,35 +292,46 @@ paged_attention_decode(T* __restrict__ out,              // [S, H, D]          (
 #pragma unroll
     for (int r = 0; r < ROWS_PER_THREAD; ++r) acc[g][r] = 0.f;
 
-  for (int step = warp, j = 0; step < num_steps; step += NUM_WARPS, j = (j + 1) % WARP) {
+  for (int base = warp, j = 0; base < num_steps; base += NUM_WARPS * UNROLL, j = (j + UNROLL) % WARP) {
     if (j == 0) phys_lane = lookup_steps<ADDR, STEPS_PER_BLOCK>(table_row, first, first_block,
-                                                                 step, num_steps, lane);
-    const int lb = first_block + step / STEPS_PER_BLOCK;
-    const int tok0 = (step % STEPS_PER_BLOCK) * WARP + vec_idx * V_VEC;  // within the block
-    const int token0 = lb * BS + tok0;
-    const int phys = __shfl_sync(FULL, phys_lane, j);
-    const T* vb = v_cache + ((size_t)phys * num_kv_heads + kvh) * head_stride + tok0;
-    Vec<T, V_VEC> vv[ROWS_PER_THREAD];
+                                                                 base, num_steps, lane);
+    Vec<T, V_VEC> vv[UNROLL][ROWS_PER_THREAD];
 #pragma unroll
-    for (int r = 0; r < ROWS_PER_THREAD; ++r) {
-      const int row = row0 + r * ROWS_PER_ITER;
-      if (D % ROWS_PER_ITER == 0 || row < D)
-        vv[r] = *reinterpret_cast<const Vec<T, V_VEC>*>(vb + (size_t)row * BS);
+    for (int u = 0; u < UNROLL; ++u) {
+      const int step = base + u * NUM_WARPS;
+      const int phys = __shfl_sync(FULL, phys_lane, j + u);
+      if (step < num_steps) {  // warp-uniform
+        const int tok0 = (step % STEPS_PER_BLOCK) * WARP + vec_idx * V_VEC;  // within the block
+        const T* vb = v_cache + ((size_t)phys * num_kv_heads + kvh) * head_stride + tok0;
+#pragma unroll
+        for (int r = 0; r < ROWS_PER_THREAD; ++r) {
+          const int row = row0 + r * ROWS_PER_ITER;
+          if (D % ROWS_PER_ITER == 0 || row < D)
+            vv[u][r] = *reinterpret_cast<const Vec<T, V_VEC>*>(vb + (size_t)row * BS);
+        }
+      }
     }
-    Vec<float, V_VEC> p[GT];  // probabilities of this thread's V_VEC tokens, per head
 #pragma unroll
-    for (int g = 0; g < GT; ++g)
-      p[g] = *reinterpret_cast<const Vec<float, V_VEC>*>(logits + g * partition_size + token0 - part_start);
+    for (int u = 0; u < UNROLL; ++u) {
+      const int step = base + u * NUM_WARPS;
+      if (step >= num_steps) break;  // warp-uniform
+      const int lb = first_block + step / STEPS_PER_BLOCK;
+      const int token0 = lb * BS + (step % STEPS_PER_BLOCK) * WARP + vec_idx * V_VEC;
+      Vec<float, V_VEC> p[GT];  // probabilities of this thread's V_VEC tokens, per head
 #pragma unroll
-    for (int r = 0; r < ROWS_PER_THREAD; ++r) {
-      const int row = row0 + r * ROWS_PER_ITER;
-      if (D % ROWS_PER_ITER == 0 || row < D) {
+      for (int g = 0; g < GT; ++g)
+        p[g] = *reinterpret_cast<const Vec<float, V_VEC>*>(logits + g * partition_size + token0 - part_start);
 #pragma unroll
-        for (int i = 0; i < V_VEC; ++i) {
-          // Past the sequence's end the cache may hold anything (even NaN): never multiply it.
-          const float vf = (token0 + i < seq_len) ? to_float(vv[r].v[i]) : 0.f;
+      for (int r = 0; r < ROWS_PER_THREAD; ++r) {
+        const int row = row0 + r * ROWS_PER_ITER;
+        if (D % ROWS_PER_ITER == 0 || row < D) {
 #pragma unroll
-          for (int g = 0; g < GT; ++g) acc[g][r] = fmaf(p[g].v[i], vf, acc[g][r]);
+          for (int i = 0; i < V_VEC; ++i) {
+            // Past the sequence's end the cache may hold anything (even NaN): never multiply it.
+            const float vf = (token0 + i < seq_len) ? to_float(vv[u][r].v[i]) : 0.f;
+#pragma unroll
+            for (int g = 0; g < GT; ++g) acc[g][r] = fmaf(p[g].v[i], vf, acc[g][r]);
+          }
         }
       }
     }
