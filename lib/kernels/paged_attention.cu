@@ -28,10 +28,10 @@
 
 // Tuning knobs (compile-time defines; lib.kernels passes UVM_STUDY_KERNEL_DEFINES through).
 #ifndef UPA_UNROLL_SINGLE
-#define UPA_UNROLL_SINGLE 2  // steps in flight per warp when a block serves one query head
+#define UPA_UNROLL_SINGLE 1  // steps in flight per warp when a block serves one query head
 #endif
 #ifndef UPA_MIN_BLOCKS
-#define UPA_MIN_BLOCKS 1     // resident blocks per SM the register allocation must allow
+#define UPA_MIN_BLOCKS 0     // resident blocks per SM to allocate registers for (0: automatic)
 #endif
 
 namespace upa {
@@ -91,8 +91,23 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Resident blocks per SM the register allocation must allow. Capping at 128 registers (4 blocks)
+// hides more memory latency (measured on H100: GQA 32:8 decode 266 -> 222 us), but only pays
+// where phase 2's per-thread state (accumulators, value vectors, probabilities) fits in it;
+// elsewhere the cap would spill, so the compiler gets the whole register file.
+template <typename T, int BS, int D, int GT>
+__host__ __device__ constexpr int min_blocks() {
+  if (UPA_MIN_BLOCKS > 0) return UPA_MIN_BLOCKS;
+  constexpr int tok = BS < 32 ? BS : 32;
+  constexpr int v_vec = (16 / (int)sizeof(T)) < tok ? 16 / (int)sizeof(T) : tok;
+  constexpr int rows_per_iter = 32 / (tok / v_vec);
+  constexpr int rows = (D + rows_per_iter - 1) / rows_per_iter;
+  constexpr int state = GT * rows + rows * v_vec * (int)sizeof(T) / 4 + GT * v_vec;
+  return state <= 96 ? 4 : 1;
+}
+
 template <typename T, int BS, int D, int GT, int ADDR>
-__global__ void __launch_bounds__(NUM_THREADS, UPA_MIN_BLOCKS)
+__global__ void __launch_bounds__(NUM_THREADS, (min_blocks<T, BS, D, GT>()))
 paged_attention_decode(T* __restrict__ out,              // [S, H, D]          (v1)
                        float* __restrict__ part_out,     // [S, H, P, D]       (v2)
                        float* __restrict__ part_max,     // [S, H, P]          (v2)
