@@ -46,6 +46,7 @@ def cmd_sweep(args) -> int:
     shard = E.parse_shard(args.shard) if args.shard else None
     devices = sweep._check_devices(args.devices) if args.devices else None
     summary = sweep.run_sweep(exp.name, overrides, shard=shard, devices=devices, force=args.force,
+                              workers_per_device=args.workers_per_device,
                               out_dir=args.out, progress=not args.no_progress)
     print(summary.line())
     return 0 if summary.completed else 1
@@ -400,6 +401,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-p", "--param", action="append", metavar="K=V", help="override a parameter: k=v or k=v1,v2 (repeatable)")
     s.add_argument("--shard", metavar="I/N", help="run shard I of N (0-based, round-robin): for array jobs")
     s.add_argument("--devices", metavar="0,1,..", help="one worker process per listed GPU")
+    s.add_argument("--workers-per-device", type=int, default=1, metavar="N",
+                   help="N processes share each GPU (only experiments that time nothing)")
     s.add_argument("--force", action="store_true", help="measure points that already have rows again")
     s.add_argument("--out", metavar="DIR", help="results root (default data/results)")
     s.add_argument("--no-progress", action="store_true")

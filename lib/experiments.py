@@ -55,6 +55,8 @@ class Experiment:
     # "pkg.module:function" called with the points about to be measured, before the first one
     # (e.g. compile every kernel they need in parallel); its time counts as setup.
     prepare: str | None = None
+    # True for experiments that time nothing: several processes may share one GPU.
+    concurrent_ok: bool = False
 
     @property
     def subgrids(self) -> list[dict[str, list]]:
@@ -328,6 +330,7 @@ register(Experiment(
                 "head layout, fresh inputs, NaN-poisoned outputs, float64 reference",
     measure="lib.correctness:measure_point",
     prepare="lib.correctness:precompile_points",
+    concurrent_ok=True,
     grid=[
         {"dtype": ["float16", "bfloat16", "float32"], "block_size": [1, 2, 4, 8, 16, 32, 64, 128, 256],
          "head_size": [64, 80, 96, 112, 128, 256], "heads": ["MHA", "GQA4", "MQA"],
@@ -366,4 +369,19 @@ register(Experiment(
            "backends": [SEED_BACKENDS]}
           for n, b in SEED_POINTS
           for proto, place, phys in [("seed", "random", 1024), ("rigorous", "identity", 0)]],
+))
+
+
+# ----------------------------------------------------------------------------- Unified Memory
+
+from lib.uvm_bench import GRID as _UVM_GRID  # noqa: E402  (no GPU imports at module level)
+
+register(Experiment(
+    name="uvm",
+    description="Unified Memory in practice: GPU read bandwidth by memory kind and state "
+                "(64 MiB-8 GiB), CPU reads after GPU writes, migration granularity, prefetch "
+                "vs PCIe copies (lib.uvm_bench)",
+    chapter="chapters/uvm.md",
+    measure="lib.uvm_bench:measure_point",
+    grid=_UVM_GRID,
 ))

@@ -143,14 +143,25 @@ def run_sweep(
     force: bool = False,
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    workers_per_device: int = 1,
 ) -> SweepSummary:
     """Measure every point of experiment ``name`` not yet in the results; see the module docstring.
 
     ``overrides``: parameter -> value(s), as for :func:`lib.experiments.expand`. ``shard``:
     ``(i, n)`` or ``"i/n"``, 0-based. ``devices``: GPU indices (as CUDA numbers them here), one
     worker process each; ``None`` runs in this process on the current device.
+    ``workers_per_device``: several worker processes share each GPU, for experiments that time
+    nothing (``Experiment.concurrent_ok``, e.g. the correctness matrix); each takes a contiguous
+    run of points. Timed experiments refuse it: concurrent kernels would distort the timings.
     """
     devices = _check_devices(devices)
+    if workers_per_device < 1:
+        raise ValueError(f"workers_per_device must be >= 1, got {workers_per_device}")
+    if workers_per_device > 1:
+        if not E.get(name).concurrent_ok:
+            raise ValueError(f"experiment {name!r} times kernels: it runs one process per GPU "
+                             "(several would share the GPU and distort each other's timings)")
+        devices = devices or [0]
     t0 = time.perf_counter()
     exp, points, todo, main, slug = plan(name, overrides, shard=shard, force=force, out_dir=out_dir, devices=devices)
     summary = SweepSummary(exp.name, str(main), len(points), len(points) - len(todo))
@@ -180,10 +191,11 @@ def run_sweep(
             bar.close()
         _add(summary, res)
     else:
-        _run_workers(exp, todo, slug, devices, shard_tag, params, out_dir, progress, summary)
+        paths = _run_workers(exp, todo, slug, devices, shard_tag, params, out_dir, progress, summary,
+                             workers_per_device)
         if shard_tag is None:  # one host owns every part: merge now
-            R.merge_parts(main, [R.csv_path(exp.name, slug, part=f"d{d}", root=out_dir) for d in devices])
-    summary.workers = len(devices) if devices else 1
+            R.merge_parts(main, paths)
+    summary.workers = len(devices) * workers_per_device if devices else 1
     summary.wall_s = time.perf_counter() - t0
     return summary
 
@@ -320,28 +332,46 @@ def _worker(exp_name: str, dev: int, visible: str, points: list, path: str, run_
         return
     try:
         exp = E.get(exp_name)
-        res = measure_points(exp, points, path, run_id, {**params, "device": dev},
+        res = measure_points(exp, points, path, run_id, params,
                              on_point=lambda p, n, bad: q.put(("point", dev, n, bad)))
         q.put(("done", dev, res))
     except BaseException:
         q.put(("fail", dev, traceback.format_exc()))
 
 
-def _run_workers(exp, todo, slug, devices, shard_tag, params, out_dir, progress, summary) -> None:
+def _assignments(todo, devices, per_device):
+    """(worker id, device, points) for each worker: points dealt round-robin over devices, then
+    each device's share cut into `per_device` contiguous runs (neighbouring points of a grid
+    share compiled kernels, so contiguous runs compile each module about once)."""
+    out = []
+    for k, dev in enumerate(devices):
+        share = todo[k::len(devices)]
+        for w in range(per_device):
+            chunk = share[w * len(share) // per_device:(w + 1) * len(share) // per_device]
+            if chunk:
+                out.append((f"d{dev}" if per_device == 1 else f"d{dev}w{w}", dev, chunk))
+    return out
+
+
+def _run_workers(exp, todo, slug, devices, shard_tag, params, out_dir, progress, summary,
+                 per_device: int = 1) -> list:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     parent_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     visible_list = parent_visible.split(",") if parent_visible else None
     procs = {}
-    for k, dev in enumerate(devices):
-        chunk = todo[k::len(devices)]
-        if not chunk:
-            continue
+    paths = []
+    plan_ = _assignments(todo, devices, per_device)
+    # workers compile kernels too: share the CPU among them rather than each taking all of it
+    os.environ.setdefault("UVM_STUDY_COMPILE_JOBS", str(max(1, (os.cpu_count() or 1) // len(plan_))))
+    for wid, dev, chunk in plan_:
         visible = visible_list[dev] if visible_list else str(dev)
-        tag = f"{shard_tag}-d{dev}" if shard_tag else f"d{dev}"
+        tag = f"{shard_tag}-{wid}" if shard_tag else wid
         path = str(R.csv_path(exp.name, slug, part=tag, root=out_dir))
-        p = ctx.Process(target=_worker, args=(exp.name, dev, visible, chunk, path, new_run_id(tag), params, q),
-                        name=f"sweep-d{dev}")
+        paths.append(path)
+        p = ctx.Process(target=_worker, args=(exp.name, wid, visible, chunk, path, new_run_id(tag),
+                                              {**params, "device": dev, "worker": wid}, q),
+                        name=f"sweep-{wid}")
         # the child must see only its GPU from its first instruction (before anything imports CUDA)
         os.environ["CUDA_VISIBLE_DEVICES"] = visible
         try:
@@ -351,7 +381,7 @@ def _run_workers(exp, todo, slug, devices, shard_tag, params, out_dir, progress,
                 os.environ.pop("CUDA_VISIBLE_DEVICES", None)
             else:
                 os.environ["CUDA_VISIBLE_DEVICES"] = parent_visible
-        procs[dev] = p
+        procs[wid] = p
     bar = _bar(len(todo), f"{exp.name} x{len(procs)}", progress)
     failures = []
     pending = set(procs)
@@ -360,10 +390,10 @@ def _run_workers(exp, todo, slug, devices, shard_tag, params, out_dir, progress,
             try:
                 msg = q.get(timeout=1.0)
             except queue.Empty:
-                for dev in list(pending):
-                    if not procs[dev].is_alive() and procs[dev].exitcode not in (None, 0):
-                        failures.append(f"worker d{dev} died (exit code {procs[dev].exitcode})")
-                        pending.discard(dev)
+                for wid in list(pending):
+                    if not procs[wid].is_alive() and procs[wid].exitcode not in (None, 0):
+                        failures.append(f"worker {wid} died (exit code {procs[wid].exitcode})")
+                        pending.discard(wid)
                 continue
             kind, dev = msg[0], msg[1]
             if kind == "point":
@@ -372,7 +402,7 @@ def _run_workers(exp, todo, slug, devices, shard_tag, params, out_dir, progress,
                 _add(summary, msg[2])
                 pending.discard(dev)
             else:
-                failures.append(f"worker d{dev} failed:\n{msg[2]}")
+                failures.append(f"worker {dev} failed:\n{msg[2]}")
                 pending.discard(dev)
     except KeyboardInterrupt:
         for p in procs.values():
@@ -386,3 +416,4 @@ def _run_workers(exp, todo, slug, devices, shard_tag, params, out_dir, progress,
         summary.completed = False
         raise RuntimeError("sweep workers failed (rows measured so far are saved; rerun to resume):\n"
                            + "\n".join(failures))
+    return paths

@@ -147,3 +147,18 @@ def test_killed_sweep_resumes_without_duplicates_or_losses(tmp_path):
     assert collections.Counter(keys) == collections.Counter(want)  # each point once
     assert all(f in after.rows for f in before)  # earlier rows untouched
     assert f"measured {16 - len(before)} points" in r.stdout
+
+
+def test_timed_experiments_refuse_shared_gpu_workers(tmp_path):
+    with pytest.raises(ValueError, match="distort"):
+        S.run_sweep("selftest", workers_per_device=2, out_dir=tmp_path, progress=False)
+
+
+def test_assignments_cover_points_once_in_contiguous_runs():
+    todo = list(range(23))
+    plan = S._assignments(todo, [0, 1], 3)
+    assert sorted(p for _, _, chunk in plan for p in chunk) == todo
+    assert {wid for wid, _, _ in plan} == {f"d{d}w{w}" for d in (0, 1) for w in range(3)}
+    for _, dev, chunk in plan:  # round-robin over devices, then contiguous within a device
+        assert all(p % 2 == dev for p in chunk)
+        assert chunk == sorted(chunk) and all(b - a == 2 for a, b in zip(chunk, chunk[1:]))

@@ -125,6 +125,11 @@ def get_module(dtype: str, block_size: int, head_size: int, tile: int):
 def _module(dtype: str, block_size: int, head_size: int, tile: int, options: tuple):
     import cupy
 
+    from lib import kernel_cache
+
+    prebuilt = kernel_cache.load((dtype, block_size, head_size, tile), options)
+    if prebuilt is not None:  # built ahead by nvcc from this very source (lib.kernel_cache)
+        return prebuilt
     return cupy.RawModule(
         code=SOURCE.read_text(), options=options,
         name_expressions=instantiations(dtype, block_size, head_size, tile),
@@ -252,11 +257,15 @@ def precompile(keys, workers: int | None = None) -> float:
     import multiprocessing as mp
     import time
 
-    keys = sorted(set(keys))
+    from lib import kernel_cache
+
     t0 = time.perf_counter()
+    options = compile_options()
+    keys = [k for k in sorted(set(keys)) if kernel_cache.load(k, options) is None]
     if not keys:
-        return 0.0
-    workers = workers or min(len(keys), os.cpu_count() or 1, 16)
+        return time.perf_counter() - t0
+    jobs = int(os.environ.get("UVM_STUDY_COMPILE_JOBS", "0")) or os.cpu_count() or 1
+    workers = workers or min(len(keys), jobs, 16)
     if workers <= 1 or len(keys) == 1:
         for k in keys:
             _compile_one(k)
