@@ -116,17 +116,21 @@ def build(keys=None, out_dir: Path | None = None, *, arch: str = "sm_90", jobs: 
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), desc=f"nvcc {arch}", unit="module")
+    def save():  # after every module: an interrupted build keeps what it finished
+        tmp = manifest_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        tmp.replace(manifest_path)
+
     with cf.ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool:
         futures = {pool.submit(_build_one, k, out_dir, arch, nvcc, defines): k for k in todo}
         for fut in cf.as_completed(futures):
             manifest["modules"][key_name(futures[fut])] = fut.result()
+            save()
             if bar:
                 bar.update(1)
     if bar:
         bar.close()
-    tmp = manifest_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    tmp.replace(manifest_path)
+    save()
     return out_dir
 
 
