@@ -450,11 +450,13 @@ def cuda_api() -> _Api:
     cp = _cupy()
     cp.cuda.runtime.free(0)  # makes CuPy's (primary) context current on this thread
     want_major = cp.cuda.runtime.runtimeGetVersion() // 1000
+    dev = int(cp.cuda.runtime.getDevice())
     loaded = []
     for cand in _runtime_candidates():
         try:
             lib = ctypes.CDLL(cand)
             api = _Api(lib, "runtime", cand)
+            api._on(dev)  # a runtime newer than the driver loads but fails here
         except (OSError, AttributeError, CudaError):
             continue
         loaded.append(api)
