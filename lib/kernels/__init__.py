@@ -56,9 +56,12 @@ def choose_version(
     v1_tokens = _round_up(max_seq_len, block_size)
     if smem_bytes(tile, head_size, v1_tokens) > V1_SMEM_LIMIT:
         return 2
-    # Measured on H100 (data/results/kernel_speed): v2 beat v1 at every multi-partition shape,
-    # even with thousands of thread blocks, so v1 is kept for single-partition sequences.
-    return 1 if max_seq_len <= partition_size else 2
+    # Measured on H100 (data/results/kernel_speed): v1 wins (no reduce kernel, no partials)
+    # once its grid alone gives every SM about three blocks; below that v2's partitions fill
+    # the idle SMs (1 x 4096 MHA: v1 3x slower). vLLM's rule of thumb was similar (> 512 rows).
+    if max_seq_len <= partition_size or num_seqs * num_heads // tile >= 3 * num_sms:
+        return 1
+    return 2
 
 
 def auto_partition(*, num_seqs: int, num_heads: int, num_kv_heads: int, head_size: int,
