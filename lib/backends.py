@@ -257,6 +257,9 @@ def _prepare_own(backend: Backend, case: DecodeCase, k, v, out, *, partition_siz
     import cupy
 
     p = case.problem
+    if backend.addressing == "contiguous":  # it reads seq_start[s] + j: check that range too
+        validation.validate_contiguous_range(case.tables.seq_start, p.seq_lens, p.block_size,
+                                             case.tables.num_blocks)
     if num_sms is None:
         num_sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
     plan = kernels.plan_launch(

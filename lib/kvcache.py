@@ -268,7 +268,9 @@ def make_random_block_tables(seq_lens, block_size, num_physical_blocks, rng) -> 
 
     This is how vLLM's old ``benchmark_paged_attention.py`` built its tables (NOTES.md): blocks
     may repeat within and across sequences, so a small pool can sit in L2. ``seq_start`` is all
-    zeros (contiguous addressing then reads blocks 0, 1, ... of the pool for every sequence).
+    zeros (contiguous addressing then reads blocks 0, 1, ... of the pool for every sequence), so
+    ``num_blocks`` is at least the longest sequence's block count: the table draws from the first
+    `num_physical_blocks`, the contiguous ("no lookup") mode may read past them.
     """
     lens = _check_lens(seq_lens)
     if num_physical_blocks < 1:
@@ -279,7 +281,7 @@ def make_random_block_tables(seq_lens, block_size, num_physical_blocks, rng) -> 
     used = np.arange(width)[None, :] < nb[:, None]
     tables = np.where(used, draws, 0).astype(np.int32)
     return BlockTables(tables=tables, seq_start=np.zeros(lens.size, dtype=np.int32),
-                       num_blocks=int(num_physical_blocks), placement="random",
+                       num_blocks=max(int(num_physical_blocks), width), placement="random",
                        block_size=int(block_size), seq_lens=lens.astype(np.int32))
 
 

@@ -223,3 +223,20 @@ def validate_cache_arrays(q, k, v, out, *, layout, num_kv_heads=None, block_size
         for name, a in arrays.items():
             if not _is_contiguous(a):
                 raise ValueError(f"{name} must be C-contiguous (use ascontiguousarray)")
+
+
+def validate_contiguous_range(seq_start, seq_lens, block_size, num_blocks) -> None:
+    """`contiguous` addressing reads blocks ``seq_start[s] + j``: every one must exist."""
+    start = np.asarray(seq_start, dtype=np.int64)
+    nb = -(-np.asarray(seq_lens, dtype=np.int64) // int(block_size))
+    if start.shape != nb.shape:
+        raise ValueError(f"seq_start has shape {start.shape}, seq_lens {nb.shape}: one per sequence")
+    if (start < 0).any():
+        raise ValueError(f"seq_start has a negative entry ({int(start.min())})")
+    last = start + nb
+    if last.size and int(last.max()) > int(num_blocks):
+        s = int(last.argmax())
+        raise ValueError(
+            f"contiguous addressing: sequence {s} would read blocks {int(start[s])}.."
+            f"{int(last[s]) - 1} of a pool of {num_blocks} blocks (seq_start + logical block "
+            "out of range)")

@@ -142,3 +142,24 @@ def test_device_of_duck_types():
         class device:
             type, index = "cuda", 1
     assert device_of(TorchLike()) == "cuda:1"
+
+
+def test_contiguous_range_must_stay_inside_the_pool():
+    from lib.validation import validate_contiguous_range
+
+    validate_contiguous_range([0, 4], [64, 64], 16, 8)  # blocks 0..3 and 4..7 of 8: fine
+    with pytest.raises(ValueError, match="sequence 1 would read blocks 4..8 of a pool of 8"):
+        validate_contiguous_range([0, 4], [64, 65], 16, 8)
+    with pytest.raises(ValueError, match="negative"):
+        validate_contiguous_range([-1, 4], [16, 16], 16, 8)
+
+
+def test_seed_protocol_pool_covers_contiguous_reads():
+    import numpy as np
+
+    from lib.kvcache import make_random_block_tables
+    from lib.validation import validate_contiguous_range
+
+    t = make_random_block_tables([4096, 4096], 1, 1024, np.random.default_rng(0))
+    assert t.tables.max() < 1024 and t.num_blocks == 4096
+    validate_contiguous_range(t.seq_start, [4096, 4096], 1, t.num_blocks)
