@@ -72,6 +72,13 @@ def git_state(cwd: str | os.PathLike | None = None) -> dict[str, Any]:
 
     commit = git("rev-parse", "HEAD")
     if commit is None:
+        # A copy of the tree without .git (a GPU node fed a working-tree copy): the operator may
+        # say which commit it is; it is recorded as declared, not as read from git.
+        declared = os.environ.get("UVM_STUDY_GIT_COMMIT")
+        if declared:
+            dirty = os.environ.get("UVM_STUDY_GIT_DIRTY")
+            return {"commit": declared, "dirty": None if dirty is None else dirty == "1",
+                    "source": "declared by UVM_STUDY_GIT_COMMIT (no .git in this copy)"}
         return {"commit": None, "dirty": None}
     status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)data/results")
     return {"commit": commit, "dirty": None if status is None else bool(status)}
