@@ -532,6 +532,7 @@ def harness_selfcheck(nbytes: int = GiB) -> dict:
         fn = lambda: _memcpy_d2d(dst.data.ptr, src.data.ptr, nbytes)  # noqa: E731
         first = time_graph(fn)
         second = time_graph(fn)
+        hot = time_graph(fn, flush=False)
         eager = time_graph(fn, graph=False)
         src32, dst32 = src.view(cp.uint32), dst.view(cp.uint32)
         kernel = lambda: cp.copyto(dst32, src32)  # noqa: E731
@@ -548,10 +549,12 @@ def harness_selfcheck(nbytes: int = GiB) -> dict:
         "direct_us": direct.median_us,
         "harness_us": first.median_us,
         "harness_again_us": second.median_us,
+        "harness_hot_us": hot.median_us,
         "harness_eager_us": eager.median_us,
         "copy_kernel_graph_us": kernel_graph.median_us,
         "copy_kernel_events_us": kernel_direct.median_us,
         "vs_direct": vs_direct,
+        "hot_vs_direct": hot.median_us / direct.median_us - 1,
         "eager_vs_direct": eager.median_us / direct.median_us - 1,
         "kernel_graph_vs_events": kernel_graph.median_us / kernel_direct.median_us - 1,
         "repeat": repeat,

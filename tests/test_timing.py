@@ -90,15 +90,22 @@ def test_ceilings_are_sane_and_the_read_kernel_is_checked():
 
 @pytest.mark.gpu
 def test_harness_agrees_with_direct_memcpy_and_with_itself():
-    # 64 and 256 MiB: the rigorous protocol (graph replay, L2 flushed) within 5% of events around
-    # a plain cudaMemcpyAsync, and within 3% of itself. At 1 GiB, graph replay of a copy ran 23%
-    # slower than the same copy launched on a stream (H100, CUDA 13.0, driver 580; the memcpy
-    # node and a copy kernel alike), so there only the repeat and the eager method are held to
-    # the bounds; the decode kernels' graph timings were checked against ncu's durations instead.
-    for nbytes in (64 << 20, 256 << 20):
-        r = T.harness_selfcheck(nbytes)
-        assert r["vs_direct_ok"], r
-        assert r["repeat_ok"], r
+    # Measured on H100 (CUDA 13.0, driver 580), three regimes:
+    # * 256 MiB: the rigorous protocol (graph replay, L2 flushed) within 5% of events around a
+    #   plain cudaMemcpyAsync, and within 3% of itself;
+    # * 64 MiB: the flush is visible (a direct copy pays for writing back the previous copy's
+    #   dirty L2 lines; the flushed one does not, 11% faster), so the harness's hot protocol
+    #   (graph, no flush: the same L2 state as the direct timing) is held to 5%;
+    # * 1 GiB: graph replay of a copy ran 23% slower than the same copy launched on a stream
+    #   (memcpy node and copy kernel alike; not understood yet), so only the repeat and the
+    #   eager method are held to the bounds there. Decode kernels' graph timings agree with
+    #   ncu's kernel durations (chapters' data).
+    r = T.harness_selfcheck(256 << 20)
+    assert r["vs_direct_ok"], r
+    assert r["repeat_ok"], r
+    r = T.harness_selfcheck(64 << 20)
+    assert abs(r["hot_vs_direct"]) <= 0.05, r
+    assert r["repeat_ok"], r
     r = T.harness_selfcheck(1 << 30)
     assert r["repeat_ok"], r
     assert abs(r["eager_vs_direct"]) <= 0.05, r
