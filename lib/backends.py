@@ -287,14 +287,25 @@ def torch_view(a):
 
 
 def _on_cupy_stream(fn: Callable[[], None]) -> Launcher:
-    """Run torch work on CuPy's current stream, so graph capture and events see it."""
+    """Run torch work on CuPy's current stream, so graph capture and events see it.
+
+    CuPy's legacy null stream has handle 0, and torch work launched "on" it was not ordered
+    with CuPy's work: a 16-process correctness run read unwritten (NaN) outputs from a third of
+    the torch backends' calls while every call checked after a device-wide sync passed. So on
+    the null stream the launcher waits for torch's work before returning (eager use only: the
+    timing harness always runs on a stream of its own, where the handle is real).
+    """
     import cupy
     import torch
 
     def launch():
-        stream = torch.cuda.ExternalStream(cupy.cuda.get_current_stream().ptr)
-        with torch.cuda.stream(stream):
+        ptr = cupy.cuda.get_current_stream().ptr
+        if ptr:
+            with torch.cuda.stream(torch.cuda.ExternalStream(ptr)):
+                fn()
+        else:
             fn()
+            torch.cuda.current_stream().synchronize()
 
     return launch
 
