@@ -354,7 +354,11 @@ def _prepare_vllm(backend: Backend, case: DecodeCase, k, v, out) -> Launcher:
 
 def _peer_unavailable(module: str) -> Callable[[], str | None]:
     def check():
-        if importlib.util.find_spec(module) is None:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # a parent package (e.g. torch) is absent
+            found = False
+        if not found:
             return f"{module} is not installed (optional peer)"
         return "installed, but no adapter is written for it yet"
     return check
@@ -377,6 +381,9 @@ def _registry() -> dict[str, Backend]:
                                 _prepare=_prepare_sdpa, _available=_needs_torch)
     reg["flashinfer"] = Backend("flashinfer", "peer", "vllm", "FlashInfer paged decode (optional)",
                                 _available=_peer_unavailable("flashinfer"))
+    reg["flex_paged"] = Backend("flex_paged", "peer", "vllm",
+                                "PyTorch FlexAttention over a paged cache (optional)",
+                                _available=_peer_unavailable("torch.nn.attention.flex_attention"))
     return reg
 
 

@@ -1,0 +1,111 @@
+"""CPU tests of everything that decides what runs: registry, launch plans, matrix, tables."""
+
+import numpy as np
+import pytest
+
+from lib import backends as B
+from lib import bench, correctness, kernels
+from lib.gpu import gpu_available
+
+
+def test_registry_lists_every_backend_with_a_reason_when_unusable():
+    rows = {r["backend"]: r for r in B.list_backends()}
+    own = {f"own-{v}-{a}" for v in ("auto", "v1", "v2") for a in kernels.ADDRESSING}
+    assert own | {"vllm", "sdpa_dense", "flashinfer", "flex_paged"} <= set(rows)
+    for r in rows.values():
+        assert r["unavailable"] is None or isinstance(r["unavailable"], str)
+    if not gpu_available():
+        assert all(rows[n]["unavailable"] for n in own)
+    assert rows["flashinfer"]["unavailable"]  # never an error, always a reason
+
+
+def test_unknown_backend_suggests_close_names():
+    with pytest.raises(ValueError, match="did you mean own-v2-paged"):
+        B.get_backend("own-v2-pagd")
+
+
+@pytest.mark.parametrize("kw, fragment", [
+    (dict(num_heads=6, num_kv_heads=4), "num_kv_heads"),
+    (dict(block_size=3), "block_size"),
+    (dict(head_size=100), "head_size"),
+    (dict(dtype="float64"), "dtype"),
+    (dict(placement="scattered"), "placement"),
+])
+def test_problem_rejects_bad_sizes_before_any_gpu_work(kw, fragment):
+    base = dict(num_heads=8, num_kv_heads=2, head_size=128, block_size=16, dtype="float16")
+    with pytest.raises(ValueError, match=fragment):
+        B.DecodeProblem.uniform(2, 100, **{**base, **kw})
+
+
+def test_problem_bytes_count_kv_q_and_output():
+    p = B.DecodeProblem.uniform(2, 100, num_heads=8, num_kv_heads=2, head_size=64, block_size=16,
+                                dtype="float16")
+    assert p.bytes_moved == 2 * (2 * 100 * 2 * 64) * 2 + 2 * (2 * 8 * 64) * 2
+
+
+def test_head_tiles_share_loads_within_a_group():
+    assert kernels.head_tile(32, 32, 128) == 1   # MHA
+    assert kernels.head_tile(32, 8, 128) == 4    # GQA 4:1
+    assert kernels.head_tile(64, 8, 128) == 4    # group 8 -> two tiles of 4
+    assert kernels.head_tile(12, 2, 128) == 2    # group 6
+    assert kernels.head_tile(8, 1, 256) == 4
+
+
+def test_launch_plans_follow_the_measured_rules():
+    plan = lambda b, n, h=32, kv=32, **kw: kernels.plan_launch(  # noqa: E731
+        dtype="float16", block_size=16, head_size=128, num_heads=h, num_kv_heads=kv,
+        num_seqs=b, max_seq_len=n, **kw)
+    assert plan(1, 4096).version == 2 and plan(1, 4096).partition_size == 128
+    assert plan(16, 1024).version == 1          # 512 rows >= 3 blocks per SM
+    assert plan(32, 4096, kv=8).version == 2    # 256 rows: v2 fills the GPU
+    assert plan(4, 100).version == 1            # one partition: no reduce needed
+    long = plan(1, 32768, version="auto")
+    assert long.version == 2 and long.max_partitions == 32768 // long.partition_size
+    with pytest.raises(ValueError, match="shared memory"):
+        plan(1, 32768, h=32, kv=8, version=1)
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        plan(1, 4096, partition_size=100)
+    with pytest.raises(ValueError, match="addressing"):
+        plan(1, 4096, addressing="virtual")
+
+
+def test_every_module_holds_three_addressing_modes_and_a_reduce():
+    names = kernels.instantiations("bfloat16", 8, 80, 4)
+    assert names == ["upa::paged_attention_decode<__nv_bfloat16, 8, 80, 4, 0>",
+                     "upa::paged_attention_decode<__nv_bfloat16, 8, 80, 4, 1>",
+                     "upa::paged_attention_decode<__nv_bfloat16, 8, 80, 4, 2>",
+                     "upa::paged_attention_reduce<__nv_bfloat16, 80>"]
+    assert len(list(kernels.all_modules())) == 3 * 9 * 6 * 3
+
+
+def test_effective_tables_are_what_each_addressing_mode_reads():
+    from lib.kvcache import make_block_tables
+
+    t = make_block_tables([40, 17], 16, "shuffled", np.random.default_rng(1))
+    case = type("Case", (), {"tables": t})()
+    assert (bench.effective_tables(case, "paged") == t.tables).all()
+    contiguous = bench.effective_tables(case, "contiguous")
+    assert contiguous[0, :3].tolist() == [0, 1, 2] and contiguous[1, 0] == 3
+    assert not bench.effective_tables(case, "no_offset").any()
+
+
+def test_correctness_matrix_covers_the_issue_grid():
+    cases = list(correctness.matrix_cases())
+    assert len(cases) == 3 * 9 * 6 * 3 * 3 + 6
+    for bs in (1, 16, 256):
+        lens = correctness.ragged_lengths(bs)
+        assert 1 in lens and max(lens) > 512  # crosses a v2 partition
+        if bs > 1:
+            assert any(n % bs for n in lens)   # a partial last block
+    long = [c for c in cases if max(c.seq_lens) > 4096]
+    assert long and all(max(c.seq_lens) >= 32768 for c in long)
+    assert all("own-v1-paged" not in c.backends for c in long)
+
+
+def test_kernel_cache_translation_unit_instantiates_the_module():
+    from lib import kernel_cache
+
+    tu = kernel_cache._translation_unit(("float16", 16, 128, 4))
+    assert tu.count("template __global__ void upa::paged_attention_decode<__half, 16, 128, 4,") == 3
+    assert "paged_attention_reduce<__half, 128>" in tu
+    assert kernel_cache.key_name(("float16", 16, 128, 4)) == "float16_b16_d128_t4"
