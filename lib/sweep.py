@@ -54,15 +54,19 @@ class SweepSummary:
     wall_s: float = 0.0  # the whole sweep
     measure_s: float = 0.0  # summed over measure calls (all workers)
     setup_s: float = 0.0  # provenance + ceilings, summed over workers
+    prepare_s: float = 0.0  # the experiment's own preparation (compiling its kernels), summed
     workers: int = 1
     run_ids: list[str] = field(default_factory=list)
     completed: bool = True
 
     @property
     def overhead_frac(self) -> float:
-        """Share of worker time not spent inside measure functions (ceilings count as harness)."""
+        """Share of worker time spent neither measuring nor in the experiment's own preparation
+        (compiling the kernels it measures): provenance, ceilings, appends, progress, process
+        start-up. Ceilings count as harness."""
         busy = self.wall_s * self.workers
-        return 0.0 if busy <= 0 else max(0.0, 1.0 - self.measure_s / busy)
+        work = self.measure_s + self.prepare_s
+        return 0.0 if busy <= 0 else max(0.0, 1.0 - work / busy)
 
     def line(self) -> str:
         if self.points_done == 0 and self.points_skipped == self.points_total:
@@ -70,7 +74,8 @@ class SweepSummary:
         return (
             f"{self.experiment}: measured {self.points_done} points ({self.rows} rows, {self.errors} errors), "
             f"skipped {self.points_skipped} done; wall {self.wall_s:.1f} s, in measure {self.measure_s:.1f} s, "
-            f"harness overhead {100 * self.overhead_frac:.1f}% -> {self.csv}"
+            + (f"compiling {self.prepare_s:.1f} s, " if self.prepare_s else "")
+            + f"harness overhead {100 * self.overhead_frac:.1f}% -> {self.csv}"
         )
 
 
@@ -206,6 +211,7 @@ def _add(summary: SweepSummary, res: dict) -> None:
     summary.errors += res["errors"]
     summary.measure_s += res["measure_s"]
     summary.setup_s += res["setup_s"]
+    summary.prepare_s += res.get("prepare_s", 0.0)
     summary.run_ids.append(res["run_id"])
     summary.completed = summary.completed and res["status"] == "complete"
 
@@ -267,10 +273,12 @@ def measure_points(
     R.write_provenance(path, run_id, prov)
     measure = exp.resolve_measure()
     prepare = exp.resolve_prepare()
+    t_prep = time.perf_counter()
     if prepare is not None and points:
         prepare([dict(p) for p in points])
+    prepare_s = time.perf_counter() - t_prep
     slug = Path(R._main_of(Path(path))).stem
-    setup_s = time.perf_counter() - t0
+    setup_s = time.perf_counter() - t0 - prepare_s  # provenance + ceilings
     base = {"experiment": exp.name, "run_id": run_id, "gpu_slug": slug, "status": "ok"}
     if ceiling is not None:
         base["read_ceiling_gbps"] = ceiling
@@ -316,10 +324,11 @@ def measure_points(
             "snapshot_after": provenance.snapshot(),
             "wall_s": time.perf_counter() - t0,
             "setup_s": setup_s,
+            "prepare_s": prepare_s,
             **counts,
         }
         R.write_provenance(path, run_id, prov)
-    return {**counts, "setup_s": setup_s, "run_id": run_id, "status": status}
+    return {**counts, "setup_s": setup_s, "prepare_s": prepare_s, "run_id": run_id, "status": status}
 
 
 # ----------------------------------------------------------------------------- one worker per GPU

@@ -162,3 +162,10 @@ def test_assignments_cover_points_once_in_contiguous_runs():
     for _, dev, chunk in plan:  # round-robin over devices, then contiguous within a device
         assert all(p % 2 == dev for p in chunk)
         assert chunk == sorted(chunk) and all(b - a == 2 for a, b in zip(chunk, chunk[1:]))
+
+
+def test_overhead_excludes_the_experiments_own_compile_time():
+    s = S.SweepSummary("x", "x.csv", 10, 0, points_done=10, wall_s=100.0, measure_s=80.0,
+                       prepare_s=15.0)
+    assert abs(s.overhead_frac - 0.05) < 1e-12
+    assert "compiling 15.0 s" in s.line() and "harness overhead 5.0%" in s.line()
