@@ -109,3 +109,12 @@ def test_kernel_cache_translation_unit_instantiates_the_module():
     assert tu.count("template __global__ void upa::paged_attention_decode<__half, 16, 128, 4,") == 3
     assert "paged_attention_reduce<__half, 128>" in tu
     assert kernel_cache.key_name(("float16", 16, 128, 4)) == "float16_b16_d128_t4"
+
+
+def test_key_findings_come_from_committed_data():
+    from lib.findings import key_numbers
+
+    k = key_numbers()
+    assert k["gpu"].startswith("h100")
+    assert k["own_checks_passed"] == k["own_checks_total"] > 5000
+    assert 0.5 < k["own_over_sdpa"] < 2 and k["fault_gbps"] < k["prefetch_gbps"]
