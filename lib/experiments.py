@@ -360,7 +360,7 @@ register(Experiment(
     description="The seed's six tables' points (block 1-32; 4096x1, 1024x1, 1024x16, 1024x32), "
                 "device and managed memory, our variants, vLLM and SDPA, under the seed's "
                 "protocol (1024 reused random blocks, host clock, no flush) and the rigorous one",
-    chapter=None,
+    chapter="chapters/seed_repro.md",
     measure="lib.bench:measure_decode",
     prepare="lib.bench:precompile_points",
     grid=[{**SEED_SHAPE, "seq_len": [n], "batch_size": [b], "block_size": [1, 2, 4, 8, 16, 32],
