@@ -400,13 +400,16 @@ def correctness_figure(df: pd.DataFrame) -> Figure:
                              sharey=True, squeeze=False)
     for ax, dt in zip(axes[0], dts):
         sub = d[d["dtype"] == dt]
+        tol = float(sub["tolerance"].max())
+        # fixed limits before drawing: autoscaling a first group of one point warns
+        ax.set_xscale("log")
+        ax.set_xlim(float(sub["shown_error"].min()) / 3,
+                    max(float(sub["shown_error"].max()) * 3, tol * 4))
+        ax.set_autoscalex_on(False)
         sns.stripplot(data=sub, x="shown_error", y="backend", order=order, hue="placement",
                       hue_order=places, palette=pal, size=2.2, alpha=0.5, jitter=0.28,
-                      log_scale=True, ax=ax, legend=ax is axes[0][-1])
-        tol = float(sub["tolerance"].max())
+                      ax=ax, legend=ax is axes[0][-1])
         ax.axvline(tol, color="#c0392b", linestyle="--", linewidth=1.2)
-        lo, hi = ax.get_xlim()
-        ax.set_xlim(lo, max(hi, tol * 4))
         ax.axvspan(tol, ax.get_xlim()[1], color="#c0392b", alpha=0.07, zorder=0)
         ax.set_title(dt, loc="left")
         ax.set_title(f"tolerance {tol:g}", loc="right", color="#c0392b", fontsize=8,
