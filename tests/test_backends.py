@@ -118,3 +118,12 @@ def test_key_findings_come_from_committed_data():
     assert k["gpu"].startswith("h100")
     assert k["own_checks_passed"] == k["own_checks_total"] > 5000
     assert 0.5 < k["own_over_sdpa"] < 2 and k["fault_gbps"] < k["prefetch_gbps"]
+
+
+def test_ncu_reports_parse():
+    from lib import ncu
+
+    m = ncu.metrics("ncu_gqa_32x4096_32to8.txt")
+    assert m["Registers Per Thread"] == 128 and 0 < m["DRAM Throughput"] < 100
+    with pytest.raises(ValueError, match="no ncu metric"):
+        ncu.metrics(__file__)

@@ -1,0 +1,29 @@
+"""Read the metrics of a committed Nsight Compute text report (``data/profiles/*.txt``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from lib import DATA
+
+PROFILES = DATA / "profiles"
+_ROW = re.compile(r"^\s{4}(\S.*?)\s{2,}(\S+(?:/\S+)?)?\s+([-\d.,]+)\s*$")
+
+
+def metrics(path: str | Path) -> dict[str, float]:
+    """{metric name: value} of the first kernel in the report (units dropped, as ncu prints)."""
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = PROFILES / path
+    out: dict[str, float] = {}
+    for line in path.read_text().splitlines():
+        m = _ROW.match(line)
+        if m and m.group(1) not in out:
+            try:
+                out[m.group(1).strip()] = float(m.group(3).replace(",", ""))
+            except ValueError:
+                continue
+    if not out:
+        raise ValueError(f"{path}: no ncu metric rows found")
+    return out
