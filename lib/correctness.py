@@ -14,7 +14,6 @@ backends it is meaningful for:
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import asdict, dataclass
 
 TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5}

@@ -20,6 +20,7 @@ from matplotlib.patches import FancyArrowPatch, Rectangle
 
 from lib import kvcache
 from lib.plots import _block_axis, set_house_style
+from lib.plots import require_columns as _need, diagram_canvas as _canvas
 
 #: Backends of the correctness matrix, in reading order (ours by version, then the references).
 BACKEND_ORDER = (
@@ -33,27 +34,9 @@ FREE_C = "0.93"
 ERROR_FLOOR = 1e-9
 
 
-def _need(df: pd.DataFrame, cols, what: str) -> None:
-    missing = [c for c in cols if c not in df.columns]
-    if missing:
-        raise ValueError(f"{what} needs columns {missing}")
-    if df.empty:
-        raise ValueError(f"{what} got no rows to draw")
-
-
 def _ordered(values, order) -> list:
     present = list(dict.fromkeys(values))
     return [v for v in order if v in present] + sorted(v for v in present if v not in order)
-
-
-def _canvas(w: float, h: float, figsize) -> tuple[Figure, plt.Axes]:
-    set_house_style()
-    fig, ax = plt.subplots(figsize=figsize)
-    ax.set_xlim(0, w)
-    ax.set_ylim(0, h)
-    ax.set_aspect("equal")
-    ax.axis("off")
-    return fig, ax
 
 
 def _cell(ax, x, y, w, h, color, text="", *, hatch=None, fontsize=6.5, lw=0.6, tc="0.1",

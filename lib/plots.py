@@ -49,12 +49,27 @@ def _block_axis(ax, sizes) -> None:
     ax.set_xlabel("block size (tokens)")
 
 
-def _need(df: pd.DataFrame, cols: list[str], what: str) -> None:
+def require_columns(df: pd.DataFrame, cols, what: str) -> None:
+    """A figure or table function's input check: the columns it reads, and at least one row."""
     missing = [c for c in cols if c not in df.columns]
     if missing:
         raise ValueError(f"{what} needs columns {missing}")
     if df.empty:
         raise ValueError(f"{what} got no rows to draw")
+
+
+_need = require_columns
+
+
+def diagram_canvas(w: float, h: float, figsize) -> tuple[Figure, plt.Axes]:
+    """An empty, equal-aspect axes of w x h data units for drawing a diagram."""
+    set_house_style()
+    fig, ax = plt.subplots(figsize=figsize)
+    ax.set_xlim(0, w)
+    ax.set_ylim(0, h)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    return fig, ax
 
 
 def _gapped_line(data: pd.DataFrame, *, x: str, y: str, xs, color=None, label=None, **kw) -> None:

@@ -21,6 +21,7 @@ from matplotlib.lines import Line2D
 
 from lib import seed_repro as SR
 from lib.plots import _block_axis, set_house_style
+from lib.plots import require_columns as _need
 
 _CB = sns.color_palette("colorblind")
 VERSION_COLOR = {"v1": _CB[0], "v2": _CB[1]}
@@ -48,14 +49,6 @@ def source_style(source: str) -> dict:
     return dict(color=VERSION_COLOR[version], linestyle="--" if seed_proto else "-",
                 marker="s" if version == "v1" else "D", linewidth=1.5, markersize=5,
                 markerfacecolor="white" if seed_proto else VERSION_COLOR[version])
-
-
-def _need(df: pd.DataFrame, cols, what: str) -> None:
-    missing = [c for c in cols if c not in df.columns]
-    if missing:
-        raise ValueError(f"{what} needs columns {missing}")
-    if df.empty:
-        raise ValueError(f"{what} got no rows to draw")
 
 
 def _one_card(df: pd.DataFrame, gpu: str | None, what: str) -> pd.DataFrame:

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 
 from lib.plots import set_house_style
+from lib.plots import require_columns as _need, diagram_canvas as _canvas
 
 HOST_C = "#0173b2"  # colour-blind palette: host memory blue, GPU memory orange, links grey
 GPU_C = "#de8f05"
@@ -57,16 +58,6 @@ def _pages(ax, x, y, where, *, size=0.32, gap=0.06, labels=None):
                                    hatch=None if w else "///"))
         if labels:
             ax.text(px + size / 2, y - 0.08, labels[i], ha="center", va="top", fontsize=7, color="0.3")
-
-
-def _canvas(w, h, figsize):
-    set_house_style()
-    fig, ax = plt.subplots(figsize=figsize)
-    ax.set_xlim(0, w)
-    ax.set_ylim(0, h)
-    ax.set_aspect("equal")
-    ax.axis("off")
-    return fig, ax
 
 
 def unified_memory_diagram() -> Figure:
@@ -190,14 +181,6 @@ def _size_axis(ax, sizes_mib) -> None:
         [f"{s / 1024:g} GiB" if s >= 1024 else f"{s:g} MiB" for s in ticks]))
     ax.xaxis.set_minor_locator(mticker.NullLocator())
     ax.set_xlabel("buffer size")
-
-
-def _need(df: pd.DataFrame, cols, what: str) -> None:
-    missing = [c for c in cols if c not in df.columns]
-    if missing:
-        raise ValueError(f"{what} needs columns {missing}")
-    if df.empty:
-        raise ValueError(f"{what} got no rows to draw")
 
 
 def read_bandwidth_figure(table: pd.DataFrame) -> Figure:
