@@ -321,6 +321,8 @@ SEED_BACKENDS = "+".join([
     "own-v2-paged", "own-v2-contiguous", "own-v2-no_offset", "vllm", "sdpa_dense"])
 #: The shape vLLM's 2024 benchmark defaulted to (NOTES.md): 64 query heads, 8 KV heads, head 128.
 SEED_SHAPE = {"num_heads": [64], "num_kv_heads": [8], "head_size": [128], "dtype": ["float16"]}
+#: A Llama-2-7B-like MHA shape (32 heads of 128): the other candidate for the post's model.
+LLAMA_SHAPE = {"num_heads": [32], "num_kv_heads": [32], "head_size": [128], "dtype": ["float16"]}
 #: The seed tables' (seq_len, batch) points.
 SEED_POINTS = [(4096, 1), (1024, 1), (1024, 16), (1024, 32)]
 
@@ -363,12 +365,43 @@ register(Experiment(
     chapter="chapters/seed_repro.md",
     measure="lib.bench:measure_decode",
     prepare="lib.bench:precompile_points",
-    grid=[{**SEED_SHAPE, "seq_len": [n], "batch_size": [b], "block_size": [1, 2, 4, 8, 16, 32],
+    grid=[{**shape, "seq_len": [n], "batch_size": [b], "block_size": [1, 2, 4, 8, 16, 32],
            "memory_kind": ["device", "managed"], "protocol": [proto], "placement": [place],
            "physical_blocks": [phys], "partition_size": [0], "seed": [0],
            "backends": [SEED_BACKENDS]}
+          for shape in (SEED_SHAPE, LLAMA_SHAPE)
           for n, b in SEED_POINTS
           for proto, place, phys in [("seed", "random", 1024), ("rigorous", "identity", 0)]],
+))
+
+
+#: Largest K+V cache (one copy) the page-table grid builds: the case holds the pool, the classic
+#: copy and the dense copy at once, so three of these must fit beside the driver's share.
+PAGE_TABLE_MAX_KV_BYTES = 8 << 30
+
+
+def _kv_fits(point: dict) -> bool:
+    kv = (2 * point["batch_size"] * point["seq_len"] * point["num_kv_heads"] * point["head_size"]
+          * {"float16": 2, "bfloat16": 2, "float32": 4}[point["dtype"]])
+    return kv <= PAGE_TABLE_MAX_KV_BYTES
+
+
+register(Experiment(
+    name="page_table",
+    description="The price of the page table over batch 1-256 x 512-32768 tokens at block 16: "
+                "paged vs contiguous on identity placement (same bytes), paged on shuffled "
+                "placement, vLLM and dense SDPA (caches above 8 GiB of K+V are skipped)",
+    measure="lib.bench:measure_decode",
+    prepare="lib.bench:precompile_points",
+    grid=[{**shape, "batch_size": [1, 2, 4, 8, 16, 32, 64, 128, 256],
+           "seq_len": [512, 1024, 2048, 4096, 8192, 16384, 32768], "block_size": [16],
+           "memory_kind": ["device"], "protocol": ["rigorous"], "placement": [place],
+           "physical_blocks": [0], "partition_size": [0], "seed": [0], "backends": [backends]}
+          for shape in (LLAMA_SHAPE, SEED_SHAPE)
+          for place, backends in [
+              ("identity", "own-auto-paged+own-auto-contiguous+own-v1-paged+own-v2-paged+vllm+sdpa_dense"),
+              ("shuffled", "own-auto-paged+vllm+sdpa_dense")]],
+    where=_kv_fits,
 ))
 
 

@@ -113,13 +113,18 @@ def check_ours(ours: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def load_ours(gpu: str | Iterable[str] | None = None, root=None) -> pd.DataFrame:
-    """Committed rows of the `seed_tables` experiment (every card, or the cards named)."""
+def load_ours(gpu: str | Iterable[str] | None = None, root=None, *,
+              heads: tuple[int, int] = (64, 8)) -> pd.DataFrame:
+    """Committed rows of the `seed_tables` experiment (every card, or the cards named), for one
+    model shape (query heads, KV heads): by default the seed's 64:8; (32, 32) is the
+    Llama-2-7B-like shape the experiment also covers."""
     from lib import results as R
 
     if isinstance(gpu, str):
         gpu = [g.strip() for g in gpu.split(",") if g.strip()] or None
-    return check_ours(R.load(EXPERIMENT, gpu, root=root))
+    df = R.load(EXPERIMENT, gpu, root=root)
+    df = df[(df["num_heads"] == heads[0]) & (df["num_kv_heads"] == heads[1])]
+    return check_ours(df)
 
 
 def cards(ours: pd.DataFrame) -> list[str]:

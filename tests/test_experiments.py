@@ -136,3 +136,17 @@ def test_selftest_measure_is_deterministic_and_can_fail():
     assert E._selftest_measure(p)["median_us"] == 30.5
     with pytest.raises(RuntimeError, match="planned failure"):
         E._selftest_measure({**p, "fail_n": 3})
+
+
+def test_page_table_grid_skips_caches_that_would_not_fit():
+    pts = E.expand("page_table")
+    assert pts and all(E._kv_fits(p) for p in pts)
+    biggest = max(2 * p["batch_size"] * p["seq_len"] * p["num_kv_heads"] * 128 * 2 for p in pts)
+    assert biggest <= E.PAGE_TABLE_MAX_KV_BYTES
+    assert {(1, 32768), (256, 512)} <= {(p["batch_size"], p["seq_len"]) for p in pts}
+
+
+def test_seed_tables_keep_their_measured_points_and_add_the_llama_shape():
+    pts = E.expand("seed_tables")
+    assert len(pts) == 192
+    assert sum(p["num_heads"] == 64 for p in pts) == 96  # the committed run's points, unchanged
