@@ -15,8 +15,6 @@ seed protocol's pool of reused blocks), memory_kind, protocol (rigorous | hot | 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from lib import backends as B
@@ -128,13 +126,7 @@ def measure_decode(point: dict) -> list[dict]:
 
 
 def _plan_text(launch) -> str:
-    plan = getattr(launch, "plan", None) or getattr(getattr(launch, "__self__", None), "plan", None)
-    if plan is None:
-        return ""
+    """How an own-kernel launcher was planned (version, head tile, partitioning)."""
+    plan = launch.plan
     return (f"v{plan.version} tile={plan.tile} partition={plan.partition_size} "
             f"parts={plan.max_partitions}")
-
-
-def roofline_us(bytes_moved: int, read_gbps: float) -> float:
-    """The fastest a decode step can be: its bytes at the measured read ceiling."""
-    return bytes_moved / (read_gbps * 1e9) * 1e6 if read_gbps else math.nan

@@ -208,6 +208,20 @@ def repeat_agreement(df: pd.DataFrame) -> pd.DataFrame:
     return ratio(df, 3, 1)
 
 
+def _one_series(df, table, memory, seq_len, batch_size) -> pd.DataFrame:
+    """The rows of one series (one seq_len x batch column) of a seed table, or a clear error."""
+    rows = df[(df["table"] == table) & (df["memory"] == memory)]
+    if seq_len is not None:
+        rows = rows[rows["seq_len"] == seq_len]
+    if batch_size is not None:
+        rows = rows[rows["batch_size"] == batch_size]
+    if rows.empty:
+        raise ValueError(f"no rows for table {table} ({memory}, seq {seq_len}, batch {batch_size})")
+    if len(rows[["seq_len", "batch_size"]].drop_duplicates()) != 1:
+        raise ValueError(f"table {table} has several series: pass seq_len and batch_size")
+    return rows
+
+
 def slowest_over_fastest(
     df: pd.DataFrame, table: int, *, memory: str = "device", seq_len: int | None = None,
     batch_size: int | None = None,
@@ -217,15 +231,7 @@ def slowest_over_fastest(
     A table with several series (several seq_len x batch columns) needs `seq_len` and
     `batch_size` to say which one.
     """
-    rows = df[(df["table"] == table) & (df["memory"] == memory)]
-    if seq_len is not None:
-        rows = rows[rows["seq_len"] == seq_len]
-    if batch_size is not None:
-        rows = rows[rows["batch_size"] == batch_size]
-    if rows.empty:
-        raise ValueError(f"no rows for table {table} ({memory}, seq {seq_len}, batch {batch_size})")
-    if len(rows[["seq_len", "batch_size"]].drop_duplicates()) != 1:
-        raise ValueError(f"table {table} has several series: pass seq_len and batch_size")
+    rows = _one_series(df, table, memory, seq_len, batch_size)
     return float(rows["time_us"].max() / rows["time_us"].min())
 
 
@@ -235,15 +241,7 @@ def slowest_block(
 ) -> int:
     """The block size at which one series of a table is slowest (same selection rules as
     `slowest_over_fastest`)."""
-    rows = df[(df["table"] == table) & (df["memory"] == memory)]
-    if seq_len is not None:
-        rows = rows[rows["seq_len"] == seq_len]
-    if batch_size is not None:
-        rows = rows[rows["batch_size"] == batch_size]
-    if rows.empty:
-        raise ValueError(f"no rows for table {table} ({memory}, seq {seq_len}, batch {batch_size})")
-    if len(rows[["seq_len", "batch_size"]].drop_duplicates()) != 1:
-        raise ValueError(f"table {table} has several series: pass seq_len and batch_size")
+    rows = _one_series(df, table, memory, seq_len, batch_size)
     return int(rows.loc[rows["time_us"].idxmax(), "block_size"])
 
 

@@ -483,18 +483,26 @@ def measure_ceilings(nbytes: int = 2 * GiB, **timing_kw) -> dict:
     return out
 
 
+def _copy_buffers(nbytes: int):
+    """Source (filled) and destination of a device-to-device copy, after a free-memory check."""
+    cp = _cp()
+    check_free(2 * nbytes, "memcpy buffers")
+    with _device().stream:
+        src = cp.empty(nbytes, dtype=cp.uint8)
+        dst = cp.empty(nbytes, dtype=cp.uint8)
+        src.fill(1)
+    return src, dst
+
+
 def time_memcpy_direct(nbytes: int, *, repeats: int = 20, warmup: int = 3) -> Timing:
     """A device-to-device ``cudaMemcpyAsync`` of ``nbytes`` timed with events directly (no graph,
     no flush): the reference the harness is checked against."""
     cp = _cp()
     if nbytes < 1 or repeats < 1:
         raise ValueError("want nbytes >= 1 and repeats >= 1")
-    check_free(2 * nbytes, "memcpy buffers")
     s = _device().stream
+    src, dst = _copy_buffers(nbytes)
     with s:
-        src = cp.empty(nbytes, dtype=cp.uint8)
-        dst = cp.empty(nbytes, dtype=cp.uint8)
-        src.fill(1)
         try:
             for _ in range(warmup):
                 _memcpy_d2d(dst.data.ptr, src.data.ptr, nbytes)
@@ -526,12 +534,8 @@ def harness_selfcheck(nbytes: int = GiB) -> dict:
     """
     cp = _cp()
     direct = time_memcpy_direct(nbytes)
-    check_free(2 * nbytes, "memcpy buffers")
     s = _device().stream
-    with s:
-        src = cp.empty(nbytes, dtype=cp.uint8)
-        dst = cp.empty(nbytes, dtype=cp.uint8)
-        src.fill(1)
+    src, dst = _copy_buffers(nbytes)
     try:
         fn = lambda: _memcpy_d2d(dst.data.ptr, src.data.ptr, nbytes)  # noqa: E731
         first = time_graph(fn)
