@@ -11,9 +11,19 @@ batch_size, seq_len, num_heads, num_kv_heads, head_size, block_size, dtype, plac
 (identity | shuffled | single_content | random), physical_blocks (for placement=random: the
 seed protocol's pool of reused blocks), memory_kind, protocol (rigorous | hot | seed), backends
 (names joined by '+'), seed.
+
+memory_kind is ``device``, any kind of :mod:`lib.memory` (``managed``: pages where the GPU wrote
+them, i.e. resident), or one of two *states* of managed memory that must be re-established before
+every timed sample, because the first call changes them (:data:`MANAGED_STATES`):
+``managed_cold`` moves the K/V arrays to the host before each sample, so the timed call is the
+first touch after the pages left the GPU (fault-driven migration inside the kernel);
+``managed_prefetched`` moves them to the host and back with ``cudaMemPrefetchAsync`` before each
+sample, so the timed call reads pages an explicit prefetch placed (the prefetch is not timed).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 
@@ -53,12 +63,39 @@ def _reference(case: B.DecodeCase, addressing: str, cache: dict):
     return cache[key]
 
 
+#: Managed-memory states re-established before every sample: name -> where the K/V pages are
+#: sent before the timed call (in order).
+MANAGED_STATES = {"managed_cold": ("host",), "managed_prefetched": ("host", "gpu")}
+#: A state costs a migration per sample; the sampler stops after this many seconds per backend.
+STATE_MAX_SECONDS = 1.5
+
+
 def _allocator(memory_kind: str):
     if memory_kind in ("device", "", None):
         return B._default_alloc
     from lib import memory  # the Unified Memory layer
 
-    return memory.allocator(memory_kind)
+    return memory.allocator("managed" if memory_kind in MANAGED_STATES else memory_kind)
+
+
+def state_hook(memory_kind: str, arrays) -> "Callable[[], None] | None":
+    """The `before` hook that puts ``arrays`` (managed) into a :data:`MANAGED_STATES` state.
+
+    None for kinds that need nothing before a sample. Runs on the timing stream, so the
+    migrations finish before the timed call starts and are not part of its time.
+    """
+    if memory_kind not in MANAGED_STATES:
+        return None
+    from lib import memory
+
+    steps = MANAGED_STATES[memory_kind]
+
+    def before() -> None:
+        for where in steps:
+            for a in arrays:
+                memory.prefetch(a, where)
+
+    return before
 
 
 def problem_of(point: dict) -> B.DecodeProblem:
@@ -85,15 +122,19 @@ def precompile_points(points: list[dict]) -> None:
 
 def measure_decode(point: dict) -> list[dict]:
     """Build the point's cache, then check and time every backend on it."""
+    protocol = point.get("protocol", "rigorous")
+    kind = point.get("memory_kind", "device")
+    if kind in MANAGED_STATES and protocol not in ("rigorous", "hot", "eager", "eager-hot"):
+        raise ValueError(f"memory_kind={kind!r} is re-established before every sample, which the "
+                         f"{protocol!r} protocol cannot do (use rigorous or hot)")
     import cupy
 
     from lib import timing
     from lib.reference import relative_error
 
     problem = problem_of(point)
-    case = B.DecodeCase.build(problem, alloc=_allocator(point.get("memory_kind", "device")),
+    case = B.DecodeCase.build(problem, alloc=_allocator(kind),
                               physical_blocks=point.get("physical_blocks") or None)
-    protocol = point.get("protocol", "rigorous")
     names = [n for n in str(point["backends"]).split("+") if n]
     refs: dict = {}
     rows = []
@@ -116,7 +157,11 @@ def measure_decode(point: dict) -> list[dict]:
             row["check_passed"] = bool(err <= TOLERANCE[problem.dtype])
             if backend.family == "own":
                 row["extra"] = {"plan": _plan_text(launch)}
-            t = timing.time_fn(launch, protocol)
+            before = state_hook(kind, case.layout(backend.layout))
+            if before is None:
+                t = timing.time_fn(launch, protocol)
+            else:
+                t = timing.time_fn(launch, protocol, before=before, max_seconds=STATE_MAX_SECONDS)
             row.update(median_us=t.median_us, p10_us=t.p10_us, p90_us=t.p90_us,
                        samples=t.samples)
         except Exception as exc:

@@ -386,11 +386,18 @@ def _kv_fits(point: dict) -> bool:
     return kv <= PAGE_TABLE_MAX_KV_BYTES
 
 
+#: Every block size the kernels support (the seed's tables stop at 32).
+ALL_BLOCKS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+PAGE_TABLE_BACKENDS = "own-auto-paged+own-auto-contiguous+own-v1-paged+own-v2-paged+vllm+sdpa_dense"
+NO_OFFSET_BACKENDS = "own-auto-paged+own-auto-contiguous+own-auto-no_offset+vllm"
+
 register(Experiment(
     name="page_table",
-    description="The price of the page table over batch 1-256 x 512-32768 tokens at block 16: "
-                "paged vs contiguous on identity placement (same bytes), paged on shuffled "
-                "placement, vLLM and dense SDPA (caches above 8 GiB of K+V are skipped)",
+    description="The price of the page table: batch 1-256 x 512-32768 tokens at block 16 (paged vs "
+                "contiguous on identity placement, same bytes; paged on shuffled placement; vLLM; "
+                "dense SDPA; caches above 8 GiB of K+V skipped), and block sizes 1-256 x batch "
+                "1-128 at 1024 tokens with the no_offset floor",
+    chapter="chapters/page_table.md",
     measure="lib.bench:measure_decode",
     prepare="lib.bench:precompile_points",
     grid=[{**shape, "batch_size": [1, 2, 4, 8, 16, 32, 64, 128, 256],
@@ -398,10 +405,34 @@ register(Experiment(
            "memory_kind": ["device"], "protocol": ["rigorous"], "placement": [place],
            "physical_blocks": [0], "partition_size": [0], "seed": [0], "backends": [backends]}
           for shape in (LLAMA_SHAPE, SEED_SHAPE)
-          for place, backends in [
-              ("identity", "own-auto-paged+own-auto-contiguous+own-v1-paged+own-v2-paged+vllm+sdpa_dense"),
-              ("shuffled", "own-auto-paged+vllm+sdpa_dense")]],
+          for place, backends in [("identity", PAGE_TABLE_BACKENDS),
+                                  ("shuffled", "own-auto-paged+vllm+sdpa_dense")]]
+    + [{**shape, "batch_size": [1, 8, 32, 128], "seq_len": [1024], "block_size": ALL_BLOCKS,
+        "memory_kind": ["device"], "protocol": ["rigorous"], "placement": ["identity"],
+        "physical_blocks": [0], "partition_size": [0], "seed": [0], "backends": [NO_OFFSET_BACKENDS]}
+       for shape in (LLAMA_SHAPE, SEED_SHAPE)],
     where=_kv_fits,
+))
+
+#: Table 1's memory kinds and managed-memory states (lib.bench.MANAGED_STATES).
+UVM_DECODE_KINDS = ["device", "managed", "managed_cold", "managed_prefetched"]
+
+register(Experiment(
+    name="uvm_decode",
+    description="Table 1 extended: device vs managed memory (resident, cold on the host before "
+                "each call, after an explicit prefetch) for block sizes 1-256 at 4096 x 1 and "
+                "1024 x 16/32 (seed shape; 4096 x 1 also for the Llama-like shape), our v1/v2 "
+                "and vLLM, rigorous protocol",
+    chapter="chapters/uvm_decode.md",
+    measure="lib.bench:measure_decode",
+    prepare="lib.bench:precompile_points",
+    grid=[{**shape, "seq_len": [n], "batch_size": [b], "block_size": ALL_BLOCKS,
+           "memory_kind": UVM_DECODE_KINDS, "protocol": ["rigorous"], "placement": ["identity"],
+           "physical_blocks": [0], "partition_size": [0], "seed": [0],
+           "backends": ["own-v1-paged+own-v2-paged+vllm"]}
+          for shape, points in ((SEED_SHAPE, [(4096, 1), (1024, 16), (1024, 32)]),
+                                (LLAMA_SHAPE, [(4096, 1)]))
+          for n, b in points],
 ))
 
 

@@ -127,3 +127,47 @@ def test_ncu_reports_parse():
     assert m["Registers Per Thread"] == 128 and 0 < m["DRAM Throughput"] < 100
     with pytest.raises(ValueError, match="no ncu metric"):
         ncu.metrics(__file__)
+
+
+# ----------------------------------------------------------------------------- managed-memory states
+
+_TINY = dict(batch_size=2, seq_len=40, num_heads=4, num_kv_heads=2, head_size=64, block_size=16,
+             dtype="float16", placement="identity", backends="own-v1-paged")
+
+
+def test_managed_states_refuse_the_seed_protocol_before_building_anything():
+    with pytest.raises(ValueError, match="re-established before every sample"):
+        bench.measure_decode({**_TINY, "memory_kind": "managed_cold", "protocol": "seed"})
+
+
+def test_state_hook_only_for_managed_states():
+    assert bench.state_hook("device", []) is None
+    assert bench.state_hook("managed", []) is None
+    assert set(bench.MANAGED_STATES) == {"managed_cold", "managed_prefetched"}
+    assert bench.MANAGED_STATES["managed_cold"][-1] == "host"
+    assert bench.MANAGED_STATES["managed_prefetched"][-1] == "gpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind, where", [("managed_cold", "host"), ("managed_prefetched", "gpu")])
+def test_state_hook_leaves_the_kv_pages_where_the_state_says(kind, where):
+    from lib import memory
+
+    case = B.DecodeCase.build(bench.problem_of(_TINY), alloc=bench._allocator(kind))
+    k, v = case.layout("classic")
+    assert memory.kind_of(k) == "managed"
+    bench.state_hook(kind, (k, v))()
+    import cupy
+
+    cupy.cuda.Device().synchronize()
+    for a in (k, v):
+        loc = memory.range_info(a).last_prefetch_location
+        assert loc is not None and loc.startswith(where), (kind, loc)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["managed_cold", "managed_prefetched"])
+def test_measure_decode_times_and_checks_managed_states(kind):
+    rows = bench.measure_decode({**_TINY, "memory_kind": kind, "protocol": "rigorous"})
+    assert len(rows) == 1 and rows[0].get("status") != "error", rows
+    assert rows[0]["check_passed"] and rows[0]["median_us"] > 0 and rows[0]["samples"] >= 10
