@@ -67,7 +67,7 @@ def _reference(case: B.DecodeCase, addressing: str, cache: dict):
 #: sent before the timed call (in order).
 MANAGED_STATES = {"managed_cold": ("host",), "managed_prefetched": ("host", "gpu")}
 #: A state costs a migration per sample; the sampler stops after this many seconds per backend.
-STATE_MAX_SECONDS = 1.5
+STATE_MAX_SECONDS = 1.0
 
 
 def _allocator(memory_kind: str):
