@@ -71,14 +71,18 @@ def git_state(cwd: str | os.PathLike | None = None) -> dict[str, Any]:
         return r.stdout.strip() if r.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
+    declared = os.environ.get("UVM_STUDY_GIT_COMMIT")
+    if declared:
+        # The operator says which commit this tree is (a GPU node fed a copy of the working tree):
+        # recorded as declared, and wins over git, because a copy may carry a stale .git (one run
+        # read the session's first commit from such a copy while the tree was four commits on).
+        dirty = os.environ.get("UVM_STUDY_GIT_DIRTY")
+        out = {"commit": declared, "dirty": None if dirty is None else dirty == "1",
+               "source": "declared by UVM_STUDY_GIT_COMMIT"}
+        if commit is not None and commit != declared:
+            out["git_head_in_copy"] = commit
+        return out
     if commit is None:
-        # A copy of the tree without .git (a GPU node fed a working-tree copy): the operator may
-        # say which commit it is; it is recorded as declared, not as read from git.
-        declared = os.environ.get("UVM_STUDY_GIT_COMMIT")
-        if declared:
-            dirty = os.environ.get("UVM_STUDY_GIT_DIRTY")
-            return {"commit": declared, "dirty": None if dirty is None else dirty == "1",
-                    "source": "declared by UVM_STUDY_GIT_COMMIT (no .git in this copy)"}
         return {"commit": None, "dirty": None}
     status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)data/results")
     return {"commit": commit, "dirty": None if status is None else bool(status)}

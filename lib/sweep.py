@@ -55,6 +55,7 @@ class SweepSummary:
     measure_s: float = 0.0  # summed over measure calls (all workers)
     setup_s: float = 0.0  # provenance + ceilings, summed over workers
     prepare_s: float = 0.0  # the experiment's own preparation (compiling its kernels), summed
+    init_s: float = 0.0  # creating the CUDA context (driver start-up on an idle GPU), summed
     workers: int = 1
     run_ids: list[str] = field(default_factory=list)
     completed: bool = True
@@ -63,9 +64,10 @@ class SweepSummary:
     def overhead_frac(self) -> float:
         """Share of worker time spent neither measuring nor in the experiment's own preparation
         (compiling the kernels it measures): provenance, ceilings, appends, progress, process
-        start-up. Ceilings count as harness."""
+        start-up. Ceilings count as harness; creating the CUDA context does not (any CUDA program
+        pays it, and on a GPU idle long enough to power down it takes seconds: reported apart)."""
         busy = self.wall_s * self.workers
-        work = self.measure_s + self.prepare_s
+        work = self.measure_s + self.prepare_s + self.init_s
         return 0.0 if busy <= 0 else max(0.0, 1.0 - work / busy)
 
     def line(self) -> str:
@@ -75,6 +77,7 @@ class SweepSummary:
             f"{self.experiment}: measured {self.points_done} points ({self.rows} rows, {self.errors} errors), "
             f"skipped {self.points_skipped} done; wall {self.wall_s:.1f} s, in measure {self.measure_s:.1f} s, "
             + (f"compiling {self.prepare_s:.1f} s, " if self.prepare_s else "")
+            + (f"CUDA context {self.init_s:.1f} s, " if self.init_s >= 0.05 else "")
             + f"harness overhead {100 * self.overhead_frac:.1f}% -> {self.csv}"
         )
 
@@ -212,6 +215,7 @@ def _add(summary: SweepSummary, res: dict) -> None:
     summary.measure_s += res["measure_s"]
     summary.setup_s += res["setup_s"]
     summary.prepare_s += res.get("prepare_s", 0.0)
+    summary.init_s += res.get("init_s", 0.0)
     summary.run_ids.append(res["run_id"])
     summary.completed = summary.completed and res["status"] == "complete"
 
@@ -261,6 +265,7 @@ def measure_points(
     from lib import provenance
 
     t0 = time.perf_counter()
+    init_s = _create_cuda_context() if exp.gpu else 0.0
     prov = provenance.collect({**params, "csv": str(path)})
     prov["schema_version"] = R.SCHEMA_VERSION
     prov["status"] = "running"
@@ -278,7 +283,7 @@ def measure_points(
         prepare([dict(p) for p in points])
     prepare_s = time.perf_counter() - t_prep
     slug = Path(R._main_of(Path(path))).stem
-    setup_s = time.perf_counter() - t0 - prepare_s  # provenance + ceilings
+    setup_s = time.perf_counter() - t0 - prepare_s - init_s  # provenance + ceilings
     base = {"experiment": exp.name, "run_id": run_id, "gpu_slug": slug, "status": "ok"}
     if ceiling is not None:
         base["read_ceiling_gbps"] = ceiling
@@ -325,10 +330,22 @@ def measure_points(
             "wall_s": time.perf_counter() - t0,
             "setup_s": setup_s,
             "prepare_s": prepare_s,
+            "init_s": init_s,
             **counts,
         }
         R.write_provenance(path, run_id, prov)
-    return {**counts, "setup_s": setup_s, "prepare_s": prepare_s, "run_id": run_id, "status": status}
+    return {**counts, "setup_s": setup_s, "prepare_s": prepare_s, "init_s": init_s, "run_id": run_id,
+            "status": status}
+
+
+def _create_cuda_context() -> float:
+    """Create this process's CUDA context now and return how long it took (seconds)."""
+    import cupy
+
+    t = time.perf_counter()
+    cupy.cuda.runtime.free(0)  # the first runtime call creates the primary context
+    cupy.cuda.Device().synchronize()
+    return time.perf_counter() - t
 
 
 # ----------------------------------------------------------------------------- one worker per GPU

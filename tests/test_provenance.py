@@ -22,7 +22,8 @@ def test_collect_records_software_code_and_params():
     assert git["dirty"] in (True, False, None)
 
 
-def test_git_state_tolerates_no_repository(tmp_path):
+def test_git_state_tolerates_no_repository(tmp_path, monkeypatch):
+    monkeypatch.delenv("UVM_STUDY_GIT_COMMIT", raising=False)
     assert P.git_state(tmp_path) == {"commit": None, "dirty": None}
 
 
@@ -42,3 +43,19 @@ def test_gpu_fields_on_a_gpu():
     s = prov["snapshot_before"]
     if s is not None:  # nvidia-ml-py installed
         assert s["sm_clock_mhz"] and s["temperature_c"] is not None
+
+
+def test_a_declared_commit_wins_over_a_stale_git_in_the_copy(monkeypatch):
+    monkeypatch.setenv("UVM_STUDY_GIT_COMMIT", "abc123")
+    monkeypatch.setenv("UVM_STUDY_GIT_DIRTY", "0")
+    st = P.git_state()  # this checkout has a .git whose HEAD is not "abc123"
+    assert st["commit"] == "abc123" and st["dirty"] is False
+    assert st["source"].startswith("declared")
+    assert st["git_head_in_copy"] and st["git_head_in_copy"] != "abc123"
+
+
+def test_a_declared_commit_is_used_without_git(monkeypatch, tmp_path):
+    monkeypatch.setenv("UVM_STUDY_GIT_COMMIT", "abc123")
+    monkeypatch.delenv("UVM_STUDY_GIT_DIRTY", raising=False)
+    st = P.git_state(tmp_path)
+    assert st == {"commit": "abc123", "dirty": None, "source": "declared by UVM_STUDY_GIT_COMMIT"}
