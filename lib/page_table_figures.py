@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker as mticker
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -20,7 +21,9 @@ BACKEND_STYLE = {P.PAGED: dict(color=_CB[1], marker="D", linestyle="-", label="o
                  P.CONTIGUOUS: dict(color=_CB[0], marker="s", linestyle="--", label="ours, contiguous"),
                  P.NO_OFFSET: dict(color="grey", marker="x", linestyle=":", label="ours, no_offset (floor)"),
                  "vllm": dict(color=_CB[2], marker="^", linestyle="-", label="vLLM (Triton)"),
-                 "sdpa_dense": dict(color=_CB[4], marker="v", linestyle="-", label="SDPA dense")}
+                 "sdpa_dense": dict(color=_CB[4], marker="v", linestyle="-", label="SDPA dense"),
+                 "own-v1-paged": dict(color=_CB[5], marker=".", linestyle="-", label="ours v1 (forced), paged"),
+                 "own-v2-paged": dict(color=_CB[7], marker="+", linestyle="-", label="ours v2 (forced), paged")}
 
 
 def _select(df: pd.DataFrame, shape: str, gpu: str | None, what: str) -> pd.DataFrame:
@@ -52,6 +55,7 @@ def ratio_heatmaps(ratios: pd.DataFrame, shape: str, *, gpu: str | None = None) 
         sns.heatmap(m, ax=ax, cmap="RdBu_r", norm=norm, annot=True, fmt=".2f", cbar=False,
                     annot_kws={"fontsize": 7}, linewidths=0.5, linecolor="white")
         ax.invert_yaxis()
+        ax.grid(False)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("tokens per sequence")
         ax.set_ylabel("batch")
@@ -76,7 +80,7 @@ def roofline_figure(roof: pd.DataFrame, shape: str, *, gpu: str | None = None) -
     ax.set_xlabel("bytes one decode step must read (MiB, log)")
     ax.set_ylabel("% of the read ceiling")
     ax.set_ylim(0, max(105, float(d["pct_of_read_ceiling"].max()) * 1.05))
-    ax.legend(loc="lower right", ncol=2)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(f"{shape}, block 16, identity placement")
     fig.tight_layout()
     plt.close(fig)
@@ -97,6 +101,8 @@ def blocks_figure(blocks: pd.DataFrame, shape: str, *, gpu: str | None = None) -
                 st = dict(BACKEND_STYLE[backend])
                 ax.plot(g["block_size"], g[backend], lw=1.4, ms=4, **st)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(mticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(mticker.NullFormatter())
         _block_axis(ax, g["block_size"])
         ax.set_title(f"batch {b}", fontsize=10)
         ax.set_ylabel("decode time (µs, log)" if b == batches[0] else "")
@@ -126,7 +132,8 @@ def share_figure(blocks: pd.DataFrame, *, gpu: str | None = None) -> Figure:
         ax.set_title(shape, fontsize=10)
         ax.axhline(0, color="black", lw=0.8)
     axes.flat[0].set_ylabel("share of the paged time that\nno_offset removes (%)")
-    axes.flat[-1].legend(loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), bbox_to_anchor=(0.5, 0.0))
     plt.close(fig)
     return fig

@@ -483,14 +483,14 @@ class Plain(str):
         return str(self)
 
 
-def card_facts(gpu: str, root=None) -> dict:
-    """What the provenance of this card's `seed_tables` runs says about the machine (the latest
+def card_facts(gpu: str, root=None, experiment: str = EXPERIMENT) -> dict:
+    """What the provenance of this card's runs of ``experiment`` (default `seed_tables`) says about the machine (the latest
     run's values): name, driver, CUDA, SMs, L2 size, clocks, the read ceiling measured."""
     from lib import results as R
 
-    runs = R.load_provenance(EXPERIMENT, gpu, root=root)
+    runs = R.load_provenance(experiment, gpu, root=root)
     if not runs:
-        raise ValueError(f"no provenance for {EXPERIMENT!r} on {gpu!r}")
+        raise ValueError(f"no provenance for {experiment!r} on {gpu!r}")
     run_id = max(runs)  # run ids start with a UTC timestamp
     p = runs[run_id]
     g, c, snap = p.get("gpu", {}), p.get("ceilings", {}), p.get("snapshot_before", {})

@@ -90,3 +90,25 @@ def resident_verdict(w: pd.DataFrame, *, tolerance: float = 0.05) -> dict:
         out[k] = {"worst": float(r.max()), "within": bool((r <= tolerance).all()),
                   "outside": int((r > tolerance).sum()), "points": int(r.notna().sum())}
     return out
+
+
+def table1(w: pd.DataFrame, seed: pd.DataFrame, backend: str, *, gpu: str) -> pd.DataFrame:
+    """The seed's table 1 (vLLM, 4096 x 1, device vs managed) beside ours on every placement.
+
+    One row per block size the seed or we measured, seed shape; our times for ``backend``.
+    """
+    if backend not in set(w["backend"]):
+        raise ValueError(f"no rows for backend {backend!r} (have {sorted(set(w['backend']))})")
+    ours = w[(w["gpu_slug"] == gpu) & (w["backend"] == backend) & (w["shape"] == SHAPES[(64, 8)])
+             & (w["seq_len"] == 4096) & (w["batch_size"] == 1)].set_index("block_size")
+    s = seed[seed["table"] == 1].pivot_table(index="block_size", columns="memory", values="time_us")
+    out = pd.DataFrame(index=sorted(set(ours.index) | set(s.index)))
+    out.index.name = "block size"
+    out["seed: device"] = s.get("device")
+    out["seed: managed"] = s.get("managed")
+    for k in KINDS:
+        out[f"ours: {KIND_LABELS[k]}"] = ours.get(k)
+    out["ours: managed / device"] = ours.get("managed_vs_device")
+    out["ours: cold / device"] = ours.get("managed_cold_vs_device")
+    out["ours: prefetched / device"] = ours.get("managed_prefetched_vs_device")
+    return out
