@@ -93,7 +93,11 @@ def blocks_figure(blocks: pd.DataFrame, shape: str, *, gpu: str | None = None) -
     set_house_style()
     d = _select(blocks, shape, gpu, "blocks_figure")
     batches = sorted(d["batch_size"].unique())
-    fig, axes = plt.subplots(1, len(batches), figsize=(3.1 * len(batches), 3.3), squeeze=False)
+    ncols = 2
+    nrows = math.ceil(len(batches) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(8.4, 3.0 * nrows), squeeze=False)
+    for ax in axes.flat[len(batches):]:
+        ax.set_visible(False)
     for ax, b in zip(axes.flat, batches):
         g = d[d["batch_size"] == b].sort_values("block_size")
         for backend in (P.PAGED, P.CONTIGUOUS, P.NO_OFFSET, "vllm"):
@@ -101,14 +105,15 @@ def blocks_figure(blocks: pd.DataFrame, shape: str, *, gpu: str | None = None) -
                 st = dict(BACKEND_STYLE[backend])
                 ax.plot(g["block_size"], g[backend], lw=1.4, ms=4, **st)
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(mticker.ScalarFormatter())
+        ax.yaxis.set_major_locator(mticker.LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+        ax.yaxis.set_major_formatter(mticker.FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(mticker.NullFormatter())
         _block_axis(ax, g["block_size"])
         ax.set_title(f"batch {b}", fontsize=10)
-        ax.set_ylabel("decode time (µs, log)" if b == batches[0] else "")
+        ax.set_ylabel("decode time (µs, log)")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.suptitle(f"{shape}, {int(d['seq_len'].iloc[0])} tokens per sequence", y=1.02)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.tight_layout(rect=(0, 0.1 / nrows, 1, 1))
     fig.legend(handles, labels, loc="lower center", ncol=4, bbox_to_anchor=(0.5, 0.0))
     plt.close(fig)
     return fig

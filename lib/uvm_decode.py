@@ -26,6 +26,8 @@ KINDS = ("device", "managed", "managed_cold", "managed_prefetched")
 KIND_LABELS = {"device": "device (cudaMalloc)", "managed": "managed, resident",
                "managed_cold": "managed, cold (pages on the host)",
                "managed_prefetched": "managed, after a prefetch"}
+SHORT = {"device": "device", "managed": "managed", "managed_cold": "cold",
+         "managed_prefetched": "prefetched"}
 BACKENDS = ("own-v1-paged", "own-v2-paged", "vllm")
 SHAPES = {(64, 8): "seed (64 q / 8 kv heads)", (32, 32): "Llama-like (32 heads)"}
 POINT = ["gpu_slug", "shape", "seq_len", "batch_size", "block_size", "backend"]
@@ -107,8 +109,7 @@ def table1(w: pd.DataFrame, seed: pd.DataFrame, backend: str, *, gpu: str) -> pd
     out["seed: device"] = s.get("device")
     out["seed: managed"] = s.get("managed")
     for k in KINDS:
-        out[f"ours: {KIND_LABELS[k]}"] = ours.get(k)
-    out["ours: managed / device"] = ours.get("managed_vs_device")
-    out["ours: cold / device"] = ours.get("managed_cold_vs_device")
-    out["ours: prefetched / device"] = ours.get("managed_prefetched_vs_device")
+        out[f"ours: {SHORT[k]}"] = ours.get(k)
+    for k in KINDS[1:]:
+        out[f"{SHORT[k]} / device"] = ours.get(f"{k}_vs_device")
     return out
