@@ -352,6 +352,21 @@ def _prepare_vllm(backend: Backend, case: DecodeCase, k, v, out) -> Launcher:
     return _on_cupy_stream(launcher)
 
 
+def _flex_unavailable() -> str | None:
+    from lib import flex_paged
+
+    return flex_paged.unavailable_reason()
+
+
+def _prepare_flex(backend: Backend, case: DecodeCase, k, v, out) -> Launcher:
+    from lib import flex_paged
+
+    launcher = flex_paged.prepare_decode(
+        torch_view(case.q), torch_view(k), torch_view(v), torch_view(out), case.tables.tables,
+        case.problem.seq_lens, scale=case.scale)
+    return _on_cupy_stream(launcher)
+
+
 def _peer_unavailable(module: str) -> Callable[[], str | None]:
     def check():
         try:
@@ -382,8 +397,9 @@ def _registry() -> dict[str, Backend]:
     reg["flashinfer"] = Backend("flashinfer", "peer", "vllm", "FlashInfer paged decode (optional)",
                                 _available=_peer_unavailable("flashinfer"))
     reg["flex_paged"] = Backend("flex_paged", "peer", "vllm",
-                                "PyTorch FlexAttention over a paged cache (optional)",
-                                _available=_peer_unavailable("torch.nn.attention.flex_attention"))
+                                "PyTorch FlexAttention (compiled) over the paged cache: the page "
+                                "table as its block mask",
+                                _prepare=_prepare_flex, _available=_flex_unavailable)
     return reg
 
 
