@@ -138,9 +138,18 @@ def case_of(point: dict) -> MatrixCase:
                       point["placement"], lengths)
 
 
+def backends_of(point: dict) -> tuple[str, ...] | None:
+    """A point's own backend list (``backends``: names joined by '+'), or None for the case's set."""
+    names = tuple(n for n in str(point.get("backends") or "").split("+") if n)
+    return names or None
+
+
 def precompile_points(points: list[dict]) -> None:
-    """Experiment `prepare` hook: compile every module of the sweep before the first point."""
-    precompile([case_of(p) for p in points])
+    """Experiment `prepare` hook: compile every own-kernel module of the sweep before the first point."""
+    cases = [case_of(p) for p in points
+             if any(n.startswith("own-") for n in (backends_of(p) or case_of(p).backends))]
+    if cases:
+        precompile(cases)
 
 
 def measure_point(point: dict) -> list[dict]:
@@ -150,7 +159,8 @@ def measure_point(point: dict) -> list[dict]:
     case = case_of(point)
     nh, nkv = HEAD_LAYOUTS[case.heads]
     rows = []
-    for r in run_case(case, seed=int(point.get("seed", 0)) or _seed_of(point)):
+    for r in run_case(case, seed=int(point.get("seed", 0)) or _seed_of(point),
+                      backends=backends_of(point)):
         b = get_backend(r["backend"])
         row = {"backend": r["backend"], "version": str(b.version or ""),
                "addressing": b.addressing or "", "num_heads": nh, "num_kv_heads": nkv,

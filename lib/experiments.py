@@ -339,6 +339,10 @@ register(Experiment(
          "placement": ["identity", "shuffled", "single_content"], "lengths": ["ragged"]},
         {"dtype": ["float16"], "block_size": [1, 16, 256], "head_size": [128],
          "heads": ["MHA", "GQA4"], "placement": ["shuffled"], "lengths": ["long"]},
+        # FlexAttention compiles one kernel per shape: a smaller grid, block sizes it supports
+        {"dtype": ["float16", "bfloat16", "float32"], "block_size": [16, 256], "head_size": [64, 128],
+         "heads": ["MHA", "GQA4", "MQA"], "placement": ["identity", "shuffled"], "lengths": ["ragged"],
+         "backends": ["flex_paged"]},
     ],
 ))
 
@@ -352,7 +356,8 @@ register(Experiment(
            "head_size": [128], "block_size": [16], "dtype": ["float16"],
            "placement": ["identity"], "memory_kind": ["device"], "protocol": ["rigorous"],
            "partition_size": [0], "seed": [0],
-           "backends": ["own-auto-paged+own-auto-contiguous+own-v1-paged+own-v2-paged+vllm+sdpa_dense"]}
+           "backends": ["own-auto-paged+own-auto-contiguous+own-v1-paged+own-v2-paged+vllm+sdpa_dense"
+                        "+flex_paged"]}
           for b, n, h, kv in [(1, 4096, 32, 32), (16, 1024, 32, 32), (32, 1024, 32, 32),
                               (32, 4096, 32, 32), (128, 4096, 32, 32), (32, 4096, 32, 8)]],
 ))

@@ -64,4 +64,42 @@ def key_numbers(gpu: str | None = None) -> dict[str, object]:
         pf = uvm[(uvm.backend == "prefetch") & (uvm["direction"] == "h2d")]
         if len(pf):
             out["prefetch_gbps"] = round(float(pf[pf.nbytes == pf.nbytes.max()].bandwidth_gbps.iloc[0]), 1)
+    out.update(_decode_findings(gpu))
+    return out
+
+
+def _decode_findings(gpu: str | None) -> dict[str, object]:
+    """From the uvm_decode and page_table experiments (chapters uvm_decode and page_table)."""
+    from lib import page_table as P
+    from lib import uvm_decode as U
+
+    out: dict[str, object] = {}
+    try:
+        w = U.wide(U.load(gpu))
+    except (FileNotFoundError, ValueError):
+        w = None
+    if w is not None and len(w):
+        v = U.resident_verdict(w)
+        out["ud_resident_worst_pct"] = round(100 * v["managed"]["worst"], 1)
+        out["ud_cold_median_x"] = round(float(w["managed_cold_vs_device"].median()))
+        out["ud_cold_gbps"] = round(float(w["cold_gbps"].median()), 1)
+    try:
+        rows = P.load(gpu)
+    except (FileNotFoundError, ValueError):
+        rows = None
+    if rows is not None and len(rows):
+        summ = P.ratio_summary(P.grid_ratios(rows)).set_index(["shape", "ratio_name"])
+        for key, shape in P.SHAPE_PARAM.items():
+            for rkey, name in [("pc", "paged / contiguous"), ("sh", "shuffled / identity")]:
+                if (shape, name) in summ.index:
+                    out[f"pt_{rkey}_{key}_median"] = round(float(summ.loc[(shape, name), "median"]), 3)
+                    out[f"pt_{rkey}_{key}_max"] = round(float(summ.loc[(shape, name), "max"]), 3)
+        blocks = P.block_sizes(rows)
+        for b_key, backend in [("ours", P.PAGED), ("vllm", "vllm")]:
+            pen = P.small_block_penalty(blocks, backend)["penalty"]
+            out[f"pt_pen_{b_key}_lo"] = round(float(pen.min()), 2)
+            out[f"pt_pen_{b_key}_hi"] = round(float(pen.max()), 2)
+        at16 = blocks[blocks["block_size"] == 16]["traffic_share"]
+        out["pt_share_lo"] = round(100 * float(at16.min()))
+        out["pt_share_hi"] = round(100 * float(at16.max()))
     return out
