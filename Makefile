@@ -15,8 +15,15 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 ## book: make a venv, install, build the whole book from committed data (CPU only)
+# The execution cache keys on a chapter's code cells only, and Sphinx re-reads only changed
+# sources: after a change to lib/ or data/, or after a failed build (no stamp), start clean so
+# every chapter runs again on the current code and data.
 book: venv
+	@if [ -d _build ] && { [ ! -f _build/.inputs-stamp ] || [ -n "$$(find lib data -newer _build/.inputs-stamp -print -quit)" ]; }; then \
+	  echo "lib/ or data/ changed, or the last build failed: building from scratch"; \
+	  rm -rf _build/.jupyter_cache _build/.doctrees _build/jupyter_execute _build/html; fi
 	$(VENV)/bin/jupyter-book build . -W --keep-going -q
+	@touch _build/.inputs-stamp
 	@echo "Open: file://$(CURDIR)/_build/html/index.html"
 
 ## test: make a venv, install, run the test suite (GPU tests skip without a GPU)
