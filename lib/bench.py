@@ -165,9 +165,20 @@ def measure_decode(point: dict) -> list[dict]:
             row.update(median_us=t.median_us, p10_us=t.p10_us, p90_us=t.p90_us,
                        samples=t.samples)
         except Exception as exc:
-            row.update(status="error", error=f"{type(exc).__name__}: {str(exc)[:500]}")
+            row.update(status="error", error=error_text(exc))
         rows.append(row)
     return rows
+
+
+def error_text(exc: BaseException, limit: int = 900) -> str:
+    """An exception as one row's error: type, message head and tail (a compiler's root cause is
+    often the last line of a long message)."""
+    msg = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {msg}"
+    if len(text) <= limit:
+        return text
+    half = (limit - 5) // 2
+    return f"{text[:half]} ... {text[-half:]}"
 
 
 def _plan_text(launch) -> str:

@@ -496,7 +496,7 @@ def style_compact(df: pd.DataFrame, caption: str | None = None):
 # ----------------------------------------------------------------------------- speed
 
 SPEED_BACKENDS = ("own-auto-paged", "own-auto-contiguous", "own-v1-paged", "own-v2-paged",
-                  "vllm", "sdpa_dense")
+                  "vllm", "sdpa_dense", "flex_paged")
 
 
 def shape_label(batch: int, seq_len: int, heads: int, kv_heads: int) -> str:
@@ -587,9 +587,10 @@ def style_speed_ratios(table: pd.DataFrame, baseline: str = "sdpa_dense",
     shown.index.name = "batch × tokens, heads"
     shown.columns.name = None
     styler = (
-        shown.style.format("{:.2f}×", subset=backs)
+        shown.style.format("{:.2f}×", subset=backs, na_rep="–")
         .format("{:.1f}", subset=[f"{baseline} (µs)"])
         .background_gradient(cmap="RdYlGn_r", subset=backs, axis=None, vmin=0.7, vmax=1.3)
+        .highlight_null(color="white", subset=backs)
         .set_table_styles(_COMPACT)
     )
     return styler.set_caption(caption) if caption else styler

@@ -171,3 +171,10 @@ def test_measure_decode_times_and_checks_managed_states(kind):
     rows = bench.measure_decode({**_TINY, "memory_kind": kind, "protocol": "rigorous"})
     assert len(rows) == 1 and rows[0].get("status") != "error", rows
     assert rows[0]["check_passed"] and rows[0]["median_us"] > 0 and rows[0]["samples"] >= 10
+
+
+def test_error_text_keeps_the_head_and_the_root_cause_at_the_end():
+    exc = RuntimeError("compile failed at line 1\n" + "x " * 2000 + "\nAssertionError('int64 and int32')")
+    t = bench.error_text(exc)
+    assert len(t) <= 900 and t.startswith("RuntimeError: compile failed") and t.endswith("int64 and int32')")
+    assert bench.error_text(ValueError("short")) == "ValueError: short"
