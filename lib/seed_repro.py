@@ -503,3 +503,33 @@ def card_facts(gpu: str, root=None, experiment: str = EXPERIMENT) -> dict:
         "wall_s": (p.get("end") or {}).get("wall_s"),
         "torch": (p.get("libraries") or {}).get("torch"),
     }
+
+
+#: The model shapes `seed_tables` measures: (query heads, KV heads) -> label.
+SHAPES = {(64, 8): "64:8 (vLLM's 2024 benchmark default)", (32, 32): "32:32 (Llama-2-7B-like MHA)"}
+
+
+def shape_comparison(seed: pd.DataFrame, gpu: str, root=None) -> pd.DataFrame:
+    """How well each (shape, version, protocol) follows the seed's curves on one card.
+
+    Per combination, over the seed's series: the median and best shape spread (1.00: the seed's
+    curve times a constant) and the median level (ours over the seed). Shapes with no committed
+    rows are left out.
+    """
+    rows = []
+    for heads, label in SHAPES.items():
+        try:
+            ours = load_ours(gpu, root=root, heads=heads)
+        except (FileNotFoundError, ValueError):
+            continue
+        if ours.empty:
+            continue
+        f = shape_mismatch(join(seed, ours))
+        for (version, protocol), g in f.groupby(["version", "protocol"]):
+            rows.append({"shape": label, "version": version, "protocol": protocol, "series": len(g),
+                         "median spread": float(g["spread"].median()),
+                         "best spread": float(g["spread"].min()),
+                         "median level": float(g["scale"].median())})
+    if not rows:
+        raise ValueError(f"no seed_tables rows for any shape on {gpu!r}")
+    return pd.DataFrame(rows)
