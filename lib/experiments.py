@@ -454,3 +454,20 @@ register(Experiment(
     measure="lib.uvm_bench:measure_point",
     grid=_UVM_GRID,
 ))
+
+
+# ----------------------------------------------------------------------------- CUDA virtual memory
+
+from lib.vmm_bench import GRID as _VMM_GRID  # noqa: E402  (no GPU imports at module level)
+
+register(Experiment(
+    name="vmm_kv",
+    description="Contiguous KV on CUDA virtual memory (the vAttention idea): our kernel paged on a "
+                "fragmented pool vs contiguous on per-sequence VMM slots (32x4096 and 8x16384, MHA "
+                "and GQA, blocks 16/64), and per-chunk map/unmap/create/release latency for chunks "
+                "of 1-32 x the granularity (lib.vmm_bench)",
+    chapter="chapters/vmm.md",
+    measure="lib.vmm_bench:measure_point",
+    prepare="lib.vmm_bench:precompile_points",
+    grid=_VMM_GRID,
+))
