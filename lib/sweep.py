@@ -268,14 +268,18 @@ def measure_points(
 
     t0 = time.perf_counter()
     init_s = _start_gpu() if exp.gpu else 0.0
+    t_prov = time.perf_counter()
     prov = provenance.collect({**params, "csv": str(path)})
+    provenance_s = time.perf_counter() - t_prov
     prov["schema_version"] = R.SCHEMA_VERSION
     prov["status"] = "running"
     ceiling = None
     if exp.gpu:
         from lib import timing
 
+        t_ceil = time.perf_counter()
         prov["ceilings"] = timing.measure_ceilings()
+        prov["ceilings"]["measure_s"] = time.perf_counter() - t_ceil
         ceiling = prov["ceilings"]["read_gbps"]
     R.write_provenance(path, run_id, prov)
     measure = exp.resolve_measure()
@@ -333,6 +337,7 @@ def measure_points(
             "setup_s": setup_s,
             "prepare_s": prepare_s,
             "init_s": init_s,
+            "provenance_s": provenance_s,
             **counts,
         }
         R.write_provenance(path, run_id, prov)

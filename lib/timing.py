@@ -418,10 +418,25 @@ def graph_floor_us(**kw) -> Timing:
 
 # ----------------------------------------------------------------------------- ceilings
 
-def _memcpy_d2d(dst_ptr: int, src_ptr: int, nbytes: int) -> None:
+#: Largest single memcpy the harness puts in a CUDA graph. On the H100 (CUDA 13.0, driver 580) a
+#: graph memcpy node of 512 MiB ran at 81% of the speed of the same cudaMemcpyAsync on a stream,
+#: and nodes of 1 GiB and more at 80%, while 508 and 516 MiB nodes, copies split into 256 MiB
+#: nodes, and copy *kernels* ran alike in graphs and on streams (a probe of 2026-11-28; the same
+#: size-specific effect is reported for GB200 in pytorch/pytorch#191284). Splitting keeps a
+#: graph's copy the same operation as the stream's.
+MEMCPY_PIECE = 256 * MiB
+
+
+def _memcpy_d2d(dst_ptr: int, src_ptr: int, nbytes: int, *, piece: int | None = MEMCPY_PIECE) -> None:
+    """``cudaMemcpyAsync`` device to device on the current stream, in pieces of at most ``piece``
+    bytes (None: one call)."""
     cp = _cp()
     rt = cp.cuda.runtime
-    rt.memcpyAsync(dst_ptr, src_ptr, nbytes, rt.memcpyDeviceToDevice, cp.cuda.get_current_stream().ptr)
+    stream = cp.cuda.get_current_stream().ptr
+    step = nbytes if not piece else int(piece)
+    for off in range(0, nbytes, max(step, 1)):
+        n = min(step, nbytes - off)
+        rt.memcpyAsync(dst_ptr + off, src_ptr + off, n, rt.memcpyDeviceToDevice, stream)
 
 
 def _fit_size(nbytes: int, floor: int, what: str) -> int:
@@ -495,8 +510,8 @@ def _copy_buffers(nbytes: int):
 
 
 def time_memcpy_direct(nbytes: int, *, repeats: int = 20, warmup: int = 3) -> Timing:
-    """A device-to-device ``cudaMemcpyAsync`` of ``nbytes`` timed with events directly (no graph,
-    no flush): the reference the harness is checked against."""
+    """A device-to-device ``cudaMemcpyAsync`` of ``nbytes`` (one call) timed with events directly
+    (no graph, no flush): the reference the harness is checked against."""
     cp = _cp()
     if nbytes < 1 or repeats < 1:
         raise ValueError("want nbytes >= 1 and repeats >= 1")
@@ -505,12 +520,12 @@ def time_memcpy_direct(nbytes: int, *, repeats: int = 20, warmup: int = 3) -> Ti
     with s:
         try:
             for _ in range(warmup):
-                _memcpy_d2d(dst.data.ptr, src.data.ptr, nbytes)
+                _memcpy_d2d(dst.data.ptr, src.data.ptr, nbytes, piece=None)
             pairs = []
             for _ in range(repeats):
                 a, b = cp.cuda.Event(), cp.cuda.Event()
                 a.record(s)
-                _memcpy_d2d(dst.data.ptr, src.data.ptr, nbytes)
+                _memcpy_d2d(dst.data.ptr, src.data.ptr, nbytes, piece=None)
                 b.record(s)
                 pairs.append((a, b))
             pairs[-1][1].synchronize()
@@ -522,15 +537,27 @@ def time_memcpy_direct(nbytes: int, *, repeats: int = 20, warmup: int = 3) -> Ti
     return summarize(times, "direct")
 
 
+_COPY_KERNEL = None
+
+
+def _copy_kernel():
+    """A plain elementwise copy kernel (``cupy.copyto`` of contiguous arrays is a memcpy)."""
+    global _COPY_KERNEL
+    if _COPY_KERNEL is None:
+        _COPY_KERNEL = _cp().ElementwiseKernel("uint32 x", "uint32 y", "y = x", "uvm_study_copy_u32")
+    return _COPY_KERNEL
+
+
 def harness_selfcheck(nbytes: int = GiB) -> dict:
     """The harness against cudaMemcpy timed directly, and against itself.
 
     Returns medians (us) and relative differences: ``vs_direct`` (the harness's rigorous
-    protocol, a CUDA graph holding the memcpy, L2 flushed) should be within 5% of events around
-    a plain ``cudaMemcpyAsync``; ``repeat`` (the same point measured twice) within 3%. Two more
-    views separate the method from the operation: ``eager`` (the harness without a graph, same
-    flush) and a copy *kernel* timed both ways, since a graph's memcpy node need not run the
-    copy the way a stream memcpy does.
+    protocol, a CUDA graph holding the copy as memcpy nodes of at most :data:`MEMCPY_PIECE`
+    bytes, L2 flushed) should be within 5% of events around one plain ``cudaMemcpyAsync``;
+    ``repeat`` (the same point measured twice) within 3%. More views separate the method from the
+    operation: ``one_node`` (the whole copy as a single graph node, which CUDA runs slower from
+    512 MiB on), ``eager`` (the harness without a graph, same flush), and a copy *kernel* timed in
+    a graph and with plain events.
     """
     cp = _cp()
     direct = time_memcpy_direct(nbytes)
@@ -538,12 +565,15 @@ def harness_selfcheck(nbytes: int = GiB) -> dict:
     src, dst = _copy_buffers(nbytes)
     try:
         fn = lambda: _memcpy_d2d(dst.data.ptr, src.data.ptr, nbytes)  # noqa: E731
+        one = lambda: _memcpy_d2d(dst.data.ptr, src.data.ptr, nbytes, piece=None)  # noqa: E731
         first = time_graph(fn)
         second = time_graph(fn)
         hot = time_graph(fn, flush=False)
-        eager = time_graph(fn, graph=False)
+        one_node = time_graph(one)
+        eager = time_graph(one, graph=False)
         src32, dst32 = src.view(cp.uint32), dst.view(cp.uint32)
-        kernel = lambda: cp.copyto(dst32, src32)  # noqa: E731
+        k = _copy_kernel()
+        kernel = lambda: k(src32, dst32)  # noqa: E731
         kernel_graph = time_graph(kernel)
         kernel_direct = time_graph(kernel, graph=False, flush=False)
     finally:
@@ -554,15 +584,18 @@ def harness_selfcheck(nbytes: int = GiB) -> dict:
     repeat = second.median_us / first.median_us - 1
     return {
         "nbytes": nbytes,
+        "piece_bytes": MEMCPY_PIECE,
         "direct_us": direct.median_us,
         "harness_us": first.median_us,
         "harness_again_us": second.median_us,
         "harness_hot_us": hot.median_us,
+        "harness_one_node_us": one_node.median_us,
         "harness_eager_us": eager.median_us,
         "copy_kernel_graph_us": kernel_graph.median_us,
         "copy_kernel_events_us": kernel_direct.median_us,
         "vs_direct": vs_direct,
         "hot_vs_direct": hot.median_us / direct.median_us - 1,
+        "one_node_vs_direct": one_node.median_us / direct.median_us - 1,
         "eager_vs_direct": eager.median_us / direct.median_us - 1,
         "kernel_graph_vs_events": kernel_graph.median_us / kernel_direct.median_us - 1,
         "repeat": repeat,

@@ -90,25 +90,23 @@ def test_ceilings_are_sane_and_the_read_kernel_is_checked():
 
 @pytest.mark.gpu
 def test_harness_agrees_with_direct_memcpy_and_with_itself():
-    # Measured on H100 (CUDA 13.0, driver 580), three regimes:
-    # * 256 MiB: the rigorous protocol (graph replay, L2 flushed) within 5% of events around a
-    #   plain cudaMemcpyAsync, and within 3% of itself;
+    # Measured on H100 (CUDA 13.0, driver 580):
+    # * 256 MiB and 1 GiB: the rigorous protocol (graph replay, L2 flushed, the copy as memcpy
+    #   nodes of at most 256 MiB) within 5% of events around one plain cudaMemcpyAsync, and within
+    #   3% of itself. A single 1 GiB memcpy node runs ~20% slower in a graph than on a stream (a
+    #   CUDA effect from 512 MiB on, see timing.MEMCPY_PIECE); copy kernels run alike both ways.
     # * 64 MiB: the flush is visible (a direct copy pays for writing back the previous copy's
     #   dirty L2 lines; the flushed one does not, 11% faster), so the harness's hot protocol
-    #   (graph, no flush: the same L2 state as the direct timing) is held to 5%;
-    # * 1 GiB: graph replay of a copy ran 23% slower than the same copy launched on a stream
-    #   (memcpy node and copy kernel alike; not understood yet), so only the repeat and the
-    #   eager method are held to the bounds there. Decode kernels' graph timings agree with
-    #   ncu's kernel durations (chapters' data).
-    r = T.harness_selfcheck(256 << 20)
-    assert r["vs_direct_ok"], r
-    assert r["repeat_ok"], r
+    #   (graph, no flush: the same L2 state as the direct timing) is held to 5%.
+    for size in (256 << 20, 1 << 30):
+        r = T.harness_selfcheck(size)
+        assert r["vs_direct_ok"], r
+        assert r["repeat_ok"], r
+        assert abs(r["eager_vs_direct"]) <= 0.05, r
+        assert abs(r["kernel_graph_vs_events"]) <= 0.05, r
     r = T.harness_selfcheck(64 << 20)
     assert abs(r["hot_vs_direct"]) <= 0.05, r
     assert r["repeat_ok"], r
-    r = T.harness_selfcheck(1 << 30)
-    assert r["repeat_ok"], r
-    assert abs(r["eager_vs_direct"]) <= 0.05, r
 
 
 @pytest.mark.gpu
@@ -129,3 +127,34 @@ def test_protocols_run_and_capture_errors_are_clear():
         T.time_graph(lambda: float(x.sum()))  # a host sync cannot be captured
     T.time_graph(fn)  # the stream is usable again after a failed capture
     assert T.graph_floor_us().median_us < 50
+
+
+def test_graph_copies_are_split_into_pieces(monkeypatch):
+    calls = []
+
+    class Runtime:
+        memcpyDeviceToDevice = 3
+
+        @staticmethod
+        def memcpyAsync(dst, src, n, kind, stream):
+            calls.append((dst, src, n))
+
+    class Stream:
+        ptr = 7
+
+    class FakeCupy:
+        class cuda:
+            runtime = Runtime
+
+            @staticmethod
+            def get_current_stream():
+                return Stream
+
+    monkeypatch.setattr(T, "_cp", lambda: FakeCupy)
+    MiB = 1 << 20
+    T._memcpy_d2d(1000, 0, 600 * MiB)
+    assert [n for *_, n in calls] == [256 * MiB, 256 * MiB, 88 * MiB]
+    assert [d - s for d, s, _ in calls] == [1000] * 3 and calls[1][1] == 256 * MiB
+    calls.clear()
+    T._memcpy_d2d(1000, 0, 600 * MiB, piece=None)
+    assert calls == [(1000, 0, 600 * MiB)]
