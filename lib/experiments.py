@@ -471,3 +471,21 @@ register(Experiment(
     prepare="lib.vmm_bench:precompile_points",
     grid=_VMM_GRID,
 ))
+
+
+# ----------------------------------------------------------------------------- KV offload
+
+from lib.kv_offload import GRID as _KV_OFFLOAD_GRID  # noqa: E402  (no GPU imports at module level)
+
+register(Experiment(
+    name="kv_offload",
+    description="When the KV cache leaves the GPU: decode time (batch 32 x 4096, block 16, fp16, "
+                "MHA 32:32 and GQA 32:8) against the share of each sequence's oldest KV blocks kept "
+                "in host memory (0 to 1), reached five ways (managed + AccessedBy, pinned VMM "
+                "zero-copy, fault-driven migration, prefetch overlapped with the kernel, explicit "
+                "cudaMemcpy), with the pinned-memcpy and prefetch bus yardstick (lib.kv_offload)",
+    chapter="chapters/kv_offload.md",
+    measure="lib.kv_offload:measure_point",
+    prepare="lib.bench:precompile_points",
+    grid=_KV_OFFLOAD_GRID,
+))

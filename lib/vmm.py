@@ -500,6 +500,66 @@ class CudaVmmDriver:
         desc.flags = drv.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         self._call("cuMemSetAccess", va, size, [desc], 1)
 
+    # -- host-located physical memory (additive: used by lib.kv_offload) ----------------------
+    #: Host locations cuMemCreate may accept, tried in this order: the host NUMA node nearest the
+    #: GPU (drivers for CUDA >= 12.2), then "any host memory" (newer drivers).
+    HOST_LOCATIONS = ("host_numa", "host")
+
+    def _host_prop(self, location: str) -> Any:
+        drv = self._drv
+        kinds = drv.CUmemLocationType
+        prop = drv.CUmemAllocationProp()
+        prop.type = drv.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        if location == "host_numa":
+            prop.location.type = kinds.CU_MEM_LOCATION_TYPE_HOST_NUMA
+            attr = drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID
+            numa = int(self._call("cuDeviceGetAttribute", attr, self._cudev))
+            prop.location.id = max(numa, 0)  # -1: no NUMA; the API then wants id 0
+        elif location == "host":
+            prop.location.type = kinds.CU_MEM_LOCATION_TYPE_HOST
+            prop.location.id = 0
+        else:
+            raise ValueError(f"host location must be one of {self.HOST_LOCATIONS}, got {location!r}")
+        return prop
+
+    def host_location(self) -> str:
+        """The host location this driver backs ``cuMemMap`` with ('host_numa' or 'host').
+
+        Probed once by creating and releasing one granularity-sized allocation of each kind in
+        :attr:`HOST_LOCATIONS` order. Raises :class:`VmmDriverError` naming every failure when
+        none works (old driver or bindings): the caller reports that as "not available here".
+        """
+        found = getattr(self, "_host_found", None)
+        if found is not None:
+            return found[0]
+        option = self._drv.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
+        errors = []
+        for loc in self.HOST_LOCATIONS:
+            try:
+                prop = self._host_prop(loc)
+                gran = int(self._call("cuMemGetAllocationGranularity", prop, option))
+                handle = self._call("cuMemCreate", gran, prop, 0)
+                self._call("cuMemRelease", handle)
+            except (VmmDriverError, AttributeError) as exc:  # AttributeError: bindings too old
+                errors.append(f"{loc}: {exc}")
+                continue
+            self._host_found = (loc, gran)
+            return loc
+        raise VmmDriverError("cuMemCreate", "HOST_LOCATION_UNSUPPORTED",
+                             "no host location works for cuMemCreate here (" + "; ".join(errors) + ")")
+
+    def host_granularity(self) -> int:
+        """Minimum granularity (bytes) of host-located physical memory (see :meth:`host_location`)."""
+        self.host_location()
+        return self._host_found[1]
+
+    def create_host_handle(self, size: int) -> Any:
+        """``size`` bytes of pinned *host* memory as a handle that :meth:`map` can map.
+
+        The GPU reads such a mapping over the bus (zero-copy) once :meth:`set_access` grants it.
+        """
+        return self._call("cuMemCreate", size, self._host_prop(self.host_location()), 0)
+
     # -- diagnostics --------------------------------------------------------------------------
     def is_mapped(self, va: int) -> bool:
         """Does the driver have physical memory mapped at ``va``? (``cuMemRetainAllocationHandle``)
