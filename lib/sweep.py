@@ -359,9 +359,9 @@ def _start_gpu() -> float:
     t = time.perf_counter()
     cupy.cuda.runtime.free(0)  # the first runtime call creates the primary context
     st = timing._device()      # compiles (or loads) the read, fill and flush kernels
-    st.flush_buffer()
-    # the reduction the ceiling check compares the read kernel with (CuPy compiles it on first use)
-    cupy.ones(64, dtype=cupy.uint32).sum(dtype=cupy.uint64)
+    flush = st.flush_buffer()
+    # the read-ceiling kernel's check, on its fixed size: compiles CuPy's reduction once here
+    timing.check_read_kernel(flush[:min(timing.CHECK_BYTES, flush.nbytes - flush.nbytes % 16)])
     cupy.cuda.Device().synchronize()
     return time.perf_counter() - t
 

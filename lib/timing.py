@@ -452,10 +452,30 @@ def _fit_size(nbytes: int, floor: int, what: str) -> int:
     return shrunk
 
 
+#: The read-ceiling kernel is checked on this many bytes (a fixed size, so CuPy's reduction that
+#: checks it compiles once per machine, in the sweep's start-up, and not once per buffer size).
+CHECK_BYTES = 64 * MiB
+
+
+def check_read_kernel(buf) -> None:
+    """Raise unless the read kernel's sum of ``buf`` (bytes, size a multiple of 16) equals CuPy's."""
+    cp = _cp()
+    st = _device()
+    total = cp.zeros(1, dtype=cp.uint64)
+    st.launch_read(buf, total)
+    want = buf.view(cp.uint32).sum(dtype=cp.uint64)
+    st.stream.synchronize()
+    cp.cuda.get_current_stream().synchronize()
+    got, want = int(total.get()[0]) % 2**32, int(want.get()) % 2**32  # wraps mod 2^32
+    if got != want:
+        raise RuntimeError(f"read-ceiling kernel summed {got}, cupy.sum says {want}: kernel is wrong")
+
+
 def measure_ceilings(nbytes: int = 2 * GiB, **timing_kw) -> dict:
     """Read and copy bandwidth of this GPU in GB/s (10^9 bytes/s), measured now.
 
-    Read: one read-only pass over ``nbytes`` (checked exactly against ``cupy.sum``). Copy: a
+    Read: one read-only pass over ``nbytes`` (the kernel checked exactly against ``cupy.sum`` on
+    the first :data:`CHECK_BYTES`). Copy: a
     device-to-device copy of ``nbytes/2`` into the other half of the buffer, counting the bytes
     read plus the bytes written. If ``nbytes`` does not fit in free memory it is shrunk (with a
     warning) down to no less than 16x the L2 size.
@@ -470,15 +490,10 @@ def measure_ceilings(nbytes: int = 2 * GiB, **timing_kw) -> dict:
     out = {}
     with s:
         buf = cp.empty(nbytes, dtype=cp.uint8)
-        total = cp.zeros(1, dtype=cp.uint64)
+        total = None
         try:
             st.fill(buf)
-            st.launch_read(buf, total)
-            want = buf.view(cp.uint32).sum(dtype=cp.uint64)
-            s.synchronize()
-            got, want = int(total.get()[0]) % 2**32, int(want.get()) % 2**32  # wraps mod 2^32
-            if got != want:
-                raise RuntimeError(f"read-ceiling kernel summed {got}, cupy.sum says {want}: kernel is wrong")
+            check_read_kernel(buf[:CHECK_BYTES])
             read = time_graph(lambda: st.launch_read(buf, st.sink), **timing_kw)
             half = nbytes // 2
             ptr = buf.data.ptr
