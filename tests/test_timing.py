@@ -95,9 +95,10 @@ def test_harness_agrees_with_direct_memcpy_and_with_itself():
     #   nodes of at most 256 MiB) within 5% of events around one plain cudaMemcpyAsync, and within
     #   3% of itself. A single 1 GiB memcpy node runs ~20% slower in a graph than on a stream (a
     #   CUDA effect from 512 MiB on, see timing.MEMCPY_PIECE); copy kernels run alike both ways.
-    # * 64 MiB: the flush is visible (a direct copy pays for writing back the previous copy's
-    #   dirty L2 lines; the flushed one does not, 11% faster), so the harness's hot protocol
-    #   (graph, no flush: the same L2 state as the direct timing) is held to 5%.
+    # * 64 MiB (a copy not much larger than the 50 MB L2): the direct reference itself moves with
+    #   the L2's state (dirty lines of the previous copy written back, or not): 48.9 us in one
+    #   process and 56.2 us in another on the same card model, while the harness's hot protocol
+    #   read 48.9 and 47.9 us. So only the harness's agreement with itself is held there.
     for size in (256 << 20, 1 << 30):
         r = T.harness_selfcheck(size)
         assert r["vs_direct_ok"], r
@@ -105,7 +106,6 @@ def test_harness_agrees_with_direct_memcpy_and_with_itself():
         assert abs(r["eager_vs_direct"]) <= 0.05, r
         assert abs(r["kernel_graph_vs_events"]) <= 0.05, r
     r = T.harness_selfcheck(64 << 20)
-    assert abs(r["hot_vs_direct"]) <= 0.05, r
     assert r["repeat_ok"], r
 
 
