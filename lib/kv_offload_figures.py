@@ -346,6 +346,12 @@ def _panels(n: int):
     return fig, list(axes.flat)
 
 
+def _layouts(s: pd.DataFrame) -> list[str]:
+    """The head layouts present, the known ones first in their usual order."""
+    have = set(s["heads"])
+    return [h for h in HEAD_LABELS.values() if h in have] + sorted(have - set(HEAD_LABELS.values()))
+
+
 def time_figure(d: pd.DataFrame, *, backend: str) -> Figure:
     """Decode time against the host fraction, one panel per head layout, one line per variant."""
     _need(d, ["backend", "heads", "variant", "fraction", "median_us", "p10_us", "p90_us",
@@ -354,8 +360,7 @@ def time_figure(d: pd.DataFrame, *, backend: str) -> Figure:
     if s.empty:
         raise ValueError(f"no rows for backend {backend!r} (have {sorted(set(d['backend']))})")
     set_house_style()
-    layouts = [h for h in HEAD_LABELS.values() if h in set(s["heads"])] + \
-              sorted(set(s["heads"]) - set(HEAD_LABELS.values()))
+    layouts = _layouts(s)
     fig, axes = _panels(len(layouts))
     for ax, heads in zip(axes, layouts):
         g = s[s["heads"] == heads]
@@ -386,8 +391,7 @@ def bus_figure(d: pd.DataFrame, ys: dict[str, float], *, backend: str) -> Figure
     if s.empty:
         raise ValueError(f"no bus rates for backend {backend!r}")
     set_house_style()
-    layouts = [h for h in HEAD_LABELS.values() if h in set(s["heads"])] + \
-              sorted(set(s["heads"]) - set(HEAD_LABELS.values()))
+    layouts = _layouts(s)
     fig, axes = _panels(len(layouts))
     for ax, heads in zip(axes, layouts):
         g = s[s["heads"] == heads]
