@@ -65,6 +65,7 @@ def key_numbers(gpu: str | None = None) -> dict[str, object]:
         if len(pf):
             out["prefetch_gbps"] = round(float(pf[pf.nbytes == pf.nbytes.max()].bandwidth_gbps.iloc[0]), 1)
     out.update(_decode_findings(gpu))
+    out.update(_beyond_findings(gpu))
     return out
 
 
@@ -102,4 +103,33 @@ def _decode_findings(gpu: str | None) -> dict[str, object]:
         at16 = blocks[blocks["block_size"] == 16]["traffic_share"]
         out["pt_share_lo"] = round(100 * float(at16.min()))
         out["pt_share_hi"] = round(100 * float(at16.max()))
+    return out
+
+
+def _beyond_findings(gpu: str | None) -> dict[str, object]:
+    """From the vmm_kv and kv_offload experiments (chapters vmm and kv_offload)."""
+    from lib import kv_offload_figures as KO
+    from lib import vmm_analysis as V
+
+    out: dict[str, object] = {}
+    try:
+        k = V.kernel_table(V.load(gpu))
+    except (FileNotFoundError, ValueError):
+        k = None
+    if k is not None and len(k):
+        out["vmm_dev_worst_pct"] = round(100 * float((k["vmm_over_device"] - 1).abs().max()), 1)
+        out["vmm_paged_lo"] = round(float(k["paged_over_vmm"].min()), 3)
+        out["vmm_paged_hi"] = round(float(k["paged_over_vmm"].max()), 3)
+        chunks = sorted(set(k["chunk_bytes"].dropna()))
+        if chunks:
+            out["vmm_chunk_mib"] = ", ".join(f"{c / 2**20:g}" for c in chunks)
+    try:
+        rows = KO.load_rows(gpu)
+        d = KO.with_baselines(KO.decode_frame(rows))
+        h = KO.headline(d, KO.yardsticks(rows), backend="own-auto-paged")
+    except (FileNotFoundError, ValueError):
+        h = None
+    if h is not None:
+        for key in ("mha_remote_bus", "mha_copy_bus", "mha_first_bus", "ys_pinned_h2d", "first_over_serial"):
+            out[f"ko_{key}"] = round(float(h[key]), 1)
     return out
