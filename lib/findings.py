@@ -46,6 +46,10 @@ def key_numbers(gpu: str | None = None) -> dict[str, object]:
         own = cm[cm.backend.str.startswith("own-")]
         out["own_checks_passed"] = int(own.check_passed.sum())
         out["own_checks_total"] = int(len(own))
+        flex = cm[cm.backend == "flex_paged"]
+        if len(flex):
+            out["flex_checks_passed"] = int(flex.check_passed.sum())
+            out["flex_checks_total"] = int(len(flex))
         v32 = _pick(cm, backend="vllm", dtype="float32")
         if len(v32):
             out["vllm_fp32_worst"] = f"{float(v32.rel_error.max()):.1e}"
