@@ -15,13 +15,19 @@ def _pick(df, **eq):
     return df
 
 
+def _loaded(load, *args, **kw):
+    """``load(*args, **kw)``, or None when there is no committed data for it (a finding whose data
+    is missing is left out, never an error)."""
+    try:
+        return load(*args, **kw)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def key_numbers(gpu: str | None = None) -> dict[str, object]:
     """{name: value} for the intro; names are stable glue keys."""
     out: dict[str, object] = {}
-    try:
-        ks = R.load("kernel_speed", gpu)
-    except (FileNotFoundError, ValueError):
-        ks = None
+    ks = _loaded(R.load, "kernel_speed", gpu)
     if ks is not None and len(ks):
         out["gpu"] = ks.gpu_slug.iloc[0]
         big = _pick(ks, batch_size=32, seq_len=4096, num_heads=32, num_kv_heads=32)
@@ -38,10 +44,7 @@ def key_numbers(gpu: str | None = None) -> dict[str, object]:
         g = gqa.set_index("backend").median_us
         if {"own-auto-paged", "sdpa_dense"} <= set(g.index):
             out["gqa_over_sdpa"] = round(float(g["own-auto-paged"] / g["sdpa_dense"]), 3)
-    try:
-        cm = R.load("correctness", gpu)
-    except (FileNotFoundError, ValueError):
-        cm = None
+    cm = _loaded(R.load, "correctness", gpu)
     if cm is not None and len(cm):
         own = cm[cm.backend.str.startswith("own-")]
         out["own_checks_passed"] = int(own.check_passed.sum())
@@ -53,10 +56,7 @@ def key_numbers(gpu: str | None = None) -> dict[str, object]:
         v32 = _pick(cm, backend="vllm", dtype="float32")
         if len(v32):
             out["vllm_fp32_worst"] = f"{float(v32.rel_error.max()):.1e}"
-    try:
-        uvm = R.load("uvm", gpu, expand_extra=True)
-    except (FileNotFoundError, ValueError):
-        uvm = None
+    uvm = _loaded(R.load, "uvm", gpu, expand_extra=True)
     if uvm is not None and len(uvm):
         reads = uvm[(uvm.backend == "gpu_read") & (uvm.nbytes == uvm.nbytes.max())]
         cold = reads[reads.get("phase", "").astype(str) != "prefetch_then_read"]
@@ -79,19 +79,14 @@ def _decode_findings(gpu: str | None) -> dict[str, object]:
     from lib import uvm_decode as U
 
     out: dict[str, object] = {}
-    try:
-        w = U.wide(U.load(gpu))
-    except (FileNotFoundError, ValueError):
-        w = None
+    ud = _loaded(U.load, gpu)
+    w = None if ud is None else U.wide(ud)
     if w is not None and len(w):
         v = U.resident_verdict(w)
         out["ud_resident_worst_pct"] = round(100 * v["managed"]["worst"], 1)
         out["ud_cold_median_x"] = round(float(w["managed_cold_vs_device"].median()))
         out["ud_cold_gbps"] = round(float(w["cold_gbps"].median()), 1)
-    try:
-        rows = P.load(gpu)
-    except (FileNotFoundError, ValueError):
-        rows = None
+    rows = _loaded(P.load, gpu)
     if rows is not None and len(rows):
         summ = P.ratio_summary(P.grid_ratios(rows)).set_index(["shape", "ratio_name"])
         for key, shape in P.SHAPE_PARAM.items():
@@ -116,10 +111,8 @@ def _beyond_findings(gpu: str | None) -> dict[str, object]:
     from lib import vmm_analysis as V
 
     out: dict[str, object] = {}
-    try:
-        k = V.kernel_table(V.load(gpu))
-    except (FileNotFoundError, ValueError):
-        k = None
+    vr = _loaded(V.load, gpu)
+    k = None if vr is None else V.kernel_table(vr)
     if k is not None and len(k):
         out["vmm_dev_worst_pct"] = round(100 * float((k["vmm_over_device"] - 1).abs().max()), 1)
         out["vmm_paged_lo"] = round(float(k["paged_over_vmm"].min()), 3)
@@ -127,12 +120,11 @@ def _beyond_findings(gpu: str | None) -> dict[str, object]:
         chunks = sorted(set(k["chunk_bytes"].dropna()))
         if chunks:
             out["vmm_chunk_mib"] = ", ".join(f"{c / 2**20:g}" for c in chunks)
-    try:
-        rows = KO.load_rows(gpu)
+    rows = _loaded(KO.load_rows, gpu)
+    h = None
+    if rows is not None:
         d = KO.with_baselines(KO.decode_frame(rows))
         h = KO.headline(d, KO.yardsticks(rows), backend="own-auto-paged")
-    except (FileNotFoundError, ValueError):
-        h = None
     if h is not None:
         for key in ("mha_remote_bus", "mha_copy_bus", "mha_first_bus", "ys_pinned_h2d", "first_over_serial"):
             out[f"ko_{key}"] = round(float(h[key]), 1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import matplotlib.pyplot as plt
 import matplotlib.ticker as mticker
@@ -13,7 +12,7 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
 from lib import page_table as P
-from lib.plots import _block_axis, set_house_style
+from lib.plots import _block_axis, panel_grid, set_house_style
 from lib.plots import require_columns as _need
 
 _CB = sns.color_palette("colorblind")
@@ -43,11 +42,7 @@ def ratio_heatmaps(ratios: pd.DataFrame, shape: str, *, gpu: str | None = None) 
     set_house_style()
     d = _select(ratios, shape, gpu, "ratio_heatmaps")
     names = [n for n, *_ in P.GRID_RATIOS if n in set(d["ratio_name"])]
-    ncols = 2
-    nrows = math.ceil(len(names) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(10, 3.6 * nrows), squeeze=False)
-    for ax in axes.flat[len(names):]:
-        ax.set_visible(False)
+    fig, axes = panel_grid(len(names), 2, 5.0, 3.6)
     for ax, name in zip(axes.flat, names):
         m = d[d["ratio_name"] == name].pivot(index="batch_size", columns="seq_len", values="ratio")
         lo, hi = np.nanmin(m.values), np.nanmax(m.values)
@@ -93,11 +88,8 @@ def blocks_figure(blocks: pd.DataFrame, shape: str, *, gpu: str | None = None) -
     set_house_style()
     d = _select(blocks, shape, gpu, "blocks_figure")
     batches = sorted(d["batch_size"].unique())
-    ncols = 2
-    nrows = math.ceil(len(batches) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(8.4, 3.0 * nrows), squeeze=False)
-    for ax in axes.flat[len(batches):]:
-        ax.set_visible(False)
+    fig, axes = panel_grid(len(batches), 2, 4.2, 3.0)
+    nrows = axes.shape[0]
     for ax, b in zip(axes.flat, batches):
         g = d[d["batch_size"] == b].sort_values("block_size")
         for backend in (P.PAGED, P.CONTIGUOUS, P.NO_OFFSET, "vllm"):

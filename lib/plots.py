@@ -49,6 +49,21 @@ def _block_axis(ax, sizes) -> None:
     ax.set_xlabel("block size (tokens)")
 
 
+def panel_grid(n: int, ncols: int, panel_w: float, panel_h: float):
+    """A figure with ``n`` panels in rows of ``ncols`` (unused cells hidden): (fig, 2-D axes).
+
+    ``axes.flat[:n]`` are the panels to draw in; callers that want a flat list take that.
+    """
+    if n < 1 or ncols < 1:
+        raise ValueError(f"want n >= 1 and ncols >= 1, got n={n}, ncols={ncols}")
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_w * ncols, panel_h * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
 def require_columns(df: pd.DataFrame, cols, what: str) -> None:
     """A figure or table function's input check: the columns it reads, and at least one row."""
     missing = [c for c in cols if c not in df.columns]

@@ -421,9 +421,9 @@ def graph_floor_us(**kw) -> Timing:
 #: Largest single memcpy the harness puts in a CUDA graph. On the H100 (CUDA 13.0, driver 580) a
 #: graph memcpy node of 512 MiB ran at 81% of the speed of the same cudaMemcpyAsync on a stream,
 #: and nodes of 1 GiB and more at 80%, while 508 and 516 MiB nodes, copies split into 256 MiB
-#: nodes, and copy *kernels* ran alike in graphs and on streams (a probe of 2026-11-28; the same
-#: size-specific effect is reported for GB200 in pytorch/pytorch#191284). Splitting keeps a
-#: graph's copy the same operation as the stream's.
+#: nodes, and copy *kernels* ran alike in graphs and on streams (scripts/graph_copy_probe.py, run
+#: 2026-11-28; the same size-specific effect is reported for GB200 in pytorch/pytorch#191284).
+#: Splitting keeps a graph's copy the same operation as the stream's.
 MEMCPY_PIECE = 256 * MiB
 
 

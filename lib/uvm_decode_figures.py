@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -10,7 +9,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from lib import uvm_decode as U
-from lib.plots import _block_axis, set_house_style
+from lib.plots import _block_axis, panel_grid, set_house_style
 from lib.plots import require_columns as _need
 
 _CB = sns.color_palette("colorblind")
@@ -18,14 +17,6 @@ KIND_STYLE = {"device": dict(color="black", marker="o", linestyle="-"),
               "managed": dict(color=_CB[0], marker="s", linestyle="--"),
               "managed_cold": dict(color=_CB[3], marker="v", linestyle="-"),
               "managed_prefetched": dict(color=_CB[2], marker="D", linestyle=":")}
-
-
-def _panels(n: int, ncols: int):
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    return fig, axes.flat
 
 
 def kinds_figure(rows: pd.DataFrame, backend: str, *, gpu: str | None = None, ncols: int = 2) -> Figure:
@@ -39,8 +30,8 @@ def kinds_figure(rows: pd.DataFrame, backend: str, *, gpu: str | None = None, nc
     if gpu is not None:
         d = d[d["gpu_slug"] == gpu]
     panels = list(d.groupby(["shape", "seq_len", "batch_size"], sort=True))
-    fig, axes = _panels(len(panels), ncols)
-    axes = list(axes)
+    fig, grid = panel_grid(len(panels), ncols, 4.2, 3.2)
+    axes = list(grid.flat)
     for ax, ((shape, n, b), g) in zip(axes, panels):
         for kind in U.KINDS:
             k = g[g["memory_kind"] == kind].sort_values("block_size")
@@ -53,7 +44,7 @@ def kinds_figure(rows: pd.DataFrame, backend: str, *, gpu: str | None = None, nc
         ax.set_title(f"{shape}\n{n} tokens × batch {b}", fontsize=9.5)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.suptitle(f"{backend}: the same KV cache in four places", y=1.0)
-    fig.tight_layout(rect=(0, 0.1 / math.ceil(len(panels) / ncols), 1, 1))
+    fig.tight_layout(rect=(0, 0.1 / grid.shape[0], 1, 1))
     fig.legend(handles, labels, loc="lower center", ncol=2, bbox_to_anchor=(0.5, 0.0))
     plt.close(fig)
     return fig

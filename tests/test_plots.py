@@ -63,3 +63,16 @@ def test_style_seed_table_html(seed):
 def test_style_likely_cache_table():
     html = P.style_likely_cache_table(S.likely_cache_table()).to_html()
     assert "K + V cache (MiB)" in html and "128" in html
+
+
+def test_panel_grid_hides_the_cells_it_does_not_need():
+    from lib.plots import panel_grid
+
+    fig, axes = panel_grid(3, 2, 4.0, 3.0)
+    assert axes.shape == (2, 2)
+    assert [ax.get_visible() for ax in axes.flat] == [True, True, True, False]
+    assert tuple(fig.get_size_inches()) == (8.0, 6.0)
+    fig, axes = panel_grid(1, 2, 4.0, 3.0)
+    assert axes.shape == (1, 1)
+    with pytest.raises(ValueError, match="n >= 1"):
+        panel_grid(0, 2, 4.0, 3.0)
