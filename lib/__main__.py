@@ -6,7 +6,7 @@
     merge <experiment>         fold part files (cluster shards) into the main results file
     reproduce [chapters...] [-p name value ...] [--mode run|replay]
     wheelhouse [--python-version 3.12] [--platform manylinux_2_28_x86_64] [--dest wheelhouse]
-    vllm-kernel ...            kernel-only vLLM install (see lib.vllm_kernels)
+    vllm-kernel ...            kernel-only vLLM install (see lib.engine.backends.vllm)
 
 Usage errors (unknown experiment or parameter, bad shard) print one line and exit with 2.
 """
@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lib import ROOT
+from lib import ROOT, catalog
 
 # What a GPU node needs beyond a stock CUDA PyTorch image with CuPy (torch, triton, cupy, numpy,
 # pandas, matplotlib, seaborn, nvidia-ml-py come with it): running chapters through papermill.
@@ -38,14 +38,14 @@ class UsageError(ValueError):
 # ----------------------------------------------------------------------------- sweep, list, merge
 
 def cmd_sweep(args) -> int:
-    from lib import experiments as E
-    from lib import sweep
+    from lib.harness import experiments as E
+    from lib.harness import sweep
 
-    exp = E.get(args.experiment)
+    exp = catalog.get(args.experiment)
     overrides = E.parse_params(exp, args.param or [])
     shard = E.parse_shard(args.shard) if args.shard else None
     devices = sweep._check_devices(args.devices) if args.devices else None
-    summary = sweep.run_sweep(exp.name, overrides, shard=shard, devices=devices, force=args.force,
+    summary = sweep.run_sweep(exp, overrides, shard=shard, devices=devices, force=args.force,
                               workers_per_device=args.workers_per_device,
                               out_dir=args.out, progress=not args.no_progress)
     print(summary.line())
@@ -53,11 +53,11 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from lib import experiments as E
+    from lib.harness import experiments as E
 
-    names = [E.get(args.experiment).name] if args.experiment else sorted(E.EXPERIMENTS)
+    names = [catalog.get(args.experiment).name] if args.experiment else sorted(catalog.EXPERIMENTS)
     for name in names:
-        exp = E.EXPERIMENTS[name]
+        exp = catalog.EXPERIMENTS[name]
         where = f"  chapter: {exp.chapter}" if exp.chapter else ""
         print(f"{name}  ({exp.size()} points, {'GPU' if exp.gpu else 'CPU'}){where}")
         print(f"  {exp.description}")
@@ -73,7 +73,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from lib import results as R
+    from lib.harness import results as R
 
     exp_dir = R.results_root(args.out) / args.experiment
     if not exp_dir.is_dir():
@@ -90,8 +90,8 @@ def cmd_merge(args) -> int:
 # ----------------------------------------------------------------------------- env
 
 def env_report() -> dict:
-    from lib import provenance
-    from lib.gpu import gpu_available
+    from lib.harness import provenance
+    from lib.engine.gpu import gpu_available
 
     libs = provenance.library_versions()
     gpu = provenance.gpu_info() if gpu_available() else None
@@ -104,7 +104,7 @@ def env_report() -> dict:
     missing = {what: [p for p in pkgs if libs.get(p) is None] for what, pkgs in need.items()}
     vllm = None
     try:
-        from lib import vllm_kernels
+        from lib.engine.backends import vllm as vllm_kernels
 
         vllm = vllm_kernels.vllm_status()
     except Exception as e:  # absent module or a broken install: report, don't fail
@@ -208,11 +208,11 @@ def _declared_parameters(nb) -> dict:
 
 def experiment_chapters() -> list[Path]:
     """Chapters that run experiments (those the registry names), in book order where known."""
-    from lib import experiments as E
+    from lib.harness import experiments as E
 
     import re
 
-    named = {Path(e.chapter).with_suffix(".md").as_posix() for e in E.EXPERIMENTS.values() if e.chapter}
+    named = {Path(e.chapter).with_suffix(".md").as_posix() for e in catalog.EXPERIMENTS.values() if e.chapter}
     toc = ROOT / "_toc.yml"
     order = re.findall(r"file:\s*(\S+)", toc.read_text()) if toc.exists() else []
     rank = {Path(f).with_suffix(".md").as_posix(): i for i, f in enumerate(order)}
@@ -346,9 +346,9 @@ def cmd_wheelhouse(args) -> int:
     notes = []
     if args.vllm_wheel and not args.dry_run:
         try:
-            from lib import vllm_kernels
+            from lib.engine.backends import vllm as vllm_kernels
         except ImportError as e:
-            raise UsageError(f"lib.vllm_kernels is not available ({e}); cannot make the kernel-only install") from None
+            raise UsageError(f"lib.engine.backends.vllm is not available ({e}); cannot make the kernel-only install") from None
         rep = vllm_kernels.install_kernel_only(Path(args.vllm_wheel), dest / "vllm-kernel",
                                                **({"python": args.vllm_python} if args.vllm_python else {}))
         packages += [p for p in rep.third_party if p not in packages]
@@ -451,9 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "vllm-kernel":
         try:
-            from lib import vllm_kernels
+            from lib.engine.backends import vllm as vllm_kernels
         except ImportError as e:
-            print(f"error: the vllm-kernel command needs lib/vllm_kernels.py ({e})", file=sys.stderr)
+            print(f"error: the vllm-kernel command needs lib/engine/backends/vllm.py ({e})", file=sys.stderr)
             return 2
         return int(vllm_kernels.cli(argv[1:]) or 0)
     args = _parser().parse_args(argv)
@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: rows measured so far are saved; run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as e:
-        from lib.sweep import NeedsGPU
+        from lib.harness.sweep import NeedsGPU
 
         if isinstance(e, NeedsGPU):
             print(f"error: {e}", file=sys.stderr)

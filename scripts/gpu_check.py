@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pandas as pd  # noqa: E402
 
-from lib import correctness  # noqa: E402
+from lib.chapters.kernel import correctness  # noqa: E402
 
 
 def main():

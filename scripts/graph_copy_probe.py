@@ -2,7 +2,7 @@
 
 Prints, per size (MiB), the median time (us) of the copy as one graph node, as graph nodes of
 256 MiB, as one stream memcpy, and as an elementwise copy kernel in a graph and on a stream, all
-through lib.timing. The harness's `MEMCPY_PIECE` rests on a run of its first version (the same
+through lib.engine.timing. The harness's `MEMCPY_PIECE` rests on a run of its first version (the same
 timings, written inline) on 2026-11-28 on an H100
 (sizes 508, 512, 516, 1024, 1028 and 2048 MiB): one node was ~20% slower from 512 MiB on, except
 at 508/516 MiB; split nodes and kernels matched the stream. Usage: python scripts/graph_copy_probe.py
@@ -22,7 +22,7 @@ SIZES_MIB = (508, 512, 516, 1024, 1028, 2048)
 def probe(nbytes: int) -> dict[str, float]:
     import cupy as cp
 
-    from lib import timing as T
+    from lib.engine import timing as T
 
     T.check_free(2 * nbytes, "graph copy probe")
     src = cp.ones(nbytes // 4, dtype=cp.uint32)

@@ -25,8 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lib import kernel_resources as kr  # noqa: E402
-from lib import kernels  # noqa: E402
+from lib.engine.kernels import resources as kr  # noqa: E402
+from lib.engine import kernels  # noqa: E402
 
 
 def git(*args: str) -> str | None:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                if committed.returncode == 0 else None)
     prov = {
         "what": "ptxas -v resources of every decode/reduce kernel instantiation the registry "
-                "can launch (lib.kernels.all_modules x addressing modes)",
+                "can launch (lib.engine.kernels.all_modules x addressing modes)",
         "command": "python " + " ".join(shlex.quote(a) for a in [
             os.path.relpath(__file__, ROOT), *(sys.argv[1:] if argv is None else argv)]),
         "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         "kernels_per_arch": len(kr.expected()),
         "dynamic_smem_assumes": {
             "decode": f"v2 launch, {kr.PARTITION_TOKENS}-token partitions "
-                      "(lib.kernels.smem_bytes(tile, head_size, partition))",
+                      "(lib.engine.kernels.smem_bytes(tile, head_size, partition))",
             "reduce": f"{kr.REDUCE_SEQ_TOKENS}-token sequences, {kr.PARTITION_TOKENS}-token "
                       "partitions (4 * (partitions + warps))",
         },

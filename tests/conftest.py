@@ -2,7 +2,7 @@
 
 import pytest
 
-from lib.gpu import gpu_available
+from lib.engine.gpu import gpu_available
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,9 +3,11 @@
 import numpy as np
 import pytest
 
-from lib import backends as B
-from lib import bench, correctness, kernels
-from lib.gpu import gpu_available
+from lib.engine import backends as B
+from lib.engine import measure as bench
+from lib.chapters.kernel import correctness
+from lib.engine import kernels
+from lib.engine.gpu import gpu_available
 
 
 def test_registry_lists_every_backend_with_a_reason_when_unusable():
@@ -79,7 +81,7 @@ def test_every_module_holds_three_addressing_modes_and_a_reduce():
 
 
 def test_effective_tables_are_what_each_addressing_mode_reads():
-    from lib.kvcache import make_block_tables
+    from lib.engine.kvcache import make_block_tables
 
     t = make_block_tables([40, 17], 16, "shuffled", np.random.default_rng(1))
     case = type("Case", (), {"tables": t})()
@@ -103,7 +105,7 @@ def test_correctness_matrix_covers_the_issue_grid():
 
 
 def test_kernel_cache_translation_unit_instantiates_the_module():
-    from lib import kernel_cache
+    from lib.engine.kernels import cache as kernel_cache
 
     tu = kernel_cache._translation_unit(("float16", 16, 128, 4))
     assert tu.count("template __global__ void upa::paged_attention_decode<__half, 16, 128, 4,") == 3
@@ -112,7 +114,7 @@ def test_kernel_cache_translation_unit_instantiates_the_module():
 
 
 def test_key_findings_come_from_committed_data():
-    from lib.findings import key_numbers
+    from lib.chapters.intro.findings import key_numbers
 
     k = key_numbers()
     assert k["gpu"].startswith("h100")
@@ -121,7 +123,7 @@ def test_key_findings_come_from_committed_data():
 
 
 def test_ncu_reports_parse():
-    from lib import ncu
+    from lib.chapters.kernel import ncu
 
     m = ncu.metrics("ncu_gqa_32x4096_32to8.txt")
     assert m["Registers Per Thread"] == 128 and 0 < m["DRAM Throughput"] < 100
@@ -151,7 +153,7 @@ def test_state_hook_only_for_managed_states():
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind, where", [("managed_cold", "host"), ("managed_prefetched", "gpu")])
 def test_state_hook_leaves_the_kv_pages_where_the_state_says(kind, where):
-    from lib import memory
+    from lib.engine import memory
 
     case = B.DecodeCase.build(bench.problem_of(_TINY), alloc=bench._allocator(kind))
     k, v = case.layout("classic")

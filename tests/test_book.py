@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from lib import ROOT
-from lib import seed as S
+from lib.chapters.seed import tables as S
 
 #: Never copied into the clean tree: build outputs, environments, caches, scratch.
 SKIP_PARTS = {".git", ".venv", "_build", ".jupyter_cache", "__pycache__", ".pytest_cache",

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
+from lib import catalog
 from lib import ROOT
-from lib import results as R
+from lib.harness import results as R
 from lib.__main__ import main, platform_tags
 
 
@@ -121,12 +122,12 @@ def test_papermill_rerun_in_replay_mode_with_a_changed_parameter_changes_the_out
 def test_reproduce_picks_registered_chapters_in_book_order(monkeypatch):
     import dataclasses
 
-    from lib import experiments as E
+    from lib.harness import experiments as E
     from lib.__main__ import experiment_chapters
 
-    base = E.EXPERIMENTS["selftest"]
+    base = catalog.EXPERIMENTS["selftest"]
     for name, chapter in [("t-about", "chapters/about"), ("t-seed", "chapters/seed.md"), ("t-gone", "chapters/gone.md")]:
-        monkeypatch.setitem(E.EXPERIMENTS, name, dataclasses.replace(base, name=name, chapter=chapter))
+        monkeypatch.setitem(catalog.EXPERIMENTS, name, dataclasses.replace(base, name=name, chapter=chapter))
     picked = [p.relative_to(ROOT).as_posix() for p in experiment_chapters()]
     ours = {"chapters/seed.md", "chapters/about.md", "chapters/gone.md"}
     assert [p for p in picked if p in ours] == ["chapters/seed.md", "chapters/about.md"]

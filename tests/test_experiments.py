@@ -4,12 +4,14 @@ import itertools
 
 import pytest
 
-from lib import experiments as E
+from lib import catalog
+from lib.chapters.page_table import experiment as PT
+from lib.harness import experiments as E
 
 
 def exp(**kw):
     base = dict(
-        name="demo", description="d", measure="lib.experiments:_selftest_measure",
+        name="demo", description="d", measure="lib.harness.experiments:_selftest_measure",
         grid={"block_size": [16, 1], "seq_len": [1024, 4096], "variant": ["paged", "contiguous"],
               "scale": [0.5], "flag": [False]},
     )
@@ -64,7 +66,7 @@ def test_param_given_twice_is_an_error():
 
 def test_unknown_experiment_suggests_close_names():
     with pytest.raises(ValueError, match=r"unknown experiment 'seltest'; did you mean 'selftest'"):
-        E.get("seltest")
+        catalog.get("seltest")
 
 
 def test_union_of_grids_dedupes_and_where_filters():
@@ -89,23 +91,22 @@ def test_int_and_float_values_coerce_to_float():
     ({"a": ["x;y"]}, "may not contain"),
     ({"not valid": [1]}, "identifier"),
 ])
-def test_register_checks_grids(grid, match):
+def test_check_refuses_bad_grids(grid, match):
     with pytest.raises(ValueError, match=match):
-        E.register(exp(name="bad-grid-test", grid=grid))
-    assert "bad-grid-test" not in E.EXPERIMENTS
+        E.check(exp(name="bad-grid-test", grid=grid))
 
 
-def test_register_twice_is_an_error():
-    with pytest.raises(ValueError, match="twice"):
-        E.register(E.EXPERIMENTS["selftest"])
+def test_catalog_names_each_experiment_once_by_its_own_name():
+    assert all(name == e.name for name, e in catalog.EXPERIMENTS.items())
+    assert len(catalog.EXPERIMENTS) == 9
 
 
 def test_resolve_measure_lazily_and_clearly():
-    assert E.get("selftest").resolve_measure() is E._selftest_measure
+    assert catalog.get("selftest").resolve_measure() is E._selftest_measure
     with pytest.raises(ImportError, match="cannot load measure"):
         exp(measure="lib.nope:f").resolve_measure()
     with pytest.raises(ValueError, match="pkg.module:function"):
-        exp(measure="lib.experiments").resolve_measure()
+        exp(measure="lib.harness.experiments").resolve_measure()
 
 
 @pytest.mark.parametrize("n_points,n", [(16, 1), (16, 3), (16, 16), (5, 7), (0, 2), (100, 9)])
@@ -139,14 +140,25 @@ def test_selftest_measure_is_deterministic_and_can_fail():
 
 
 def test_page_table_grid_skips_caches_that_would_not_fit():
-    pts = E.expand("page_table")
-    assert pts and all(E._kv_fits(p) for p in pts)
+    pts = E.expand(catalog.get("page_table"))
+    assert pts and all(PT.kv_fits(p) for p in pts)
     biggest = max(2 * p["batch_size"] * p["seq_len"] * p["num_kv_heads"] * 128 * 2 for p in pts)
-    assert biggest <= E.PAGE_TABLE_MAX_KV_BYTES
+    assert biggest <= PT.MAX_KV_BYTES
     assert {(1, 32768), (256, 512)} <= {(p["batch_size"], p["seq_len"]) for p in pts}
 
 
 def test_seed_tables_keep_their_measured_points_and_add_the_llama_shape():
-    pts = E.expand("seed_tables")
+    pts = E.expand(catalog.get("seed_tables"))
     assert len(pts) == 192
     assert sum(p["num_heads"] == 64 for p in pts) == 96  # the committed run's points, unchanged
+
+
+@pytest.mark.parametrize("name", ["kernel_speed", "seed_tables", "page_table", "uvm_decode", "uvm",
+                                  "vmm_kv", "kv_offload"])
+def test_every_committed_point_is_a_point_of_its_grid(name):
+    """The grids moved into the chapter packages: the committed rows must still resume."""
+    from lib.harness import results as R
+
+    keys = {E.point_key(p) for p in E.expand(catalog.get(name))}
+    committed = set(R.load(name, include_errors=True)["point_key"])
+    assert committed and committed <= keys, sorted(committed - keys)[:3]

@@ -17,12 +17,12 @@ import math
 import numpy as np
 import pytest
 
-from lib import backends as B
-from lib import flex_paged as fp
-from lib import kvcache
-from lib.correctness import TOLERANCE, ragged_lengths
-from lib.gpu import gpu_available
-from lib.reference import decode_attention_reference, relative_error
+from lib.engine import backends as B
+from lib.engine.backends import flex as fp
+from lib.engine import kvcache
+from lib.chapters.kernel.correctness import TOLERANCE, ragged_lengths
+from lib.engine.gpu import gpu_available
+from lib.engine.reference import decode_attention_reference, relative_error
 
 
 def _case(lens, bs, placement="shuffled", spare=3, seed=0, heads=(8, 2), d=64, dtype="float32"):
@@ -287,7 +287,7 @@ def test_block_size_1_is_refused_before_launch():
 def test_cuda_graph_capture_and_replay_write_the_output():
     import cupy
 
-    from lib import timing
+    from lib.engine import timing
 
     case = B.DecodeCase.build(_problem())
     out, launch = _run(case)

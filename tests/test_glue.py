@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from lib import glue as G
+from lib.book import glue as G
 
 
 def test_stand_in_keeps_values_when_myst_nb_is_absent(monkeypatch):

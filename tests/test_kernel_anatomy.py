@@ -5,8 +5,9 @@ import re
 import pandas as pd
 import pytest
 
-from lib import DATA, kernel_anatomy as A
-from lib.kernels import SOURCE
+from lib import DATA
+from lib.chapters.kernel import anatomy as A
+from lib.engine.kernels import SOURCE
 
 
 def test_constexprs_match_the_kernel_source():
@@ -122,7 +123,7 @@ def test_blocks_per_sm_and_occupancy():
 
 def test_launch_table_reproduces_the_committed_plans():
     """The kernel-speed run recorded each launch's plan; the pure-Python planner agrees."""
-    from lib import results as R
+    from lib.harness import results as R
 
     ks = R.load("kernel_speed", "h100-80gb-hbm3", expand_extra=True)
     own = ks[ks["plan"].notna()]

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from lib import DATA
-from lib import kernel_resources as kr
-from lib import kernels
+from lib.engine.kernels import resources as kr
+from lib.engine import kernels
 
 NVCC = kr.nvcc_path()
 needs_nvcc = pytest.mark.skipif(
@@ -155,7 +155,7 @@ def table():
 def test_table_is_current_and_complete(table):
     prov = json.loads(PROVENANCE.read_text())
     assert prov["kernel_source_sha256"] == kr.source_sha256(), (
-        "lib/kernels/paged_attention.cu changed since data/kernels was made: "
+        "lib/engine/kernels/paged_attention.cu changed since data/kernels was made: "
         "run python scripts/kernel_resources.py and commit data/kernels")
     assert set(table.columns) == set(kr.COLUMNS)
     for arch in kr.ARCHS:

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from lib import kernel_anatomy as A
-from lib import kernel_figures as F
-from lib import kvcache
+from lib.chapters.kernel import anatomy as A
+from lib.chapters.kernel import figures as F
+from lib.engine import kvcache
 
 
 def _closed(fig):

@@ -12,13 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lib import catalog
 from lib import ROOT
-from lib import experiments as E
-from lib import kv_offload as K
-from lib import memory as M
-from lib import results as R
-from lib import vmm
-from lib.vmm import FakeVmmDriver, VmmDriverError
+from lib.harness import experiments as E
+from lib.chapters.kv_offload import measure as K
+from lib.engine import memory as M
+from lib.harness import results as R
+from lib.engine import vmm
+from lib.engine.vmm import FakeVmmDriver, VmmDriverError
 
 G = 2 << 20
 
@@ -89,7 +90,7 @@ def test_plan_tables_put_the_oldest_blocks_in_the_host_region(token_bytes, f):
 
 
 def test_plan_block_tables_validate_and_pad_odd_sizes():
-    from lib.validation import validate_decode_problem
+    from lib.engine.validation import validate_decode_problem
 
     p = K.OffloadPlan(3, 100, 16, 3 * 96, 0.3)  # 7 blocks per sequence, 3 on the host, odd bytes
     assert (p.blocks_per_seq, p.host_per_seq) == (7, 3)
@@ -104,7 +105,7 @@ def test_plan_block_tables_validate_and_pad_odd_sizes():
 
 
 def test_plan_for_problem_needs_uniform_lengths():
-    from lib import backends as B
+    from lib.engine import backends as B
 
     prob = B.DecodeProblem(num_seqs=2, num_heads=4, num_kv_heads=4, head_size=128, block_size=16,
                            dtype="float16", seq_lens=(64, 80))
@@ -288,9 +289,9 @@ def test_cuda_driver_host_location_unsupported_names_every_failure(monkeypatch):
 # ----------------------------------------------------------------------------- experiment and gates
 
 def test_experiment_is_registered_with_the_issue_grid():
-    exp = E.get("kv_offload")
-    assert exp.chapter == "chapters/kv_offload.md" and exp.measure == "lib.kv_offload:measure_point"
-    assert exp.prepare == "lib.bench:precompile_points"
+    exp = catalog.get("kv_offload")
+    assert exp.chapter == "chapters/kv_offload.md" and exp.measure == "lib.chapters.kv_offload.measure:measure_point"
+    assert exp.prepare == "lib.engine.measure:precompile_points"
     pts = E.expand(exp)
     dec = [p for p in pts if p["measurement"] == "decode"]
     yard = [p for p in pts if p["measurement"] == "yardstick"]
@@ -305,7 +306,7 @@ def test_experiment_is_registered_with_the_issue_grid():
 
 
 def _point(**kw):
-    p = dict(E.expand("kv_offload")[2])
+    p = dict(E.expand(catalog.get("kv_offload"))[2])
     p.update(kw)
     return p
 
@@ -321,23 +322,23 @@ def test_measure_point_rejects_bad_points_before_any_gpu_work(monkeypatch, point
     def no_gpu():
         raise AssertionError("reached the GPU")
 
-    monkeypatch.setattr("lib.gpu.require_gpu", no_gpu)
+    monkeypatch.setattr("lib.engine.gpu.require_gpu", no_gpu)
     with pytest.raises(ValueError, match=match):
         K.measure_point(_point(**point))
 
 
 @pytest.mark.parametrize("opt_in", [False, None, 1, "yes"])
 def test_oversubscription_refuses_without_the_explicit_opt_in(monkeypatch, opt_in):
-    import lib.gpu
+    import lib.engine.gpu
 
-    monkeypatch.setattr(lib.gpu, "require_gpu", lambda: (_ for _ in ()).throw(AssertionError("GPU")))
+    monkeypatch.setattr(lib.engine.gpu, "require_gpu", lambda: (_ for _ in ()).throw(AssertionError("GPU")))
     with pytest.raises(M.OversubscriptionRefused, match="allow_oversubscription=True"):
         K.run_oversubscribed(allow_oversubscription=opt_in)
 
 
 # ----------------------------------------------------------------------------- synthetic rows
 
-from lib import kv_offload_figures as F  # noqa: E402  (matplotlib only for the analysis tests)
+from lib.chapters.kv_offload import figures as F  # noqa: E402  (matplotlib only for the analysis tests)
 
 RATES = {"remote": 20.0, "zero_copy": 25.0, "zero_copy_hostalloc": 25.0, "migrate_first": 8.0,
          "prefetch_serial": 40.0, "overlap": 45.0, "explicit_copy": 50.0}
@@ -542,11 +543,11 @@ def test_chapter_code_runs_on_synthetic_rows_and_glues_every_reference(tmp_path,
     pytest.importorskip("IPython")
     import IPython.display
 
-    import lib.glue
+    import lib.book.glue
 
     write_fake_results(tmp_path, error_variant="zero_copy_hostalloc")
     glued: dict = {}
-    monkeypatch.setattr(lib.glue, "glue", lambda name, value, display=True: glued.__setitem__(name, value))
+    monkeypatch.setattr(lib.book.glue, "glue", lambda name, value, display=True: glued.__setitem__(name, value))
     shown = []
 
     def show(obj, *a, **k):

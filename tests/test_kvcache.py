@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lib import kvcache as kc
+from lib.engine import kvcache as kc
 
 LENS = [1, 5, 16, 17, 40]  # 1, non-multiples and an exact multiple of block sizes used below
 

@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from lib import memory as M
-from lib.gpu import gpu_available
+from lib.engine import memory as M
+from lib.engine.gpu import gpu_available
 
 GiB, MiB = M.GiB, M.MiB
 
@@ -153,7 +153,7 @@ def test_span_arguments():
 
 
 def test_module_imports_without_gpu_libraries():
-    code = "import sys, lib.memory, lib.uvm_bench, lib.uvm_figures; print('cupy' in sys.modules, 'torch' in sys.modules)"
+    code = "import sys, lib.engine.memory, lib.chapters.uvm.measure, lib.chapters.uvm.figures; print('cupy' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from lib import plots as P
-from lib import seed as S
+from lib.chapters.seed import figures as P
+from lib.chapters.seed import tables as S
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_style_likely_cache_table():
 
 
 def test_panel_grid_hides_the_cells_it_does_not_need():
-    from lib.plots import panel_grid
+    from lib.book.plots import panel_grid
 
     fig, axes = panel_grid(3, 2, 4.0, 3.0)
     assert axes.shape == (2, 2)

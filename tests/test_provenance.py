@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from lib import provenance as P
-from lib.gpu import gpu_available
+from lib.harness import provenance as P
+from lib.engine.gpu import gpu_available
 
 
 def test_collect_records_software_code_and_params():

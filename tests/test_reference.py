@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from lib import kvcache as kc
-from lib.reference import decode_attention_reference, dense_attention, relative_error
+from lib.engine import kvcache as kc
+from lib.engine.reference import decode_attention_reference, dense_attention, relative_error
 
 LENS = [1, 7, 16, 33]  # length 1, non-multiples of the block size, an exact multiple
 

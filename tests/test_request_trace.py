@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from lib.request_trace import (
+from lib.chapters.vmm.trace import (
     DEFAULT_BLOCK_TOKENS,
     DEFAULT_CHUNK_BYTES,
     fragmentation_rows,

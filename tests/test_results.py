@@ -8,7 +8,7 @@ import re
 import pandas as pd
 import pytest
 
-from lib import results as R
+from lib.harness import results as R
 
 
 def row(**kw):

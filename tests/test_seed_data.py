@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from lib import seed as S
+from lib.chapters.seed import tables as S
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
+from lib.book import frame
 from lib import ROOT
-from lib import seed as S
-from lib import seed_repro as SR
-from lib import seed_repro_figures as F
+from lib.chapters.seed import tables as S
+from lib.chapters.seed_repro import analysis as SR
+from lib.chapters.seed_repro import figures as F
 
 H100 = "h100-80gb-hbm3"
 
@@ -90,18 +91,18 @@ def test_backend_for_and_versions():
 
 def test_one_and_value_range():
     df = pd.DataFrame({"a": [1, 1, 2], "b": ["x", "y", "x"], "v": [10.0, 20.0, 30.0]})
-    assert SR.one(df, "v", a=1, b="y") == 20.0
+    assert frame.one(df, "v", a=1, b="y") == 20.0
     with pytest.raises(ValueError, match="2 rows"):
-        SR.one(df, "v", a=1)
+        frame.one(df, "v", a=1)
     with pytest.raises(ValueError, match="0 rows"):
-        SR.one(df, "v", a=3)
+        frame.one(df, "v", a=3)
     with pytest.raises(ValueError, match="no column"):
-        SR.one(df, "v", c=1)
-    assert SR.value_range(df, "v", b="x") == (10.0, 30.0)
-    assert SR.value_range(df, "v", a=[1, 2]) == (10.0, 30.0)
+        frame.one(df, "v", c=1)
+    assert frame.value_range(df, "v", b="x") == (10.0, 30.0)
+    assert frame.value_range(df, "v", a=[1, 2]) == (10.0, 30.0)
     with pytest.raises(ValueError):
-        SR.value_range(df, "v", a=5)
-    assert repr(SR.Plain("NVIDIA H100")) == "NVIDIA H100"
+        frame.value_range(df, "v", a=5)
+    assert repr(frame.Plain("NVIDIA H100")) == "NVIDIA H100"
 
 
 def test_check_ours_refuses_ambiguous_or_foreign_rows(seed):
@@ -219,7 +220,7 @@ def test_styled_tables_render(joined):
 
 def test_derived_ratios_synthetic(seed):
     d = SR.derived_ratios(seed, synth_ours(seed))
-    # the seed's own rows are lib.seed's ratios, unchanged
+    # the seed's own rows are lib.chapters.seed.tables's ratios, unchanged
     theirs = d[(d.source == SR.SEED_SOURCE) & (d.comparison == "no lookup / original")]
     want = S.no_lookup_over_original(seed)
     assert np.allclose(np.sort(theirs["ratio"]), np.sort(want["ratio"]))
@@ -319,10 +320,10 @@ def test_committed_findings_hold(ours, seed):
 
 
 def test_card_facts():
-    f = SR.card_facts(H100)
+    f = frame.card_facts(H100)
     assert f["name"].startswith("NVIDIA H100") and f["sm_count"] == 132 and f["l2_mib"] > 0
     with pytest.raises(ValueError, match="no provenance"):
-        SR.card_facts("no-such-card")
+        frame.card_facts("no-such-card")
 
 
 # ----------------------------------------------------------------------------- figures
@@ -371,7 +372,7 @@ def test_chapter_parameters_and_toc():
     text = (ROOT / "chapters" / "seed_repro.md").read_text()
     cell = re.search(r":tags: \[parameters\]\n\n(.*?)```", text, re.S).group(1)
     assert 'mode = "replay"' in cell and 'gpu = ""' in cell and 'variant_version = "both"' in cell
-    assert "sweep.run_sweep(SR.EXPERIMENT" in text
+    assert "frame.measure_if_asked(EXPERIMENT, mode, root)" in text
     assert "What did not reproduce, and why" in text
     files = re.findall(r"file:\s*(\S+)", (ROOT / "_toc.yml").read_text())
     assert "chapters/seed_repro" in files

@@ -9,13 +9,14 @@ import time
 
 import pytest
 
+from lib import catalog
 from lib import ROOT
-from lib import experiments as E
-from lib import results as R
-from lib import sweep as S
+from lib.harness import experiments as E
+from lib.harness import results as R
+from lib.harness import sweep as S
 
 FAST = {"sleep_s": 0.0}
-ALL_KEYS = {E.point_key(p) for p in E.expand("selftest", FAST)}
+ALL_KEYS = {E.point_key(p) for p in E.expand(catalog.get("selftest"), FAST)}
 
 
 def csv_of(tmp_path):
@@ -23,14 +24,14 @@ def csv_of(tmp_path):
 
 
 def test_sweep_writes_every_point_then_resumes(tmp_path):
-    s = S.run_sweep("selftest", FAST, out_dir=tmp_path, progress=False)
+    s = S.run_sweep(E.SELFTEST, FAST, out_dir=tmp_path, progress=False)
     assert (s.points_total, s.points_done, s.rows, s.errors) == (16, 16, 16, 0)
     assert s.completed and len(s.run_ids) == 1
     df = R.load("selftest", root=tmp_path)
     assert set(df["point_key"]) == ALL_KEYS
     # point parameters that are not schema columns land in extra; measured extras stay
     assert df.iloc[0]["extra"]["variant"] in ("a", "b") and "square" in df.iloc[0]["extra"]
-    again = S.run_sweep("selftest", FAST, out_dir=tmp_path, progress=False)
+    again = S.run_sweep(E.SELFTEST, FAST, out_dir=tmp_path, progress=False)
     assert (again.points_done, again.points_skipped) == (0, 16)
     assert "already measured" in again.line()
     prov = R.load_provenance("selftest", root=tmp_path)
@@ -40,8 +41,8 @@ def test_sweep_writes_every_point_then_resumes(tmp_path):
 
 
 def test_force_measures_again_and_loader_keeps_newest(tmp_path):
-    S.run_sweep("selftest", {**FAST, "n": 1}, out_dir=tmp_path, progress=False)
-    s = S.run_sweep("selftest", {**FAST, "n": 1}, out_dir=tmp_path, progress=False, force=True)
+    S.run_sweep(E.SELFTEST, {**FAST, "n": 1}, out_dir=tmp_path, progress=False)
+    s = S.run_sweep(E.SELFTEST, {**FAST, "n": 1}, out_dir=tmp_path, progress=False, force=True)
     assert s.points_done == 2
     assert len(R.load("selftest", root=tmp_path, dedupe=False)) == 4
     df = R.load("selftest", root=tmp_path)
@@ -50,17 +51,17 @@ def test_force_measures_again_and_loader_keeps_newest(tmp_path):
 
 def test_failed_points_are_recorded_and_retried(tmp_path):
     over = {**FAST, "fail_n": 3}
-    s = S.run_sweep("selftest", over, out_dir=tmp_path, progress=False)
+    s = S.run_sweep(E.SELFTEST, over, out_dir=tmp_path, progress=False)
     assert (s.points_done, s.errors) == (16, 2)
     errs = R.load("selftest", root=tmp_path, include_errors=True).query("status == 'error'")
     assert len(errs) == 2 and errs["error"].str.contains("planned failure").all()
-    s2 = S.run_sweep("selftest", over, out_dir=tmp_path, progress=False)
+    s2 = S.run_sweep(E.SELFTEST, over, out_dir=tmp_path, progress=False)
     assert (s2.points_done, s2.points_skipped) == (2, 14)  # only the failed ones again
 
 
 def test_a_bad_row_becomes_an_error_row(tmp_path, monkeypatch):
     monkeypatch.setattr(E, "_selftest_measure", lambda p: {"median_us": 1.0, "bandwith": 3})
-    s = S.run_sweep("selftest", {**FAST, "n": 1}, out_dir=tmp_path, progress=False)
+    s = S.run_sweep(E.SELFTEST, {**FAST, "n": 1}, out_dir=tmp_path, progress=False)
     assert s.errors == 2
     df = R.load("selftest", root=tmp_path, include_errors=True)
     assert df["error"].str.contains("did you mean 'bandwidth_gbps'").all()
@@ -69,13 +70,13 @@ def test_a_bad_row_becomes_an_error_row(tmp_path, monkeypatch):
 def test_shards_together_measure_the_grid_once(tmp_path):
     n = 3
     for i in range(n):
-        S.run_sweep("selftest", FAST, shard=(i, n), out_dir=tmp_path, progress=False)
+        S.run_sweep(E.SELFTEST, FAST, shard=(i, n), out_dir=tmp_path, progress=False)
     parts = R.sibling_parts(csv_of(tmp_path))
     assert [p.name for p in parts] == [f"cpu.part-s{i}of{n}.csv" for i in range(n)]
     keys = [r["point_key"] for r in R.iter_raw(parts)]
     assert collections.Counter(keys) == collections.Counter(ALL_KEYS)
     # a shard rerun finds its points done, also after the merge
-    assert S.run_sweep("selftest", FAST, shard="1/3", out_dir=tmp_path, progress=False).points_done == 0
+    assert S.run_sweep(E.SELFTEST, FAST, shard="1/3", out_dir=tmp_path, progress=False).points_done == 0
     R.merge_parts(csv_of(tmp_path))
     assert R.sibling_parts(csv_of(tmp_path)) == []
     assert set(R.load("selftest", root=tmp_path)["point_key"]) == ALL_KEYS
@@ -83,7 +84,7 @@ def test_shards_together_measure_the_grid_once(tmp_path):
 
 
 def test_one_worker_process_per_device(tmp_path):
-    s = S.run_sweep("selftest", FAST, devices=[0, 1], out_dir=tmp_path, progress=False)
+    s = S.run_sweep(E.SELFTEST, FAST, devices=[0, 1], out_dir=tmp_path, progress=False)
     assert (s.workers, s.points_done, s.rows) == (2, 16, 16)
     assert len(s.run_ids) == 2 and all(r.endswith(("-d0", "-d1")) for r in s.run_ids)
     assert R.sibling_parts(csv_of(tmp_path)) == []  # merged into the main file
@@ -100,15 +101,15 @@ def test_bad_devices_are_refused():
 
 
 def test_gpu_experiment_without_gpu_is_a_clear_error(tmp_path, monkeypatch):
-    from lib.gpu import gpu_available
+    from lib.engine.gpu import gpu_available
 
     if gpu_available():
         pytest.skip("a GPU is visible")
-    e = E.Experiment(name="needs-gpu", description="d", measure="lib.experiments:_selftest_measure",
+    e = E.Experiment(name="needs-gpu", description="d", measure="lib.harness.experiments:_selftest_measure",
                      grid={"n": [1]}, gpu=True)
-    monkeypatch.setitem(E.EXPERIMENTS, e.name, e)
+    monkeypatch.setitem(catalog.EXPERIMENTS, e.name, e)
     with pytest.raises(S.NeedsGPU, match="needs a CUDA GPU"):
-        S.run_sweep(e.name, out_dir=tmp_path, progress=False)
+        S.run_sweep(e, out_dir=tmp_path, progress=False)
 
 
 def test_killed_sweep_resumes_without_duplicates_or_losses(tmp_path):
@@ -143,7 +144,7 @@ def test_killed_sweep_resumes_without_duplicates_or_losses(tmp_path):
     after = R.read_raw(path)
     assert after.skipped == 0
     keys = [dict(zip(R.COLUMNS, f))["point_key"] for f in after.rows]
-    want = {E.point_key(p) for p in E.expand("selftest", {"sleep_s": 0.1})}
+    want = {E.point_key(p) for p in E.expand(catalog.get("selftest"), {"sleep_s": 0.1})}
     assert collections.Counter(keys) == collections.Counter(want)  # each point once
     assert all(f in after.rows for f in before)  # earlier rows untouched
     assert f"measured {16 - len(before)} points" in r.stdout
@@ -151,7 +152,7 @@ def test_killed_sweep_resumes_without_duplicates_or_losses(tmp_path):
 
 def test_timed_experiments_refuse_shared_gpu_workers(tmp_path):
     with pytest.raises(ValueError, match="distort"):
-        S.run_sweep("selftest", workers_per_device=2, out_dir=tmp_path, progress=False)
+        S.run_sweep(E.SELFTEST, workers_per_device=2, out_dir=tmp_path, progress=False)
 
 
 def test_assignments_cover_points_once_in_contiguous_runs():

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from lib import timing as T
+from lib.engine import timing as T
 
 
 def test_summarize_matches_numpy_percentiles():

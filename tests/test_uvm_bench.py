@@ -16,11 +16,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lib import catalog
 from lib import ROOT
-from lib import experiments as E
-from lib import results as R
-from lib import uvm_bench as U
-from lib import uvm_figures as F
+from lib.harness import experiments as E
+from lib.harness import results as R
+from lib.chapters.uvm import measure as U
+from lib.chapters.uvm import figures as F
 
 MiB, GiB = U.MiB, U.GiB
 
@@ -39,7 +40,7 @@ def _timed(nbytes: int, gbps: float) -> dict:
 def fake_rows(slug: str = "fake-gpu-80gb", scale: float = 1.0) -> list[dict]:
     """One synthetic run of every point of the full grid, as the sweep would store it."""
     rows = []
-    for p in E.expand("uvm"):
+    for p in E.expand(catalog.get("uvm")):
         n = int(p["nbytes"])
         base = {"experiment": "uvm", "point_key": E.point_key(p), "run_id": "fake-run", "gpu_slug": slug,
                 "status": "ok", "read_ceiling_gbps": 3100.0, "wall_s": 1.0}
@@ -93,8 +94,8 @@ def write_fake(root, slugs=("fake-gpu-80gb",)) -> None:
 # ----------------------------------------------------------------------------- grid and arithmetic
 
 def test_experiment_is_registered_with_the_chapter():
-    exp = E.get("uvm")
-    assert exp.chapter == "chapters/uvm.md" and exp.measure == "lib.uvm_bench:measure_point"
+    exp = catalog.get("uvm")
+    assert exp.chapter == "chapters/uvm.md" and exp.measure == "lib.chapters.uvm.measure:measure_point"
     pts = E.expand(exp)
     by = {m: [p for p in pts if p["measurement"] == m] for m in U.MEASUREMENTS}
     assert all(by.values()), "every measurement has points"
@@ -109,13 +110,14 @@ def test_experiment_is_registered_with_the_chapter():
 
 
 def test_quick_points_use_small_sizes_only_and_filter():
-    quick = U.points(quick=True)
+    exp = catalog.get("uvm")
+    quick = E.expand(exp, U.overrides(quick=True))
     assert {p["nbytes"] for p in quick} == set(U.QUICK_SIZES)
     assert {p["measurement"] for p in quick} == set(U.MEASUREMENTS)
-    only = U.points(quick=True, only=["transfer"])
+    only = E.expand(exp, U.overrides(quick=True, only="transfer"))
     assert only and {p["measurement"] for p in only} == {"transfer"}
     with pytest.raises(ValueError, match="unknown measurement"):
-        U.points(only=["gpu-read"])
+        U.overrides(only="gpu-read")
 
 
 def test_measure_point_rejects_unknown_measurement():

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from lib import kvcache as kc
-from lib.validation import device_of, validate_cache_arrays, validate_decode_problem
+from lib.engine import kvcache as kc
+from lib.engine.validation import device_of, validate_cache_arrays, validate_decode_problem
 
 LENS = np.array([5, 33], dtype=np.int32)
 
@@ -145,7 +145,7 @@ def test_device_of_duck_types():
 
 
 def test_contiguous_range_must_stay_inside_the_pool():
-    from lib.validation import validate_contiguous_range
+    from lib.engine.validation import validate_contiguous_range
 
     validate_contiguous_range([0, 4], [64, 64], 16, 8)  # blocks 0..3 and 4..7 of 8: fine
     with pytest.raises(ValueError, match="sequence 1 would read blocks 4..8 of a pool of 8"):
@@ -157,8 +157,8 @@ def test_contiguous_range_must_stay_inside_the_pool():
 def test_seed_protocol_pool_covers_contiguous_reads():
     import numpy as np
 
-    from lib.kvcache import make_random_block_tables
-    from lib.validation import validate_contiguous_range
+    from lib.engine.kvcache import make_random_block_tables
+    from lib.engine.validation import validate_contiguous_range
 
     t = make_random_block_tables([4096, 4096], 1, 1024, np.random.default_rng(0))
     assert t.tables.max() < 1024 and t.num_blocks == 4096

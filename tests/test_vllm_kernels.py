@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lib import ROOT
-from lib import vllm_kernels as vk
+from lib.engine.backends import vllm as vk
 
 FAKE_MODULE = "vllm.kern.attn"
 
@@ -125,7 +125,7 @@ def test_installed_kernel_loads_and_saw_no_pynvml(wheel, tmp_path):
     dest = tmp_path / "kernel"
     vk.install_kernel_only(wheel, dest, module=FAKE_MODULE)
     code = (
-        "import sys; from lib.vllm_kernels import load_unified_attention as L\n"
+        "import sys; from lib.engine.backends.vllm import load_unified_attention as L\n"
         f"f = L(sys.argv[1], module={FAKE_MODULE!r}); print(f())\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(dest)], cwd=ROOT, capture_output=True, text=True)

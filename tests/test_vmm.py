@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from lib import vmm
-from lib.vmm import (
+from lib.engine import vmm
+from lib.engine.vmm import (
     CudaVmmDriver,
     FakeVmmDriver,
     FaultInjectingDriver,
@@ -453,7 +453,7 @@ def _free_bytes() -> int:
 @pytest.mark.gpu
 @needs_cuda_python
 def test_cuda_granularity_and_context(cuda_drv):
-    from lib.vmm import _driver_module
+    from lib.engine.vmm import _driver_module
 
     drv = _driver_module()
     g = cuda_drv.granularity()

@@ -15,14 +15,15 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
+from lib import catalog
 from lib import ROOT
-from lib import experiments as E
-from lib import results as R
-from lib import sweep
-from lib import vmm_analysis as A
-from lib import vmm_bench as V
-from lib import vmm_figures as F
-from lib.vmm import FakeVmmDriver, InjectedFault
+from lib.harness import experiments as E
+from lib.harness import results as R
+from lib.harness import sweep
+from lib.chapters.vmm import analysis as A
+from lib.chapters.vmm import measure as V
+from lib.chapters.vmm import figures as F
+from lib.engine.vmm import FakeVmmDriver, InjectedFault
 
 MiB, GiB = V.MiB, V.GiB
 GRAN = 2 * MiB
@@ -31,11 +32,11 @@ GRAN = 2 * MiB
 # ----------------------------------------------------------------------------- the grid
 
 def test_experiment_is_registered_with_the_chapter():
-    exp = E.get("vmm_kv")
+    exp = catalog.get("vmm_kv")
     assert exp.chapter == "chapters/vmm.md" and (ROOT / exp.chapter).exists()
-    assert exp.measure == "lib.vmm_bench:measure_point" and exp.resolve_measure() is V.measure_point
+    assert exp.measure == "lib.chapters.vmm.measure:measure_point" and exp.resolve_measure() is V.measure_point
     assert exp.resolve_prepare() is V.precompile_points
-    pts = E.expand("vmm_kv")
+    pts = E.expand(catalog.get("vmm_kv"))
     kernel = [p for p in pts if p["measurement"] == "kernel"]
     maps = [p for p in pts if p["measurement"] == "map"]
     assert len(kernel) == 8 and len(maps) == 6
@@ -53,7 +54,7 @@ def test_experiment_is_registered_with_the_chapter():
 
 
 def test_kernel_shape_rejects_bad_points():
-    p = dict(E.expand("vmm_kv")[0])
+    p = dict(E.expand(catalog.get("vmm_kv"))[0])
     assert V.kernel_shape(p)["reserve_tokens"] == 32768
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         V.kernel_shape({**p, "num_kv_heads": 5})
@@ -69,15 +70,15 @@ def test_measure_point_rejects_unknown_measurement():
 
 
 def test_precompile_asks_for_each_module_once(monkeypatch):
-    from lib import kernels
+    from lib.engine import kernels
 
     seen = []
     monkeypatch.setattr(kernels, "precompile", lambda keys: seen.append(set(keys)))
-    V.precompile_points(E.expand("vmm_kv"))
+    V.precompile_points(E.expand(catalog.get("vmm_kv")))
     assert seen == [{("float16", 16, 128, 1), ("float16", 64, 128, 1),
                      ("float16", 16, 128, 4), ("float16", 64, 128, 4)}]
     seen.clear()
-    V.precompile_points([p for p in E.expand("vmm_kv") if p["measurement"] == "map"])
+    V.precompile_points([p for p in E.expand(catalog.get("vmm_kv")) if p["measurement"] == "map"])
     assert seen == []
 
 
@@ -203,7 +204,7 @@ def fake_rows(slug: str = "fake-h100-80gb", *, paged_slowdown: float = 1.08, sca
               check: bool = True) -> list[dict]:
     """One synthetic run of the whole grid, stored the way the sweep stores it (not measured)."""
     rows = []
-    for p in E.expand("vmm_kv"):
+    for p in E.expand(catalog.get("vmm_kv")):
         base = {"experiment": "vmm_kv", "point_key": E.point_key(p), "run_id": "20990101T000000Z-fake",
                 "gpu_slug": slug, "status": "ok", "wall_s": 1.0, "read_ceiling_gbps": 3000.0}
         if p["measurement"] == "kernel":

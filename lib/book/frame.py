@@ -1,0 +1,167 @@
+"""The chapter frame: what every experiment chapter does before it explains anything.
+
+One call (:func:`open_chapter`) checks the chapter's parameters, measures first when
+``mode = "run"``, loads the rows (refusing any that failed its correctness check), picks the card
+and reads what its provenance says about the machine. The rest are the small tools a chapter's
+prose quotes numbers through (:func:`one`, :func:`value_range`, :class:`Plain`) and the one table
+of model-shape labels every chapter uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import pandas as pd
+
+from lib.harness import results as R
+from lib.harness.experiments import Experiment
+
+MODES = ("replay", "run")
+
+#: Model shapes (query heads, KV heads) -> the one label every chapter, table and figure uses.
+SHAPES = {(32, 32): "MHA 32:32 (Llama-2-7B-like)", (32, 8): "GQA 32:8 (Llama-3-8B-like)",
+          (64, 8): "GQA 64:8 (the seed's shape)"}
+
+
+def shape_label(num_heads: int, num_kv_heads: int) -> str:
+    """The label of a head layout: :data:`SHAPES`, else ``"<heads>:<kv heads>"``."""
+    return SHAPES.get((int(num_heads), int(num_kv_heads)), f"{int(num_heads)}:{int(num_kv_heads)}")
+
+
+def with_shape(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with a ``shape`` column (its label) where the head counts are known."""
+    out = rows.copy()
+    known = out["num_heads"].notna() & out["num_kv_heads"].notna()
+    out["shape"] = None
+    out.loc[known, "shape"] = [shape_label(h, k) for h, k in
+                               zip(out.loc[known, "num_heads"], out.loc[known, "num_kv_heads"])]
+    return out
+
+
+class NoData(FileNotFoundError):
+    """A chapter has no committed rows to draw from (say how to measure them)."""
+
+
+def rerun_hint(experiment: str) -> str:
+    return (f'run this chapter with mode = "run" on a GPU (or `python -m lib sweep {experiment}`) '
+            f"and commit data/results/{experiment}/")
+
+
+def load_checked(experiment: str, gpu=None, root=None, *, expand_extra: bool = False,
+                 include_errors: bool = False, show: tuple[str, ...] = ("backend", "point_key")
+                 ) -> pd.DataFrame:
+    """The experiment's rows (ok ones unless ``include_errors``); every ok row must have passed
+    its correctness check, or this raises and names the first that did not."""
+    try:
+        rows = R.load(experiment, gpu, root=root, expand_extra=expand_extra, include_errors=include_errors)
+    except FileNotFoundError as exc:
+        raise NoData(f"No {experiment} measurements in {R.results_root(root)}: "
+                     f"{rerun_hint(experiment)} ({exc})") from None
+    if rows.empty:
+        raise NoData(f"The {experiment} results in {R.results_root(root)} hold no rows: {rerun_hint(experiment)}")
+    ok = rows["status"] == "ok"
+    bad = rows[ok & ~rows["check_passed"].fillna(False).astype(bool)]
+    if len(bad):
+        cols = [c for c in show if c in bad.columns]
+        raise ValueError(f"{len(bad)} {experiment} rows failed their correctness check: "
+                         f"{bad[cols].head().to_dict('records')}")
+    return rows
+
+
+class Plain(str):
+    """Text for myst-nb's ``{glue:text}``, which prints a value's repr: here the text itself."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def card_facts(gpu: str, root=None, experiment: str = "seed_tables") -> dict:
+    """What the provenance of this card's runs of ``experiment`` says about the machine (the
+    latest run's values): name, driver, CUDA, SMs, L2 size, clocks, the read ceiling measured."""
+    runs = R.load_provenance(experiment, gpu, root=root)
+    if not runs:
+        raise ValueError(f"no provenance for {experiment!r} on {gpu!r}")
+    run_id = max(runs)  # run ids start with a UTC timestamp
+    p = runs[run_id]
+    g, c, snap = p.get("gpu", {}), p.get("ceilings", {}), p.get("snapshot_before", {})
+    return {
+        "run_id": run_id, "runs": len(runs), "name": g.get("name", gpu),
+        "driver": g.get("driver_version"), "cuda_driver": g.get("cuda_driver_version"),
+        "sm_count": g.get("sm_count"), "l2_mib": (g.get("l2_cache_bytes") or 0) / 2**20,
+        "sm_clock_mhz": snap.get("sm_clock_mhz"), "sm_clock_max_mhz": snap.get("sm_clock_max_mhz"),
+        "read_gbps": c.get("read_gbps"), "commit": (p.get("git") or {}).get("commit"),
+        "wall_s": (p.get("end") or {}).get("wall_s"),
+        "torch": (p.get("libraries") or {}).get("torch"),
+    }
+
+
+@dataclass
+class Frame:
+    """A chapter's data, opened: its rows on one card and what that card's provenance says."""
+
+    experiment: str
+    root: str | None
+    card: str
+    rows: pd.DataFrame
+    facts: dict
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'replay' or 'run', got {mode!r}")
+
+
+def measure_if_asked(experiment: Experiment, mode: str, root: str | None,
+                     overrides: Mapping[str, Any] | None = None) -> None:
+    """With ``mode = "run"``: measure every point of ``experiment`` not yet in the results."""
+    check_mode(mode)
+    if mode == "run":
+        from lib.harness import sweep
+
+        print(sweep.run_sweep(experiment, overrides, out_dir=root).line())
+
+
+def open_chapter(experiment: Experiment, *, mode: str = "replay", gpu: str = "", results_root: str = "",
+                 load: Callable[..., pd.DataFrame] | None = None,
+                 overrides: Mapping[str, Any] | None = None) -> Frame:
+    """Check the parameters, measure when asked, load the checked rows of one card.
+
+    ``load(gpu, root=...)`` is the chapter's own loader (default :func:`load_checked`); ``gpu``
+    empty takes the first card found.
+    """
+    root = results_root or None
+    measure_if_asked(experiment, mode, root, overrides)
+    rows = (load or (lambda g, root: load_checked(experiment.name, g, root=root)))(gpu or None, root=root)
+    card = gpu or sorted(rows["gpu_slug"].unique())[0]
+    rows = rows[rows["gpu_slug"] == card]
+    return Frame(experiment.name, root, card, rows, card_facts(card, root=root, experiment=experiment.name))
+
+
+def one(df: pd.DataFrame, col: str, **where):
+    """The single value of `col` in the row that matches every `column=value` given.
+
+    The chapters quote numbers through this, so a selection that matches no row or several
+    fails the build instead of quoting the wrong cell.
+    """
+    mask = pd.Series(True, index=df.index)
+    for k, v in where.items():
+        if k not in df.columns:
+            raise ValueError(f"no column {k!r} to select on (have {list(df.columns)})")
+        mask &= df[k] == v
+    hit = df.loc[mask, col]
+    if len(hit) != 1:
+        raise ValueError(f"{len(hit)} rows match {where} (want exactly one)")
+    v = hit.iloc[0]
+    return v.item() if hasattr(v, "item") else v
+
+
+def value_range(df: pd.DataFrame, col: str, **where) -> tuple[float, float]:
+    """(min, max) of `col` over the rows that match every `column=value` given (at least one)."""
+    mask = pd.Series(True, index=df.index)
+    for k, v in where.items():
+        mask &= df[k].isin(v) if isinstance(v, (list, tuple, set)) else df[k] == v
+    vals = df.loc[mask, col].dropna()
+    if vals.empty:
+        raise ValueError(f"no rows match {where}")
+    return float(vals.min()), float(vals.max())

@@ -1,0 +1,86 @@
+"""Figures and styled tables in one house style, so every chapter's pictures read alike.
+
+Each function takes tidy data (a DataFrame from `lib.chapters.seed.tables` or `lib.harness.results`) and returns a
+matplotlib `Figure` (or a pandas `Styler`), closed from pyplot so that notebooks show it once,
+where they glue or display it, and never twice.
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import matplotlib.ticker as mticker
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+
+#: Block sizes get a base-2 axis with these ticks (the sizes the seed and vLLM use).
+BLOCK_TICKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def set_house_style() -> None:
+    """One look for every figure: white grid, colour-blind palette, readable at book width."""
+    sns.set_theme(
+        style="whitegrid",
+        context="notebook",
+        font_scale=0.85,
+        palette="colorblind",
+        rc={
+            "figure.dpi": 110,
+            "savefig.dpi": 110,
+            "savefig.bbox": "tight",
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "axes.titleweight": "bold",
+            "axes.titlesize": 11,
+            "legend.frameon": False,
+        },
+    )
+
+
+def _block_axis(ax, sizes) -> None:
+    """A log2 block-size axis labelled with the plain sizes (1, 2, 4, ...), not powers."""
+    ax.set_xscale("log", base=2)
+    ticks = [t for t in BLOCK_TICKS if min(sizes) <= t <= max(sizes)]
+    ax.xaxis.set_major_locator(mticker.FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(mticker.FixedFormatter([str(t) for t in ticks]))
+    ax.xaxis.set_minor_locator(mticker.NullLocator())
+    ax.set_xlabel("block size (tokens)")
+
+
+def panel_grid(n: int, ncols: int, panel_w: float, panel_h: float):
+    """A figure with ``n`` panels in rows of ``ncols`` (unused cells hidden): (fig, 2-D axes).
+
+    ``axes.flat[:n]`` are the panels to draw in; callers that want a flat list take that.
+    """
+    if n < 1 or ncols < 1:
+        raise ValueError(f"want n >= 1 and ncols >= 1, got n={n}, ncols={ncols}")
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_w * ncols, panel_h * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def require_columns(df: pd.DataFrame, cols, what: str) -> None:
+    """A figure or table function's input check: the columns it reads, and at least one row."""
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what} needs columns {missing}")
+    if df.empty:
+        raise ValueError(f"{what} got no rows to draw")
+
+
+_need = require_columns
+
+
+def diagram_canvas(w: float, h: float, figsize) -> tuple[Figure, plt.Axes]:
+    """An empty, equal-aspect axes of w x h data units for drawing a diagram."""
+    set_house_style()
+    fig, ax = plt.subplots(figsize=figsize)
+    ax.set_xlim(0, w)
+    ax.set_ylim(0, h)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    return fig, ax

@@ -1,0 +1,455 @@
+"""Analysis frames and figures of the chapter "When the KV cache leaves the GPU".
+
+Input: the ``kv_offload`` rows (:func:`load_rows`, ``extra`` expanded into columns). Decode rows
+carry ``variant`` (see :data:`lib.chapters.kv_offload.measure.VARIANTS`), ``fraction`` (asked) and
+``host_fraction`` (after rounding to whole blocks), ``host_kv_bytes`` (K + V bytes the step reads
+from host memory); yardstick rows carry ``method`` and ``direction``.
+
+Derived columns (:func:`with_baselines`), per card, head layout and backend:
+
+* ``device_us``: the all-GPU step, the ``explicit_copy`` variant at f = 0 (plain device memory,
+  nothing to copy); ``slowdown`` = time / device_us.
+* ``bus_gbps``: host bytes / *extra* time, where extra = time - (1 - f) x device_us: the step's
+  time beyond what its GPU-resident share would take, charged to the bytes that crossed the bus.
+  A model (the two parts do not simply add inside one kernel), exact at f = 1; left empty where
+  nothing crosses the bus per call (f = 0, ``migrate_resident``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+from lib.chapters.kv_offload import measure as K
+from lib.harness import results as R
+from lib.book.plots import diagram_canvas, set_house_style
+from lib.book.plots import require_columns as _need
+
+EXPERIMENT = K.EXPERIMENT
+#: Plot and table order: the all-GPU references first, the slowest last.
+VARIANT_ORDER = ("explicit_copy", "migrate_resident", "remote", "zero_copy", "zero_copy_hostalloc",
+                 "prefetch_serial", "overlap", "migrate_first")
+VARIANT_LABELS = {
+    "explicit_copy": "explicit cudaMemcpy, then kernel",
+    "migrate_resident": "managed, after migration (resident)",
+    "remote": "managed + AccessedBy (remote reads)",
+    "zero_copy": "pinned VMM chunks (zero-copy)",
+    "zero_copy_hostalloc": "whole pool cudaHostAlloc (zero-copy)",
+    "prefetch_serial": "prefetch, then kernel",
+    "overlap": "prefetch ‖ kernel (2 streams)",
+    "migrate_first": "managed, first call (faults)",
+}
+#: Short names for table columns.
+SHORT_LABELS = {"explicit_copy": "copy, kernel", "migrate_resident": "resident", "remote": "remote reads",
+                "zero_copy": "zero-copy (VMM)", "zero_copy_hostalloc": "zero-copy (HostAlloc)",
+                "prefetch_serial": "prefetch, kernel", "overlap": "prefetch ‖ kernel",
+                "migrate_first": "faults"}
+#: Variants whose host blocks cross the bus on every timed call.
+BUS_VARIANTS = tuple(v for v in VARIANT_ORDER if v != "migrate_resident")
+HEAD_LABELS = {(32, 32): "MHA 32:32", (32, 8): "GQA 32:8"}
+
+_CB = sns.color_palette("colorblind")
+VARIANT_STYLE = {
+    "explicit_copy": dict(color="black", marker="o", linestyle="-"),
+    "migrate_resident": dict(color=_CB[5], marker=".", linestyle=":"),
+    "remote": dict(color=_CB[0], marker="s", linestyle="-"),
+    "zero_copy": dict(color=_CB[2], marker="D", linestyle="--"),
+    "zero_copy_hostalloc": dict(color=_CB[2], marker="*", linestyle="none", ms=10),
+    "prefetch_serial": dict(color=_CB[4], marker="^", linestyle="-."),
+    "overlap": dict(color=_CB[1], marker="v", linestyle="-"),
+    "migrate_first": dict(color=_CB[3], marker="X", linestyle="-"),
+}
+
+
+def heads_label(num_heads, num_kv_heads) -> str:
+    return HEAD_LABELS.get((int(num_heads), int(num_kv_heads)), f"{int(num_heads)}:{int(num_kv_heads)}")
+
+
+# ----------------------------------------------------------------------------- frames
+
+def load_rows(gpu=None, root=None) -> pd.DataFrame:
+    """Every kv_offload row (errors included), ``extra`` expanded; a clear error when none exist."""
+    try:
+        rows = R.load(EXPERIMENT, gpu, root=root, include_errors=True, expand_extra=True)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{exc}. The kv_offload measurements come from a GPU: run this chapter with "
+            "mode = 'run' there (or `python -m lib sweep kv_offload`) and commit "
+            "data/results/kv_offload/ before building the book.") from None
+    if rows.empty:
+        raise FileNotFoundError(f"data/results/{EXPERIMENT} holds no rows")
+    return rows
+
+
+def decode_frame(rows: pd.DataFrame) -> pd.DataFrame:
+    """The ok decode rows, labelled; every one must have passed its correctness check."""
+    _need(rows, ["measurement", "status", "gpu_slug", "backend", "variant", "fraction",
+                 "host_fraction", "host_kv_bytes", "num_heads", "num_kv_heads", "median_us",
+                 "p10_us", "p90_us", "check_passed"], "decode_frame")
+    d = rows[(rows["measurement"] == "decode") & (rows["status"] == "ok")].copy()
+    if d.empty:
+        raise ValueError("no ok decode rows")
+    bad = d[~d["check_passed"].astype(bool)]
+    if len(bad):
+        raise ValueError(f"{len(bad)} kv_offload rows failed their correctness check: "
+                         f"{bad[['backend', 'variant', 'fraction']].head().to_dict('records')}")
+    unknown = sorted(set(d["variant"]) - set(VARIANT_ORDER))
+    if unknown:
+        raise ValueError(f"unknown variants {unknown} (known: {VARIANT_ORDER})")
+    d["heads"] = [heads_label(h, k) for h, k in zip(d["num_heads"], d["num_kv_heads"])]
+    d["fraction"] = d["fraction"].astype(float)
+    d["host_fraction"] = d["host_fraction"].astype(float)
+    d["host_kv_bytes"] = d["host_kv_bytes"].astype(float)
+    d["f_label"] = [K.fraction_label(f) for f in d["fraction"]]
+    d["time_ms"] = d["median_us"] / 1e3
+    d["order"] = [VARIANT_ORDER.index(v) for v in d["variant"]]
+    return d.sort_values(["gpu_slug", "heads", "backend", "order", "fraction"]).reset_index(drop=True)
+
+
+def with_baselines(d: pd.DataFrame) -> pd.DataFrame:
+    """Add device_us, slowdown, excess_us, bus_gbps and step_gbps (see the module docstring)."""
+    _need(d, ["gpu_slug", "heads", "backend", "variant", "fraction", "host_fraction",
+              "host_kv_bytes", "median_us"], "with_baselines")
+    key = ["gpu_slug", "heads", "backend"]
+    zero = d[d["fraction"] == 0]
+    copy0 = zero[zero["variant"] == "explicit_copy"].groupby(key)["median_us"].min()
+    any0 = zero.groupby(key)["median_us"].min()  # fallback: the fastest all-GPU row
+    base = copy0.combine_first(any0).rename("device_us")
+    out = d.drop(columns=["device_us"], errors="ignore").join(base, on=key)
+    out["slowdown"] = out["median_us"] / out["device_us"]
+    out["excess_us"] = out["median_us"] - (1 - out["host_fraction"]) * out["device_us"]
+    moves = out["variant"].isin(BUS_VARIANTS) & (out["host_kv_bytes"] > 0)
+    out["bus_gbps"] = np.where(moves & (out["excess_us"] > 0),
+                               out["host_kv_bytes"] / (out["excess_us"] * 1e3), np.nan)
+    out["step_gbps"] = np.where(moves, out["host_kv_bytes"] / (out["median_us"] * 1e3), np.nan)
+    return out
+
+
+def yardsticks(rows: pd.DataFrame) -> dict[str, float]:
+    """The bus yardstick in GB/s: pinned memcpy and managed prefetch, each direction (NaN if absent)."""
+    _need(rows, ["measurement", "status"], "yardsticks")
+    y = rows[(rows["measurement"] == "yardstick") & (rows["status"] == "ok")]
+    out = {}
+    for key, backend in (("pinned", "memcpy"), ("prefetch", "prefetch")):
+        for direction in ("h2d", "d2h"):
+            if y.empty:
+                out[f"{key}_{direction}"] = float("nan")
+                continue
+            s = y[(y["backend"] == backend) & (y["direction"] == direction)]
+            out[f"{key}_{direction}"] = float((s["bytes_moved"] / (s["median_us"] * 1e3)).median()) \
+                if len(s) else float("nan")
+    return out
+
+
+def unavailable(rows: pd.DataFrame) -> pd.DataFrame:
+    """Decode rows that errored: one line per (variant, backend, reason) with their fractions."""
+    _need(rows, ["measurement", "status"], "unavailable")
+    cols = ["variant", "backend", "head layouts", "fractions", "reason"]
+    e = rows[(rows["measurement"] == "decode") & (rows["status"] == "error")]
+    if e.empty:
+        return pd.DataFrame(columns=cols)
+    e = e.copy()
+    e["reason"] = e["error"].fillna("").str.slice(0, 240)
+    e["heads"] = [heads_label(h, k) for h, k in zip(e["num_heads"], e["num_kv_heads"])]
+    out = []
+    for (v, b, why), g in e.groupby(["variant", "backend", "reason"], sort=True):
+        fr = sorted(set(g["fraction"].astype(float)))
+        out.append({"variant": v, "backend": b, "head layouts": ", ".join(sorted(set(g["heads"]))),
+                    "fractions": ", ".join(K.fraction_label(f) for f in fr), "reason": why})
+    return pd.DataFrame(out, columns=cols)
+
+
+def time_table(d: pd.DataFrame, *, backend: str, heads: str) -> pd.DataFrame:
+    """Decode time (ms) by host fraction (rows) and variant (columns) for one backend and layout."""
+    _need(d, ["backend", "heads", "variant", "fraction", "f_label", "time_ms"], "time_table")
+    s = d[(d["backend"] == backend) & (d["heads"] == heads)]
+    if s.empty:
+        raise ValueError(f"no rows for backend {backend!r} and {heads!r}")
+    t = s.pivot_table(index=["fraction", "f_label"], columns="variant", values="time_ms", aggfunc="first")
+    t = t.reindex(columns=[v for v in VARIANT_ORDER if v in t.columns])
+    t = t.reset_index(level=0, drop=True)
+    t.index.name = "f"
+    t.columns = [SHORT_LABELS[c] for c in t.columns]
+    return t
+
+
+def pick(d: pd.DataFrame, col: str, **where) -> float:
+    """The one value of ``col`` where every ``column == value`` holds (fractions compared as
+    floats); NaN when no row matches."""
+    s = d
+    for k, v in where.items():
+        s = s[np.isclose(s[k].astype(float), float(v))] if k in ("fraction", "host_fraction") else s[s[k] == v]
+    if s.empty:
+        return float("nan")
+    if len(s) > 1:
+        raise ValueError(f"{len(s)} rows match {where}; expected one")
+    return float(s[col].iloc[0])
+
+
+def first_fraction(d: pd.DataFrame, *, threshold: float, **where) -> str:
+    """The smallest host fraction whose slowdown reaches ``threshold`` ('not reached' if none)."""
+    s = d
+    for k, v in where.items():
+        s = s[s[k] == v]
+    s = s[s["slowdown"] >= threshold].sort_values("fraction")
+    return K.fraction_label(float(s["fraction"].iloc[0])) if len(s) else "not reached"
+
+
+# ----------------------------------------------------------------------------- headline numbers
+
+#: (glue tag, fraction) at which the chapter quotes slowdowns.
+QUOTED_FRACTIONS = (("64", 1 / 64), ("8", 1 / 8), ("2", 1 / 2), ("1", 1.0))
+#: Short glue tags of the variants.
+TAGS = {"explicit_copy": "copy", "migrate_resident": "resident", "remote": "remote",
+        "zero_copy": "zc", "zero_copy_hostalloc": "hostalloc", "prefetch_serial": "serial",
+        "overlap": "overlap", "migrate_first": "first"}
+
+
+def headline(d: pd.DataFrame, ys: dict[str, float], *, backend: str) -> dict[str, float]:
+    """The numbers the chapter quotes (NaN where a row is missing), for one backend.
+
+    ``{layout}_dev_us``; ``{layout}_{tag}_s{q}``: slowdown of a variant at f = 1/q (q = 1: all on
+    the host); ``{layout}_{tag}_bus``: bus GB/s at f = 1; ``{tag}_bus_pct``: that as a percent of
+    pinned memcpy host->device (MHA); ratios between variants at f = 1 (MHA).
+    """
+    out: dict[str, float] = {}
+    s = d[d["backend"] == backend]
+    for lay, heads in (("mha", HEAD_LABELS[(32, 32)]), ("gqa", HEAD_LABELS[(32, 8)])):
+        h = s[s["heads"] == heads]
+        out[f"{lay}_dev_us"] = float(h["device_us"].iloc[0]) if len(h) else float("nan")
+        for v, tag in TAGS.items():
+            for q, f in QUOTED_FRACTIONS:
+                out[f"{lay}_{tag}_s{q}"] = pick(h, "slowdown", variant=v, fraction=f)
+            out[f"{lay}_{tag}_bus"] = pick(h, "bus_gbps", variant=v, fraction=1.0)
+        res = h[h["variant"] == "migrate_resident"]
+        out[f"{lay}_resident_worst_pct"] = float(100 * (res["slowdown"] - 1).abs().max()) if len(res) \
+            else float("nan")
+    for k, v in ys.items():
+        out[f"ys_{k}"] = v
+    for tag in ("remote", "zc", "hostalloc", "first", "serial", "overlap", "copy"):
+        out[f"{tag}_bus_pct"] = 100 * out[f"mha_{tag}_bus"] / ys.get("pinned_h2d", float("nan"))
+    mha = lambda tag, q="1": out[f"mha_{tag}_s{q}"]  # noqa: E731
+    out["first_over_serial"] = mha("first") / mha("serial")
+    out["serial_over_overlap"] = mha("serial") / mha("overlap")
+    out["best_read_over_copy"] = min(mha("remote"), mha("zc")) / mha("copy")
+    out["best_read_over_copy_8"] = min(mha("remote", "8"), mha("zc", "8")) / mha("copy", "8")
+    out["hostalloc_over_zc"] = mha("hostalloc") / mha("zc")
+    out["remote_over_zc"] = mha("remote") / mha("zc")
+    return out
+
+
+def _ok(*xs: float) -> bool:
+    return all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in xs)
+
+
+def _times(r: float) -> str:
+    return f"{r:.2f} times" if r < 10 else f"{r:.0f} times"
+
+
+def verdicts(h: dict[str, float]) -> dict[str, str]:
+    """The chapter's comparisons in words, decided by the numbers (a dash where data is missing)."""
+    out = {k: "—" for k in ("read_vs_copy", "overlap", "faults", "resident", "remote_vs_zc",
+                            "choose", "move_with")}
+    ha = h.get("hostalloc_over_zc", math.nan)
+    out["hostalloc"] = (f"took {ha:.2f} times the VMM pool's time (1 would mean that the split range "
+                        "reads its host part exactly like a classic pinned buffer)" if _ok(ha) else
+                        "was not measured here (see the errors below)")
+    r, r8 = h.get("best_read_over_copy", math.nan), h.get("best_read_over_copy_8", math.nan)
+    if _ok(r, r8):
+        def side(x: float) -> str:
+            if abs(x - 1) <= 0.05:
+                return "about as fast as"
+            return f"{_times(1 / x)} as fast as" if x < 1 else f"{_times(x)} as slow as"
+        out["read_vs_copy"] = (f"with the whole cache on the host, reading the host blocks in place "
+                               f"was {side(r)} copying them first with cudaMemcpy, and with one block "
+                               f"in eight there, {side(r8)} the copy")
+        if r < 0.95:
+            out["choose"] = ("reading in place beat copy-then-compute even with everything on the "
+                             "host, so explicit copies win only where the copy can be hidden behind "
+                             "other work or the copied blocks serve several steps")
+        elif r > 1.05:
+            out["choose"] = ("copy-then-compute beat reading in place with everything on the host, so "
+                             "explicit copies win once a large share must cross the bus on every "
+                             "step and a GPU buffer for it is affordable")
+        else:
+            out["choose"] = ("reading in place and copy-then-compute were within 5 % of each other "
+                             "with everything on the host, so GPU memory (reading in place needs "
+                             "none) and whether the copy can be hidden decide")
+    o = h.get("serial_over_overlap", math.nan)
+    if _ok(o):
+        if o > 1.05:
+            out["overlap"] = (f"launching the kernel while the prefetch runs made the step {_times(o)} "
+                              "as fast as prefetching first")
+        elif o < 0.95:
+            out["overlap"] = (f"launching the kernel while the prefetch runs made the step slower "
+                              f"({_times(1 / o)} the time of prefetching first): the kernel's faults "
+                              "compete with the prefetch for the same pages")
+        else:
+            out["overlap"] = ("launching the kernel while the prefetch runs gained nothing over "
+                              "prefetching first (within 5 %)")
+    fs = h.get("first_over_serial", math.nan)
+    if _ok(fs):
+        out["move_with"] = ("an explicit prefetch, not the kernel's faults" if fs > 1.05 else
+                            "a prefetch or the kernel's own faults alike")
+        out["faults"] = (f"letting the kernel fault the host blocks over took {_times(fs)} as long "
+                         "as prefetching them explicitly and then running it" if fs > 1.05 else
+                         "letting the kernel fault the host blocks over was no slower than an "
+                         "explicit prefetch followed by the kernel")
+    w = h.get("mha_resident_worst_pct", math.nan)
+    if isinstance(w, float) and math.isfinite(w):
+        out["resident"] = (f"within {w:.1f} % of device memory at every fraction" if w <= 5 else
+                           f"up to {w:.0f} % off device memory")
+    rz = h.get("remote_over_zc", math.nan)
+    if _ok(rz):
+        out["remote_vs_zc"] = ("about the same as" if abs(rz - 1) <= 0.05 else
+                               f"{_times(rz)} as slow as" if rz > 1 else f"{_times(1 / rz)} as fast as")
+    return out
+
+
+def backend_table(d: pd.DataFrame, *, heads: str, fractions=(1 / 8, 1.0)) -> pd.DataFrame:
+    """Slowdown against the all-GPU step per variant (rows) and backend x fraction (columns)."""
+    _need(d, ["heads", "backend", "variant", "fraction", "slowdown"], "backend_table")
+    s = d[(d["heads"] == heads) & d["fraction"].apply(lambda f: any(np.isclose(f, x) for x in fractions))]
+    if s.empty:
+        raise ValueError(f"no rows for {heads!r} at fractions {fractions}")
+    s = s.sort_values(["backend", "fraction"])
+    cols = [f"{b}, f = {K.fraction_label(f)}" for b, f in zip(s["backend"], s["fraction"])]
+    s = s.assign(col=cols)
+    t = s.pivot_table(index="variant", columns="col", values="slowdown", aggfunc="first")
+    t = t.reindex(index=[v for v in VARIANT_ORDER if v in t.index], columns=list(dict.fromkeys(cols)))
+    t.index = [SHORT_LABELS[v] for v in t.index]
+    t.index.name = "variant"
+    t.columns.name = None
+    return t
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _fraction_axis(ax, fractions) -> dict[float, int]:
+    """Equally spaced categorical positions for the host fractions, labelled 0, 1/64, ..., 1."""
+    fs = sorted(set(float(f) for f in fractions))
+    pos = {f: i for i, f in enumerate(fs)}
+    ax.set_xticks(range(len(fs)))
+    ax.set_xticklabels([K.fraction_label(f) for f in fs])
+    ax.set_xlabel("share of each sequence's KV blocks in host memory (oldest first)")
+    return pos
+
+
+def _panels(n: int):
+    fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.8), squeeze=False, sharey=False)
+    return fig, list(axes.flat)
+
+
+def _layouts(s: pd.DataFrame) -> list[str]:
+    """The head layouts present, the known ones first in their usual order."""
+    have = set(s["heads"])
+    return [h for h in HEAD_LABELS.values() if h in have] + sorted(have - set(HEAD_LABELS.values()))
+
+
+def time_figure(d: pd.DataFrame, *, backend: str) -> Figure:
+    """Decode time against the host fraction, one panel per head layout, one line per variant."""
+    _need(d, ["backend", "heads", "variant", "fraction", "median_us", "p10_us", "p90_us",
+              "device_us"], "time_figure")
+    s = d[d["backend"] == backend]
+    if s.empty:
+        raise ValueError(f"no rows for backend {backend!r} (have {sorted(set(d['backend']))})")
+    set_house_style()
+    layouts = _layouts(s)
+    fig, axes = _panels(len(layouts))
+    for ax, heads in zip(axes, layouts):
+        g = s[s["heads"] == heads]
+        pos = _fraction_axis(ax, g["fraction"])
+        for v in VARIANT_ORDER:
+            k = g[g["variant"] == v].sort_values("fraction")
+            if k.empty:
+                continue
+            x = [pos[f] for f in k["fraction"]]
+            style = {"lw": 1.5, "ms": 5, **VARIANT_STYLE[v]}
+            ax.plot(x, k["median_us"] / 1e3, label=VARIANT_LABELS[v], **style)
+            ax.fill_between(x, k["p10_us"] / 1e3, k["p90_us"] / 1e3, color=style["color"], alpha=0.15, lw=0)
+        ax.axhline(float(g["device_us"].iloc[0]) / 1e3, color="grey", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_ylabel("decode step (ms, log)")
+        ax.set_title(f"{heads}, {backend}", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=3, bbox_to_anchor=(0.5, 0.0))
+    plt.close(fig)
+    return fig
+
+
+def bus_figure(d: pd.DataFrame, ys: dict[str, float], *, backend: str) -> Figure:
+    """Bytes over the bus per second of extra time, per variant, against the yardstick lines."""
+    _need(d, ["backend", "heads", "variant", "fraction", "bus_gbps"], "bus_figure")
+    s = d[(d["backend"] == backend) & (d["fraction"] > 0) & d["bus_gbps"].notna()]
+    if s.empty:
+        raise ValueError(f"no bus rates for backend {backend!r}")
+    set_house_style()
+    layouts = _layouts(s)
+    fig, axes = _panels(len(layouts))
+    for ax, heads in zip(axes, layouts):
+        g = s[s["heads"] == heads]
+        pos = _fraction_axis(ax, g["fraction"])
+        for v in VARIANT_ORDER:
+            k = g[g["variant"] == v].sort_values("fraction")
+            if len(k):
+                ax.plot([pos[f] for f in k["fraction"]], k["bus_gbps"], label=VARIANT_LABELS[v],
+                        **{"lw": 1.5, "ms": 5, **VARIANT_STYLE[v]})
+        for key, label, ls in (("pinned_h2d", "pinned cudaMemcpy H→D (yardstick)", "--"),
+                               ("prefetch_h2d", "cudaMemPrefetchAsync H→D (yardstick)", ":")):
+            val = ys.get(key, float("nan"))
+            if math.isfinite(val):
+                ax.axhline(val, color="black", lw=1.0, ls=ls, label=label)
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel("host bytes / extra time (GB/s)")
+        ax.set_title(f"{heads}, {backend}", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.18, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=3, bbox_to_anchor=(0.5, 0.0))
+    plt.close(fig)
+    return fig
+
+
+#: What the diagram says about each mode: (title, what crosses the bus, when).
+DIAGRAM = (
+    ("managed_remote", "managed + PreferredLocation CPU + AccessedBy GPU",
+     "the kernel's loads, every call (no migration)"),
+    ("pinned_zero_copy", "one VMM range: pinned host chunks | device chunks",
+     "the kernel's loads, every call (zero-copy)"),
+    ("managed_migrate", "managed, no advice; sent to the host before each call",
+     "pages, on the kernel's faults; then resident"),
+    ("prefetch_overlap", "managed; cudaMemPrefetchAsync on a 2nd stream",
+     "pages, by the prefetch while the kernel runs"),
+    ("explicit_copy", "device pool + pinned copy of the host blocks",
+     "cudaMemcpyAsync before the kernel"),
+)
+
+
+def modes_diagram() -> Figure:
+    """Where the host blocks sit and what crosses the bus, mode by mode (a schematic)."""
+    rows = len(DIAGRAM)
+    fig, ax = diagram_canvas(10.0, 1.25 * rows + 0.2, (8.0, 1.0 * rows + 0.2))
+    host_c, gpu_c = _CB[0], _CB[2]
+    for i, (mode, how, what) in enumerate(DIAGRAM):
+        y = 1.25 * (rows - 1 - i) + 0.25  # bottom of this row's boxes
+        ax.text(0.0, y + 0.85, mode, fontsize=10, fontweight="bold", va="center")
+        ax.text(0.0, y + 0.45, how, fontsize=8.5, va="center", color="#333333")
+        ax.text(0.0, y + 0.08, "over the bus: " + what, fontsize=8.5, va="center", color=_CB[3],
+                style="italic")
+        ax.add_patch(FancyBboxPatch((5.9, y + 0.05), 1.2, 0.8, boxstyle="round,pad=0.02",
+                                    fc=host_c, alpha=0.25, ec=host_c))
+        ax.text(6.5, y + 0.45, "host\nblocks", ha="center", va="center", fontsize=8.5)
+        ax.add_patch(FancyBboxPatch((8.2, y + 0.05), 1.75, 0.8, boxstyle="round,pad=0.02",
+                                    fc=gpu_c, alpha=0.25, ec=gpu_c))
+        ax.text(9.075, y + 0.45, "GPU: kernel +\ndevice blocks", ha="center", va="center", fontsize=8.5)
+        ax.add_patch(FancyArrowPatch((7.15, y + 0.45), (8.15, y + 0.45), arrowstyle="-|>",
+                                     mutation_scale=12, lw=1.4, color="#444444"))
+        ax.text(7.65, y + 0.6, "PCIe", ha="center", fontsize=8, color="#444444")
+    plt.close(fig)
+    return fig

@@ -1,0 +1,1 @@
+"""chapters.seed_repro"""

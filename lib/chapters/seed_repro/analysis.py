@@ -1,0 +1,475 @@
+"""The seed's six tables against our measurements of the same points (experiment `seed_tables`).
+
+The seed post (`lib.chapters.seed.tables`) printed one time per cell. We measured every cell's point with our
+re-implementations of the v1 and v2 kernels, under two timing protocols (`lib.engine.timing`): the
+seed's own method (1024 reused random blocks, host clock over back-to-back eager launches, no L2
+flush) and the rigorous one the book uses (distinct blocks, CUDA-graph replay, L2 flushed).
+This module joins the two, cell by cell, and derives every comparison the chapter
+`chapters/seed_repro.md` shows, so the chapter stays thin and the arithmetic is tested.
+
+Mapping of the seed's variants to our backends (the post never says v1 or v2, so both are kept):
+"original" is `own-v*-paged`, "without page table lookup" is `own-v*-contiguous`, "no offset" is
+`own-v*-no_offset`. vLLM's current Triton kernel (`vllm`) and dense SDPA (`sdpa_dense`) are
+today's references for the "original" tables.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from lib.chapters.seed import tables as S
+
+EXPERIMENT = "seed_tables"
+VERSIONS = ("v1", "v2")
+PROTOCOLS = ("seed", "rigorous")
+#: The seed's variant -> our addressing mode.
+ADDRESSING_OF = {"original": "paged", "no_lookup": "contiguous", "no_offset": "no_offset"}
+#: Today's kernels, shown beside the seed's "original" tables.
+REFERENCE_BACKENDS = ("vllm", "sdpa_dense")
+REFERENCE_LABELS = {"vllm": "vLLM (Triton, today)", "sdpa_dense": "SDPA dense (no table)"}
+PROTOCOL_LABELS = {"seed": "seed protocol", "rigorous": "rigorous"}
+SEED_SOURCE = "seed (2024 post)"
+#: The point of one measurement, besides its backend, protocol and card.
+KEY = ["memory_kind", "seq_len", "batch_size", "block_size"]
+#: The one series key of a seed table: memory kind and (seq_len, batch).
+SERIES = ["table", "memory", "seq_len", "batch_size"]
+#: The seed's derived ratios: name -> (numerator variant, denominator variant, seed function).
+COMPARISONS = {
+    "managed / device": ("original", "original", S.managed_over_device),
+    "no lookup / original": ("no_lookup", "original", S.no_lookup_over_original),
+    "no offset / original": ("no_offset", "original", S.no_offset_over_original),
+}
+OURS_COLUMNS = ["gpu_slug", "backend", "protocol", "median_us", "check_passed", "rel_error", *KEY]
+
+
+def backend_for(variant: str, version: str) -> str:
+    """Our backend that stands for one of the seed's variants, in kernel version v1 or v2."""
+    if variant not in ADDRESSING_OF:
+        raise ValueError(f"unknown seed variant {variant!r}; known: {list(ADDRESSING_OF)}")
+    if version not in VERSIONS:
+        raise ValueError(f"unknown kernel version {version!r}; known: {list(VERSIONS)}")
+    return f"own-{version}-{ADDRESSING_OF[variant]}"
+
+
+def parse_versions(variant_version: str | Iterable[str]) -> tuple[str, ...]:
+    """The chapter parameter `variant_version` ("both", "v1", "v2", or "v1,v2") as a tuple."""
+    if isinstance(variant_version, str):
+        text = variant_version.strip().lower()
+        parts = list(VERSIONS) if text == "both" else [p.strip() for p in text.split(",") if p.strip()]
+    else:
+        parts = [str(p).strip().lower() for p in variant_version]
+    bad = [p for p in parts if p not in VERSIONS]
+    if not parts or bad:
+        raise ValueError(f"variant_version must be 'both', 'v1' or 'v2', got {variant_version!r}")
+    return tuple(v for v in VERSIONS if v in parts)
+
+
+def source_label(version: str, protocol: str) -> str:
+    """A legend label for one of our series, e.g. "v1, seed protocol"."""
+    if protocol not in PROTOCOL_LABELS:
+        raise ValueError(f"unknown protocol {protocol!r}; known: {list(PROTOCOL_LABELS)}")
+    return f"{version}, {PROTOCOL_LABELS[protocol]}"
+
+
+def sources(versions: Iterable[str] = VERSIONS) -> list[str]:
+    """Legend order: the seed first, then each version under the seed's and the rigorous protocol."""
+    return [SEED_SOURCE] + [source_label(v, p) for v in versions for p in PROTOCOLS]
+
+
+def series_name(memory: str, seq_len: int, batch_size: int) -> str:
+    """A short row label for one seed series: memory kind, then seq_len × batch."""
+    return f"{memory} {int(seq_len)}×{int(batch_size)}"
+
+
+# ----------------------------------------------------------------------------- our rows
+
+def check_ours(ours: pd.DataFrame) -> pd.DataFrame:
+    """Our rows with the columns the joins need, one row per (card, backend, protocol, point).
+
+    Raises ValueError where a join would be ambiguous (two rows for one key) or impossible.
+    """
+    missing = [c for c in OURS_COLUMNS if c not in ours.columns]
+    if missing:
+        raise ValueError(f"our rows lack columns {missing}")
+    if ours.empty:
+        raise ValueError("no rows of our own to compare with the seed")
+    out = ours[OURS_COLUMNS].copy()
+    for c in ("seq_len", "batch_size", "block_size"):
+        out[c] = out[c].astype("int64")
+    bad = sorted(set(out["protocol"]) - set(PROTOCOLS))
+    if bad:
+        raise ValueError(f"unexpected protocols {bad}; this chapter compares {list(PROTOCOLS)}")
+    keys = ["gpu_slug", "backend", "protocol", *KEY]
+    dup = out.duplicated(keys)
+    if dup.any():
+        raise ValueError(f"{int(dup.sum())} duplicated rows of ours for one card, backend, "
+                         f"protocol and point: {out.loc[dup, keys].head(3).to_dict('records')}")
+    if not (out["median_us"] > 0).all():
+        raise ValueError("our times must all be positive microseconds")
+    return out.reset_index(drop=True)
+
+
+def load_ours(gpu: str | Iterable[str] | None = None, root=None, *,
+              heads: tuple[int, int] = (64, 8)) -> pd.DataFrame:
+    """Committed rows of the `seed_tables` experiment (every card, or the cards named), for one
+    model shape (query heads, KV heads): by default the seed's 64:8; (32, 32) is the
+    Llama-2-7B-like shape the experiment also covers."""
+    from lib.harness import results as R
+
+    if isinstance(gpu, str):
+        gpu = [g.strip() for g in gpu.split(",") if g.strip()] or None
+    df = R.load(EXPERIMENT, gpu, root=root)
+    df = df[(df["num_heads"] == heads[0]) & (df["num_kv_heads"] == heads[1])]
+    return check_ours(df)
+
+
+def cards(ours: pd.DataFrame) -> list[str]:
+    """The GPUs (slugs) our rows come from, sorted."""
+    return sorted(ours["gpu_slug"].dropna().unique().tolist())
+
+
+def _by_protocol(ours: pd.DataFrame) -> pd.DataFrame:
+    """Our times with the protocols side by side: one row per (card, backend, point)."""
+    wide = ours.pivot_table(index=["gpu_slug", "backend", *KEY], columns="protocol",
+                            values="median_us", aggfunc="first")
+    wide = wide.reindex(columns=list(PROTOCOLS))
+    wide.columns = [f"{p}_protocol_us" if p == "seed" else f"{p}_us" for p in wide.columns]
+    ok = ours.groupby(["gpu_slug", "backend", *KEY])["check_passed"].agg(
+        lambda s: bool(s.fillna(False).astype(bool).all()))
+    err = ours.groupby(["gpu_slug", "backend", *KEY])["rel_error"].max()
+    wide["check_passed"] = ok
+    wide["max_rel_error"] = err
+    return wide.reset_index()
+
+
+# ----------------------------------------------------------------------------- the join
+
+def join(seed: pd.DataFrame, ours: pd.DataFrame, versions: Iterable[str] = VERSIONS) -> pd.DataFrame:
+    """Every seed cell beside our times for the same point, once per card and kernel version.
+
+    One row per (card, seed cell, version), also where we have no measurement (times NaN), so
+    a missing point shows as a gap instead of vanishing. Columns: the seed cell's (table,
+    table_title, variant, memory, block_size, seq_len, batch_size, seed_us), then gpu_slug,
+    version, backend, seed_protocol_us, rigorous_us, check_passed, max_rel_error and the ratios
+    seed_protocol_over_seed, rigorous_over_seed, rigorous_over_seed_protocol.
+    """
+    versions = parse_versions(versions)
+    _check_seed_columns(seed)
+    ours = check_ours(ours)
+    wide = _by_protocol(ours)
+    cells = seed[["table", "table_title", "variant", "memory", "block_size", "seq_len",
+                  "batch_size", "time_us"]].rename(columns={"time_us": "seed_us"})
+    frames = []
+    for gpu in cards(ours):
+        for v in versions:
+            f = cells.copy()
+            f["gpu_slug"] = gpu
+            f["version"] = v
+            f["backend"] = [backend_for(var, v) for var in f["variant"]]
+            frames.append(f)
+    out = pd.concat(frames, ignore_index=True)
+    out["memory_kind"] = out["memory"]
+    out = out.merge(wide, on=["gpu_slug", "backend", *KEY], how="left", validate="many_to_one")
+    out = out.drop(columns="memory_kind")
+    out["seed_protocol_over_seed"] = out["seed_protocol_us"] / out["seed_us"]
+    out["rigorous_over_seed"] = out["rigorous_us"] / out["seed_us"]
+    out["rigorous_over_seed_protocol"] = out["rigorous_us"] / out["seed_protocol_us"]
+    return out.sort_values(["gpu_slug", "table", "version", "memory", "seq_len", "batch_size",
+                            "block_size"], ascending=[True, True, True, False, False, False, True]
+                           ).reset_index(drop=True)
+
+
+def _check_seed_columns(seed: pd.DataFrame) -> None:
+    """A subset of the seed (tests, or a chapter's selection) needs the columns, not all 51 rows."""
+    missing = [c for c in S.COLUMNS if c not in seed.columns]
+    if missing:
+        raise ValueError(f"seed rows lack columns {missing}")
+    if seed.empty:
+        raise ValueError("no seed rows to join")
+    dup = seed.duplicated(["table", "memory", *S.POINT])
+    if dup.any():
+        raise ValueError(f"seed rows repeat {int(dup.sum())} cells (same table, memory, point)")
+
+
+def reproduction_table(joined: pd.DataFrame, table: int, gpu: str,
+                       versions: Iterable[str] = VERSIONS) -> pd.DataFrame:
+    """One seed table as the chapter shows it: the seed's time, then per version ours under
+    both protocols and the two ratios (ours with the seed's protocol / the seed; rigorous / the
+    seed's protocol). Rows: series (memory, seq × batch) and block size; columns two levels.
+    """
+    versions = parse_versions(versions)
+    rows = joined[(joined["table"] == table) & (joined["gpu_slug"] == gpu)
+                  & joined["version"].isin(versions)]
+    if rows.empty:
+        raise ValueError(f"no joined rows for table {table} on {gpu!r} ({list(versions)})")
+    rows = rows.assign(series=[series_name(m, s, b) for m, s, b in
+                               zip(rows["memory"], rows["seq_len"], rows["batch_size"])])
+    index = ["series", "block_size"]
+    seed_col = rows.drop_duplicates(index).set_index(index)[["seed_us"]]
+    seed_col.columns = pd.MultiIndex.from_tuples([("seed (2024)", "time (µs)")])
+    parts = [seed_col]
+    for v in versions:
+        r = rows[rows["version"] == v].set_index(index)
+        part = r[["seed_protocol_us", "rigorous_us", "seed_protocol_over_seed",
+                  "rigorous_over_seed_protocol"]].copy()
+        part.columns = pd.MultiIndex.from_tuples([
+            (f"ours {v}", "seed protocol (µs)"), (f"ours {v}", "rigorous (µs)"),
+            (f"ours {v}", "seed protocol / seed"), (f"ours {v}", "rigorous / seed protocol")])
+        parts.append(part)
+    out = pd.concat(parts, axis=1)
+    # The post's order: managed before device, the longer context and larger batch first.
+    order = (rows.drop_duplicates("series")
+             .sort_values(["memory", "seq_len", "batch_size"], ascending=[True, False, False])
+             ["series"].tolist())
+    out = out.reindex(pd.MultiIndex.from_tuples(
+        [(s, b) for s in order for b in sorted(rows.loc[rows["series"] == s, "block_size"].unique())],
+        names=["series", "block size"]))
+    return out
+
+
+# ----------------------------------------------------------------------------- long form for figures
+
+def times_long(seed: pd.DataFrame, ours: pd.DataFrame, versions: Iterable[str] = VERSIONS,
+               references: bool = True) -> pd.DataFrame:
+    """Tidy times for the figures: per seed series, the seed's cells and ours at every block size.
+
+    Our series cover every block size measured at the seed series' point (the seed measured
+    some points at two block sizes only). References (vLLM, SDPA) are added to the "original"
+    tables under the rigorous protocol only: under the seed's protocol their Python wrappers,
+    not their kernels, are timed. Columns: gpu_slug, table, table_title, memory, seq_len,
+    batch_size, block_size, source, time_us.
+    """
+    versions = parse_versions(versions)
+    _check_seed_columns(seed)
+    ours = check_ours(ours)
+    series = seed[["table", "table_title", "variant", "memory", "seq_len", "batch_size"]
+                  ].drop_duplicates()
+    frames = []
+    for gpu in cards(ours):
+        s = seed[["table", "table_title", "memory", "seq_len", "batch_size", "block_size",
+                  "time_us"]].assign(gpu_slug=gpu, source=SEED_SOURCE)
+        frames.append(s)
+        mine = ours[ours["gpu_slug"] == gpu]
+        for _, ser in series.iterrows():
+            at = mine[(mine["memory_kind"] == ser["memory"]) & (mine["seq_len"] == ser["seq_len"])
+                      & (mine["batch_size"] == ser["batch_size"])]
+            wanted = [(backend_for(ser["variant"], v), p, source_label(v, p))
+                      for v in versions for p in PROTOCOLS]
+            if references and ser["variant"] == "original":
+                wanted += [(b, "rigorous", REFERENCE_LABELS[b]) for b in REFERENCE_BACKENDS]
+            for backend, protocol, label in wanted:
+                r = at[(at["backend"] == backend) & (at["protocol"] == protocol)]
+                if r.empty:
+                    continue
+                frames.append(pd.DataFrame({
+                    "table": ser["table"], "table_title": ser["table_title"],
+                    "memory": ser["memory"], "seq_len": ser["seq_len"],
+                    "batch_size": ser["batch_size"], "block_size": r["block_size"].to_numpy(),
+                    "time_us": r["median_us"].to_numpy(), "gpu_slug": gpu, "source": label}))
+    out = pd.concat(frames, ignore_index=True)
+    return out.sort_values(["gpu_slug", "table", "memory", "seq_len", "batch_size", "source",
+                            "block_size"]).reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- derived ratios
+
+def _our_ratio(ours: pd.DataFrame, num_backend: str, den_backend: str, protocol: str, *,
+               num_memory: str, den_memory: str, seq_len: int, batch_size: int) -> pd.DataFrame:
+    def pick(backend, memory):
+        return ours[(ours["backend"] == backend) & (ours["protocol"] == protocol)
+                    & (ours["memory_kind"] == memory) & (ours["seq_len"] == seq_len)
+                    & (ours["batch_size"] == batch_size)][["gpu_slug", "block_size", "median_us"]]
+
+    out = pick(num_backend, num_memory).merge(pick(den_backend, den_memory),
+                                              on=["gpu_slug", "block_size"],
+                                              suffixes=("_num", "_den"), validate="one_to_one")
+    return out.rename(columns={"median_us_num": "num_us", "median_us_den": "den_us"})
+
+
+def derived_ratios(seed: pd.DataFrame, ours: pd.DataFrame,
+                   versions: Iterable[str] = VERSIONS) -> pd.DataFrame:
+    """The seed's three derived ratios beside the same ratios of ours, under each protocol.
+
+    managed / device: table 1 against our paged kernel in managed over device memory.
+    no lookup / original: tables 2/3 and 4/5 against our contiguous over paged kernel.
+    no offset / original: table 6/5 against our no_offset over paged kernel.
+    Ours come at every block size of each (seq_len, batch) series the seed's ratio has; the
+    seed's rows are repeated for every card so that one card's slice is complete. Columns:
+    gpu_slug, comparison, seq_len, batch_size, series, block_size, source, num_us, den_us, ratio.
+    """
+    versions = parse_versions(versions)
+    S.validate_seed(seed)
+    ours = check_ours(ours)
+    frames = []
+    for name, (num_var, den_var, fn) in COMPARISONS.items():
+        theirs = fn(seed)
+        pairs = theirs[["seq_len", "batch_size"]].drop_duplicates().itertuples(index=False)
+        mem = ("managed", "device") if name == "managed / device" else ("device", "device")
+        for gpu in cards(ours):
+            frames.append(theirs[["seq_len", "batch_size", "block_size", "num_us", "den_us",
+                                  "ratio"]].assign(gpu_slug=gpu, comparison=name,
+                                                   source=SEED_SOURCE))
+        for seq_len, batch in pairs:
+            for v in versions:
+                for p in PROTOCOLS:
+                    r = _our_ratio(ours, backend_for(num_var, v), backend_for(den_var, v), p,
+                                   num_memory=mem[0], den_memory=mem[1], seq_len=int(seq_len),
+                                   batch_size=int(batch))
+                    if r.empty:
+                        continue
+                    r["ratio"] = r["num_us"] / r["den_us"]
+                    frames.append(r.assign(comparison=name, seq_len=int(seq_len),
+                                           batch_size=int(batch), source=source_label(v, p)))
+    out = pd.concat(frames, ignore_index=True)
+    out["series"] = [f"seq {s} × batch {b}" for s, b in zip(out["seq_len"], out["batch_size"])]
+    cols = ["gpu_slug", "comparison", "seq_len", "batch_size", "series", "block_size", "source",
+            "num_us", "den_us", "ratio"]
+    return out[cols].sort_values(["gpu_slug", "comparison", "seq_len", "batch_size", "source",
+                                  "block_size"]).reset_index(drop=True)
+
+
+def ratio_summary(derived: pd.DataFrame) -> pd.DataFrame:
+    """Per card, comparison, series and source: the smallest and largest ratio and the largest
+    distance from 1 (as a fraction), over the block sizes measured."""
+    g = derived.groupby(["gpu_slug", "comparison", "series", "source"], sort=False)["ratio"]
+    out = g.agg(min="min", max="max", n="count").reset_index()
+    out["max_dev"] = g.apply(lambda r: float((r - 1).abs().max())).to_numpy()
+    return out
+
+
+# ----------------------------------------------------------------------------- block-size pattern
+
+def block_penalty(times: pd.DataFrame, *, small: int = 1, reference: int = 16) -> pd.DataFrame:
+    """Per series and source: time at block `small` over time at block `reference` (vLLM's
+    default 16), and the slowest and fastest block sizes with their ratio.
+
+    `times` is `times_long`'s frame. A series without both block sizes gets NaN there; the
+    slowest/fastest columns use the block sizes it has.
+    """
+    need = ["gpu_slug", *SERIES, "source", "block_size", "time_us"]
+    missing = [c for c in need if c not in times.columns]
+    if missing:
+        raise ValueError(f"block_penalty needs columns {missing}")
+    rows = []
+    for key, g in times.groupby(["gpu_slug", *SERIES, "source"], sort=False):
+        t = g.groupby("block_size")["time_us"].first()
+        rows.append(dict(zip(["gpu_slug", *SERIES, "source"], key)) | {
+            "blocks": len(t),
+            "small_over_ref": float(t[small] / t[reference]) if {small, reference} <= set(t.index) else math.nan,
+            "slowest_block": int(t.idxmax()),
+            "fastest_block": int(t.idxmin()),
+            "slowest_over_fastest": float(t.max() / t.min()),
+        })
+    return pd.DataFrame(rows)
+
+
+def shape_mismatch(joined: pd.DataFrame, *, min_points: int = 3) -> pd.DataFrame:
+    """How well each of our series follows the seed's block-size curve, its level aside.
+
+    Per (card, seed series, version, protocol) with at least `min_points` seed cells:
+    `scale` = geometric mean of ours / seed (how much faster or slower overall), and `spread` =
+    exp of the standard deviation of log(ours / seed) over the block sizes: 1.0 when ours is the
+    seed's curve times a constant, 2.0 when a typical block size is off by a factor of two after
+    that constant is taken out.
+    """
+    rows = []
+    for (gpu, table, memory, seq, batch, v), g in joined.groupby(
+            ["gpu_slug", *SERIES, "version"], sort=False):
+        for p, col in (("seed", "seed_protocol_over_seed"), ("rigorous", "rigorous_over_seed")):
+            r = np.log(g[col].dropna().to_numpy(dtype=float))
+            if len(r) < min_points:
+                continue
+            rows.append({"gpu_slug": gpu, "table": table, "memory": memory, "seq_len": seq,
+                         "batch_size": batch, "version": v, "protocol": p,
+                         "source": source_label(v, p), "points": len(r),
+                         "scale": float(np.exp(r.mean())), "spread": float(np.exp(r.std(ddof=0)))})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- the method's effect
+
+def protocol_effect(ours: pd.DataFrame, backends: Iterable[str] = (
+        "own-v1-paged", "own-v2-paged", *REFERENCE_BACKENDS), memory: str = "device") -> pd.DataFrame:
+    """Rigorous time over seed-protocol time, per card, backend and point: what the method
+    alone moves. Columns: gpu_slug, backend, seq_len, batch_size, series, block_size,
+    seed_protocol_us, rigorous_us, rigorous_over_seed_protocol."""
+    backends = list(backends)
+    wide = _by_protocol(check_ours(ours))
+    out = wide[wide["backend"].isin(backends) & (wide["memory_kind"] == memory)].copy()
+    if out.empty:
+        raise ValueError(f"no rows for backends {backends} in {memory} memory")
+    out["rigorous_over_seed_protocol"] = out["rigorous_us"] / out["seed_protocol_us"]
+    out["series"] = [f"seq {s} × batch {b}" for s, b in zip(out["seq_len"], out["batch_size"])]
+    cols = ["gpu_slug", "backend", "seq_len", "batch_size", "series", "block_size",
+            "seed_protocol_us", "rigorous_us", "rigorous_over_seed_protocol"]
+    return out[cols].sort_values(["gpu_slug", "backend", "seq_len", "batch_size", "block_size"],
+                                 ascending=[True, True, False, True, True]).reset_index(drop=True)
+
+
+def repeat_spread(ours: pd.DataFrame, protocol: str, *, backends: Iterable[str] | None = None) -> pd.DataFrame:
+    """Per card and backend: the largest |managed / device - 1| over all points, under one protocol.
+
+    Resident managed memory reads at device speed (the rigorous rows show it), so the managed
+    and device rows of one kernel at one point are two measurements of the same thing: their
+    disagreement is the protocol's run-to-run noise.
+    """
+    o = check_ours(ours)
+    o = o[o["protocol"] == protocol]
+    if backends is not None:
+        o = o[o["backend"].isin(list(backends))]
+    w = o.pivot_table(index=["gpu_slug", "backend", "seq_len", "batch_size", "block_size"],
+                      columns="memory_kind", values="median_us", aggfunc="first")
+    if not {"managed", "device"} <= set(w.columns):
+        raise ValueError(f"no managed/device pairs under protocol {protocol!r}")
+    w = w.dropna(subset=["managed", "device"])
+    w["dev"] = (w["managed"] / w["device"] - 1).abs()
+    top = w.reset_index().sort_values("dev").groupby(["gpu_slug", "backend"]).tail(1)
+    return top.rename(columns={"dev": "max_dev"}).sort_values(["gpu_slug", "backend"]).reset_index(drop=True)
+
+
+def checks(ours: pd.DataFrame) -> dict[str, float]:
+    """Rows, rows whose output passed its check, and the worst relative error (same run)."""
+    o = check_ours(ours)
+    passed = o["check_passed"].fillna(False).astype(bool)
+    return {"rows": int(len(o)), "passed": int(passed.sum()),
+            "max_rel_error": float(o["rel_error"].max())}
+
+
+def seed_protocol_cache_mib(block_size: int) -> float:
+    """MiB of K + V the seed protocol's 1024 reused blocks hold at this block size (64:8:128
+    fp16): what a sequence's paged reads can touch at most."""
+    return S.likely_cache_bytes(int(block_size)) / 2**20
+
+
+#: The model shapes `seed_tables` measures: (query heads, KV heads) -> label.
+SHAPES = {(64, 8): "64:8 (vLLM's 2024 benchmark default)", (32, 32): "32:32 (Llama-2-7B-like MHA)"}
+
+
+def shape_comparison(seed: pd.DataFrame, gpu: str, root=None) -> pd.DataFrame:
+    """How well each (shape, version, protocol) follows the seed's curves on one card.
+
+    Per combination, over the seed's series: the median and best shape spread (1.00: the seed's
+    curve times a constant) and the median level (ours over the seed). Shapes with no committed
+    rows are left out.
+    """
+    rows = []
+    for heads, label in SHAPES.items():
+        try:
+            ours = load_ours(gpu, root=root, heads=heads)
+        except (FileNotFoundError, ValueError):
+            continue
+        if ours.empty:
+            continue
+        f = shape_mismatch(join(seed, ours))
+        for (version, protocol), g in f.groupby(["version", "protocol"]):
+            rows.append({"shape": label, "version": version, "protocol": protocol, "series": len(g),
+                         "median spread": float(g["spread"].median()),
+                         "best spread": float(g["spread"].min()),
+                         "median level": float(g["scale"].median())})
+    if not rows:
+        raise ValueError(f"no seed_tables rows for any shape on {gpu!r}")
+    return pd.DataFrame(rows)

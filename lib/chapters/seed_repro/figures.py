@@ -1,0 +1,331 @@
+"""Figures and styled tables of the chapter "The seed's six tables on an H100".
+
+They take the frames of :mod:`lib.chapters.seed_repro.analysis` (tidy rows) and return a closed matplotlib
+``Figure`` or a pandas ``Styler``, in the house style of :mod:`lib.book.plots`, so a notebook shows
+each once, where it glues or displays it. Every source keeps one colour and line style in every
+figure: the seed black, our v1 blue, our v2 orange; the seed's protocol dashed, the rigorous one
+solid; today's kernels in their own colours.
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+import matplotlib.ticker as mticker
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from lib.chapters.seed_repro import analysis as SR
+from lib.book.plots import _block_axis, set_house_style
+from lib.book.plots import require_columns as _need
+
+_CB = sns.color_palette("colorblind")
+VERSION_COLOR = {"v1": _CB[0], "v2": _CB[1]}
+REFERENCE_STYLE = {
+    SR.REFERENCE_LABELS["vllm"]: dict(color=_CB[2], linestyle="-", marker="^"),
+    SR.REFERENCE_LABELS["sdpa_dense"]: dict(color=_CB[4], linestyle="-", marker="v"),
+}
+BACKEND_LABELS = {"own-v1-paged": "ours v1 (paged)", "own-v2-paged": "ours v2 (paged)",
+                  **SR.REFERENCE_LABELS}
+BACKEND_STYLE = {"own-v1-paged": dict(color=_CB[0], marker="s"),
+                 "own-v2-paged": dict(color=_CB[1], marker="D"),
+                 "vllm": dict(color=_CB[2], marker="^"), "sdpa_dense": dict(color=_CB[4], marker="v")}
+
+
+def source_style(source: str) -> dict:
+    """Colour, line style, marker and width of one source (the seed, ours, a reference)."""
+    if source == SR.SEED_SOURCE:
+        return dict(color="black", linestyle="-", marker="o", linewidth=2.2, markersize=6, zorder=5)
+    if source in REFERENCE_STYLE:
+        return dict(**REFERENCE_STYLE[source], linewidth=1.2, markersize=5, alpha=0.9)
+    version, _, protocol = source.partition(", ")
+    if version not in VERSION_COLOR or protocol not in SR.PROTOCOL_LABELS.values():
+        raise ValueError(f"unknown source {source!r}")
+    seed_proto = protocol == SR.PROTOCOL_LABELS["seed"]
+    return dict(color=VERSION_COLOR[version], linestyle="--" if seed_proto else "-",
+                marker="s" if version == "v1" else "D", linewidth=1.5, markersize=5,
+                markerfacecolor="white" if seed_proto else VERSION_COLOR[version])
+
+
+def _one_card(df: pd.DataFrame, gpu: str | None, what: str) -> pd.DataFrame:
+    have = sorted(df["gpu_slug"].unique())
+    if gpu is None:
+        if len(have) != 1:
+            raise ValueError(f"{what}: rows from several cards {have}; pass gpu=")
+        return df
+    out = df[df["gpu_slug"] == gpu]
+    if out.empty:
+        raise ValueError(f"{what}: no rows for card {gpu!r} (have {have})")
+    return out
+
+
+def _log_axis(ax) -> None:
+    ax.set_yscale("log")
+    # 1-2-5 ticks: a panel spanning less than a decade still gets labelled ticks.
+    ax.yaxis.set_major_locator(mticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(mticker.NullLocator())
+
+
+def _legend_below(fig: Figure, handles, labels, ncol: int) -> None:
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=ncol,
+               frameon=False, fontsize=8.5)
+
+
+def _order(sources) -> list[str]:
+    rank = {s: i for i, s in enumerate(SR.sources(SR.VERSIONS) + list(SR.REFERENCE_LABELS.values()))}
+    return sorted(set(sources), key=lambda s: rank.get(s, len(rank)))
+
+
+def times_figure(times: pd.DataFrame, tables, *, gpu: str | None = None, ncols: int = 2) -> Figure:
+    """Time against block size, one panel per seed series (table, memory, seq × batch), log scale.
+
+    `times` is :func:`lib.chapters.seed_repro.analysis.times_long`'s frame; `tables` picks the seed tables.
+    """
+    _need(times, ["gpu_slug", *SR.SERIES, "table_title", "block_size", "source", "time_us"],
+          "times_figure")
+    data = _one_card(times, gpu, "times_figure")
+    data = data[data["table"].isin(list(tables))]
+    if data.empty:
+        raise ValueError(f"times_figure: no rows for tables {list(tables)}")
+    set_house_style()
+    panels = (data[["table", "table_title", "memory", "seq_len", "batch_size"]].drop_duplicates()
+              .sort_values(["table", "memory", "seq_len", "batch_size"],
+                           ascending=[True, True, False, True]))
+    n = len(panels)
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.5 * ncols, 2.6 * nrows), squeeze=False)
+    shown = []
+    for ax, (_, p) in zip(axes.flat, panels.iterrows()):
+        rows = data[(data["table"] == p["table"]) & (data["memory"] == p["memory"])
+                    & (data["seq_len"] == p["seq_len"]) & (data["batch_size"] == p["batch_size"])]
+        for src in _order(rows["source"]):
+            s = rows[rows["source"] == src].groupby("block_size")["time_us"].first().sort_index()
+            ax.plot(s.index, s.to_numpy(), label=src, **source_style(src))
+            shown.append(src)
+        _block_axis(ax, data["block_size"])
+        _log_axis(ax)
+        mem = f"{p['memory']}, " if p["table"] == 1 else ""
+        ax.set_title(f"Table {p['table']}: {p['table_title']}\n{mem}seq {p['seq_len']} × batch "
+                     f"{p['batch_size']}", loc="left", fontsize=9)
+        ax.set_ylabel("time (µs)")
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    fig.tight_layout(h_pad=1.2)
+    order = _order(shown)
+    handles = [Line2D([], [], **source_style(s)) for s in order]
+    _legend_below(fig, handles, order, ncol=min(3, len(order)))
+    plt.close(fig)
+    return fig
+
+
+def penalty_figure(penalty: pd.DataFrame, series: list[tuple[int, str, int, int]], *,
+                   gpu: str | None = None) -> Figure:
+    """Bars of time at block 1 over time at block 16, per source, one panel per chosen series.
+
+    `penalty` is :func:`lib.chapters.seed_repro.analysis.block_penalty`'s frame; `series` lists (table, memory,
+    seq_len, batch_size). A bar above 1 means small blocks are slower.
+    """
+    _need(penalty, ["gpu_slug", *SR.SERIES, "source", "small_over_ref"], "penalty_figure")
+    data = _one_card(penalty, gpu, "penalty_figure")
+    set_house_style()
+    fig, axes = plt.subplots(1, len(series), figsize=(3.4 * len(series), 2.8), squeeze=False,
+                             sharex=True)
+    top = float(np.nanmax(data["small_over_ref"])) if len(data) else 1.0
+    for ax, (table, memory, seq, batch) in zip(axes.flat, series):
+        rows = data[(data["table"] == table) & (data["memory"] == memory)
+                    & (data["seq_len"] == seq) & (data["batch_size"] == batch)]
+        rows = rows.dropna(subset=["small_over_ref"])
+        if rows.empty:
+            raise ValueError(f"penalty_figure: no block 1 / block 16 ratio for table {table}, "
+                             f"{memory}, seq {seq} × batch {batch}")
+        order = _order(rows["source"])
+        vals = rows.set_index("source").loc[order, "small_over_ref"]
+        y = np.arange(len(order))[::-1]
+        for yi, src in zip(y, order):
+            st = source_style(src)
+            hatch = "///" if st.get("linestyle") == "--" else None
+            ax.barh(yi, vals[src], color=st["color"], alpha=0.85 if hatch is None else 0.45,
+                    hatch=hatch, edgecolor=st["color"], height=0.7)
+            ax.text(vals[src] + 0.08, yi, f"{vals[src]:.1f}×", va="center", fontsize=8)
+        ax.axvline(1.0, color="0.35", linewidth=1, linestyle="--", zorder=0)
+        ax.set_yticks(y)
+        ax.set_yticklabels(order, fontsize=8)
+        ax.set_xlim(0, top * 1.18)
+        ax.set_xlabel("time at block 1 / time at block 16")
+        ax.set_title(f"Table {table}, seq {seq} × batch {batch}", loc="left", fontsize=9)
+        ax.grid(axis="y", visible=False)
+    for ax in axes.flat[1:]:
+        ax.tick_params(labelleft=False)
+    fig.tight_layout(w_pad=0.8)
+    plt.close(fig)
+    return fig
+
+
+def ratios_figure(derived: pd.DataFrame, *, gpu: str | None = None, versions=SR.VERSIONS,
+                  ncols: int = 2) -> Figure:
+    """The seed's derived ratios beside ours: one panel per (comparison, series), one line per
+    source, the line of no difference drawn in. `derived` is
+    :func:`lib.chapters.seed_repro.analysis.derived_ratios`' frame."""
+    _need(derived, ["gpu_slug", "comparison", "seq_len", "batch_size", "series", "block_size",
+                    "source", "ratio"], "ratios_figure")
+    data = _one_card(derived, gpu, "ratios_figure")
+    keep = set(SR.sources(SR.parse_versions(versions)))
+    data = data[data["source"].isin(keep)]
+    set_house_style()
+    names = list(SR.COMPARISONS)
+    panels = (data[["comparison", "seq_len", "batch_size", "series"]].drop_duplicates()
+              .assign(rank=lambda d: d["comparison"].map(names.index))
+              .sort_values(["rank", "seq_len", "batch_size"], ascending=[True, False, True]))
+    n = len(panels)
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.5 * ncols, 2.6 * nrows), squeeze=False)
+    shown = []
+    for ax, (_, p) in zip(axes.flat, panels.iterrows()):
+        rows = data[(data["comparison"] == p["comparison"]) & (data["series"] == p["series"])]
+        for src in _order(rows["source"]):
+            s = rows[rows["source"] == src].groupby("block_size")["ratio"].first().sort_index()
+            ax.plot(s.index, s.to_numpy(), label=src, **source_style(src))
+            shown.append(src)
+        ax.axhline(1.0, color="0.35", linewidth=1, linestyle=":", zorder=0)
+        _block_axis(ax, data["block_size"])
+        lo, hi = float(rows["ratio"].min()), float(rows["ratio"].max())
+        pad = max(0.03, 0.08 * (max(hi, 1.0) - min(lo, 1.0)))
+        ax.set_ylim(min(lo, 1.0) - pad, max(hi, 1.0) + pad)
+        ax.set_title(f"{p['comparison']}\n{p['series']}", loc="left", fontsize=9)
+        ax.set_ylabel("time ratio")
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    fig.tight_layout(h_pad=1.2)
+    order = _order(shown)
+    _legend_below(fig, [Line2D([], [], **source_style(s)) for s in order], order,
+                  ncol=min(3, len(order)))
+    plt.close(fig)
+    return fig
+
+
+def protocol_figure(effect: pd.DataFrame, *, gpu: str | None = None, ncols: int = 2) -> Figure:
+    """Rigorous time over seed-protocol time by block size, one panel per (seq, batch), one line
+    per backend, log scale: above 1 the seed's method made the kernel look faster, below 1
+    slower. `effect` is :func:`lib.chapters.seed_repro.analysis.protocol_effect`'s frame."""
+    _need(effect, ["gpu_slug", "backend", "seq_len", "batch_size", "series", "block_size",
+                   "rigorous_over_seed_protocol"], "protocol_figure")
+    data = _one_card(effect, gpu, "protocol_figure")
+    set_house_style()
+    panels = (data[["seq_len", "batch_size", "series"]].drop_duplicates()
+              .sort_values(["seq_len", "batch_size"], ascending=[False, True]))
+    n = len(panels)
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.5 * ncols, 2.5 * nrows), squeeze=False,
+                             sharey=True)
+    backends = [b for b in BACKEND_STYLE if b in set(data["backend"])]
+    for ax, (_, p) in zip(axes.flat, panels.iterrows()):
+        rows = data[data["series"] == p["series"]]
+        for b in backends:
+            s = rows[rows["backend"] == b].groupby("block_size")["rigorous_over_seed_protocol"].first()
+            ax.plot(s.index, s.to_numpy(), linewidth=1.5, markersize=5, **BACKEND_STYLE[b])
+        ax.axhline(1.0, color="0.35", linewidth=1, linestyle=":", zorder=0)
+        _block_axis(ax, data["block_size"])
+        _log_axis(ax)
+        ax.set_title(p["series"], loc="left", fontsize=9)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("rigorous / seed protocol")
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    fig.tight_layout(h_pad=1.0, w_pad=0.6)
+    _legend_below(fig, [Line2D([], [], linewidth=1.5, **BACKEND_STYLE[b]) for b in backends],
+                  [BACKEND_LABELS[b] for b in backends], ncol=2)
+    plt.close(fig)
+    return fig
+
+
+# ----------------------------------------------------------------------------- tables
+
+_TABLE_STYLES = [
+    {"selector": "th", "props": [("text-align", "center"), ("font-size", "0.7em"),
+                                 ("padding", "2px 3px"), ("white-space", "normal")]},
+    {"selector": "td", "props": [("text-align", "right"), ("font-size", "0.72em"),
+                                 ("padding", "2px 4px"), ("font-variant-numeric", "tabular-nums")]},
+    {"selector": "caption", "props": [("caption-side", "top"), ("font-size", "0.9em"),
+                                      ("text-align", "left")]},
+]
+
+
+#: The first column holds row labels: left-aligned, never wrapped.
+_LABEL_STYLE = [{"selector": "td:first-child, th:first-child",
+                 "props": [("text-align", "left"), ("white-space", "nowrap")]}]
+
+
+def _ratio_shade(values: pd.DataFrame) -> pd.DataFrame:
+    """CSS per ratio cell: blue below 1 (ours faster), red above, by log2 distance, capped."""
+    def css(v):
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            return ""
+        x = max(-1.0, min(1.0, math.log2(v) / 3))
+        r, g, b = ((0.99, 0.55, 0.42) if x > 0 else (0.42, 0.62, 0.86))
+        a = 0.08 + 0.55 * abs(x)
+        return f"background-color: rgba({int(r * 255)}, {int(g * 255)}, {int(b * 255)}, {a:.2f})"
+
+    return values.map(css)
+
+
+def style_reproduction_table(wide: pd.DataFrame, caption: str | None = None):
+    """A reproduction table (:func:`lib.chapters.seed_repro.analysis.reproduction_table`) for reading: times with
+    one decimal, ratios with two, ratio cells shaded blue below 1 and red above, gaps as a dash."""
+    if wide.empty:
+        raise ValueError("style_reproduction_table got an empty table")
+    flat = wide.reset_index()
+    flat.columns = pd.MultiIndex.from_tuples(
+        [("", "series"), ("", "block size")] + list(wide.columns))
+    # The series repeats on every row of its block sizes; name it once, on its first row.
+    label = ("", "series")
+    flat.loc[flat[label].duplicated(), label] = ""
+    times = [c for c in flat.columns if "(µs)" in c[1]]
+    ratios = [c for c in flat.columns if " / " in c[1]]
+    styler = (
+        flat.style.hide(axis="index")
+        .format("{:.1f}", subset=times, na_rep="—")
+        .format("{:.2f}", subset=ratios, na_rep="—")
+        .apply(_ratio_shade, axis=None, subset=ratios)
+        .set_table_styles(_TABLE_STYLES + _LABEL_STYLE)
+    )
+    if caption:
+        styler = styler.set_caption(caption)
+    return styler
+
+
+def style_fit_table(shape: pd.DataFrame, versions=SR.VERSIONS, caption: str | None = None):
+    """:func:`lib.chapters.seed_repro.analysis.shape_mismatch` as a table: one row per seed series, per source
+    the shape spread (1.00 = the seed's curve up to a constant) and the overall scale."""
+    _need(shape, ["table", "memory", "seq_len", "batch_size", "source", "scale", "spread"],
+          "style_fit_table")
+    keep = [s for s in SR.sources(SR.parse_versions(versions))[1:] if s in set(shape["source"])]
+    data = shape[shape["source"].isin(keep)].assign(
+        series=lambda d: [f"table {t}, {SR.series_name(m, s, b)}" for t, m, s, b in
+                          zip(d["table"], d["memory"], d["seq_len"], d["batch_size"])])
+    wide = data.pivot_table(index="series", columns="source", values=["spread", "scale"],
+                            aggfunc="first", sort=False)
+    cols = [(m, s) for s in keep for m in ("spread", "scale")]
+    wide = wide.reindex(columns=pd.MultiIndex.from_tuples(cols))
+    wide.columns = pd.MultiIndex.from_tuples(
+        [(s, "shape spread" if m == "spread" else "ours / seed (geo. mean)") for m, s in cols])
+    flat = wide.reset_index()
+    flat.columns = pd.MultiIndex.from_tuples([("", "seed table and series")] + list(wide.columns))
+    spread_cols = [c for c in flat.columns if c[1] == "shape spread"]
+    scale_cols = [c for c in flat.columns if c[1].startswith("ours / seed")]
+    styler = (
+        flat.style.hide(axis="index")
+        .format("{:.2f}", subset=spread_cols + scale_cols, na_rep="—")
+        .background_gradient(cmap="Greens_r", subset=spread_cols, vmin=1.0, vmax=3.0)
+        .set_table_styles(_TABLE_STYLES + _LABEL_STYLE)
+    )
+    if caption:
+        styler = styler.set_caption(caption)
+    return styler

@@ -1,0 +1,426 @@
+"""One registry of everything that can be timed, behind one call signature.
+
+A *problem* (`DecodeProblem`) says what to compute; a *case* (`DecodeCase`) holds its data on the
+GPU, in the pool layout, and derives every other layout on demand; a *backend* turns a case and
+an output buffer into a zero-argument launcher that enqueues the work on CuPy's current stream
+(graph-capture safe: all scratch is allocated before, never inside, the launcher).
+
+    case = DecodeCase.build(problem)
+    out = case.poisoned_output()
+    launch = get_backend("own-v2-paged").prepare(case, out)
+    launch(); err = relative_error(out, case.reference())
+
+Backends: `own-{auto,v1,v2}-{paged,contiguous,no_offset}` (ours), `vllm` (vLLM's Triton
+`unified_attention`), `sdpa_dense` (PyTorch SDPA on contiguous K/V: no page table), and optional
+peers listed as unavailable when their library is absent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Callable
+
+import numpy as np
+
+from lib.engine import kernels
+from lib.engine import kvcache
+from lib.engine import validation
+
+Launcher = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class DecodeProblem:
+    """What one decode step computes; validated on construction (pure Python, no GPU)."""
+
+    num_seqs: int
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    block_size: int
+    dtype: str
+    seq_lens: tuple[int, ...]
+    placement: str = "identity"
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "seq_lens", tuple(int(n) for n in self.seq_lens))
+        validation.validate_decode_problem(
+            num_seqs=self.num_seqs, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            head_size=self.head_size, block_size=self.block_size, dtype=self.dtype,
+            seq_lens=np.asarray(self.seq_lens, dtype=np.int64))
+        if self.placement not in kvcache.PLACEMENTS + ("random",):
+            raise ValueError(f"placement={self.placement!r}: choose one of "
+                             f"{', '.join(kvcache.PLACEMENTS + ('random',))}")
+
+    @classmethod
+    def uniform(cls, batch: int, seq_len: int, **kw) -> "DecodeProblem":
+        return cls(num_seqs=batch, seq_lens=(seq_len,) * batch, **kw)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens)
+
+    @property
+    def itemsize(self) -> int:
+        return kvcache.itemsize(self.dtype)
+
+    @property
+    def bytes_moved(self) -> int:
+        return kvcache.decode_bytes(self.seq_lens, self.num_heads, self.num_kv_heads,
+                                    self.head_size, self.dtype)
+
+
+def _default_alloc(shape, dtype):
+    import cupy
+
+    return cupy.empty(shape, dtype=dtype)
+
+
+@dataclass
+class DecodeCase:
+    """A problem's data on the GPU: q and the K/V pools, plus layouts derived on demand.
+
+    `alloc(shape, dtype)` makes every cache array (pools and derived layouts), so a caller can
+    put the KV cache in managed or pinned memory; q, tables and outputs use device memory.
+    `physical_blocks` (seed protocol) draws table entries at random from that many blocks.
+    """
+
+    problem: DecodeProblem
+    q: object
+    kpool: object
+    vpool: object
+    tables: kvcache.BlockTables
+    alloc: Callable = _default_alloc
+    _layouts: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, problem: DecodeProblem, *, alloc: Callable = _default_alloc,
+              physical_blocks: int | None = None) -> "DecodeCase":
+        import cupy
+
+        rng = np.random.default_rng(problem.seed)
+        p = problem
+        if p.placement == "random":
+            if not physical_blocks:
+                raise ValueError("placement='random' (seed protocol) needs physical_blocks")
+            tables = kvcache.make_random_block_tables(p.seq_lens, p.block_size, physical_blocks, rng)
+        else:
+            tables = kvcache.make_block_tables(p.seq_lens, p.block_size, p.placement, rng)
+        validation.validate_decode_problem(
+            num_seqs=p.num_seqs, num_heads=p.num_heads, num_kv_heads=p.num_kv_heads,
+            head_size=p.head_size, block_size=p.block_size, dtype=p.dtype,
+            seq_lens=np.asarray(p.seq_lens), tables=tables)
+        q = kvcache.random_array((p.num_seqs, p.num_heads, p.head_size), p.dtype, rng, xp=cupy)
+        pools = []
+        for _ in ("k", "v"):
+            pool = alloc((tables.num_blocks, p.block_size, p.num_kv_heads, p.head_size),
+                         kvcache.storage_dtype(p.dtype, cupy))
+            # single_content: one random block broadcast into every block of the pool.
+            fill = 1 if p.placement == "single_content" else tables.num_blocks
+            pool[...] = kvcache.random_pool(fill, p.block_size, p.num_kv_heads, p.head_size,
+                                            p.dtype, rng, xp=cupy)
+            pools.append(pool)
+        return cls(p, q, pools[0], pools[1], tables, alloc)
+
+    # -- device-side metadata --------------------------------------------------------------
+    @cached_property
+    def device_tables(self):
+        import cupy
+
+        return cupy.asarray(self.tables.tables)
+
+    @cached_property
+    def device_seq_start(self):
+        import cupy
+
+        return cupy.asarray(self.tables.seq_start)
+
+    @cached_property
+    def device_seq_lens(self):
+        import cupy
+
+        return cupy.asarray(np.asarray(self.problem.seq_lens, dtype=np.int32))
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.problem.head_size)
+
+    # -- layouts ---------------------------------------------------------------------------
+    def _copy_into_alloc(self, a):
+        out = self.alloc(a.shape, a.dtype)
+        out[...] = a
+        return out
+
+    def layout(self, name: str):
+        """(k, v) in layout `classic`, `vllm` (the pool itself) or `dense`; built once."""
+        import cupy
+
+        if name not in self._layouts:
+            if name == "vllm":
+                self._layouts[name] = kvcache.to_vllm(self.kpool, self.vpool)
+            elif name == "classic":
+                k, v = kvcache.to_classic(self.kpool, self.vpool, xp=cupy)
+                self._layouts[name] = (self._copy_into_alloc(k), self._copy_into_alloc(v))
+            elif name == "dense":
+                k, v = kvcache.to_dense(self.kpool, self.vpool, self.tables, self.problem.seq_lens,
+                                        xp=cupy)
+                self._layouts[name] = (self._copy_into_alloc(k), self._copy_into_alloc(v))
+            else:
+                raise ValueError(f"layout={name!r}: choose classic, vllm or dense")
+        return self._layouts[name]
+
+    def drop_layout(self, name: str) -> None:
+        """Free a derived layout (big sweeps keep one at a time)."""
+        self._layouts.pop(name, None)
+
+    def poisoned_output(self):
+        """A fresh output buffer filled with NaN: an unwritten element can never pass a check."""
+        import cupy
+
+        p = self.problem
+        out = cupy.empty((p.num_seqs, p.num_heads, p.head_size), kvcache.storage_dtype(p.dtype, cupy))
+        if p.dtype == "bfloat16":
+            out.fill(0x7FC0)  # bf16 quiet NaN bits
+        else:
+            out.fill(np.nan)
+        return out
+
+    def reference(self):
+        """Float64 reference output on the GPU (cached)."""
+        import cupy
+
+        if "_ref" not in self._layouts:
+            from lib.engine.reference import decode_attention_reference
+
+            self._layouts["_ref"] = decode_attention_reference(
+                self.q, self.kpool, self.vpool, self.tables, self.problem.seq_lens,
+                scale=self.scale, dtype_name=self.problem.dtype, xp=cupy)
+        return self._layouts["_ref"]
+
+
+# ------------------------------------------------------------------------------ backends
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Something that can run decode attention: `prepare(case, out)` returns a launcher."""
+
+    name: str
+    family: str        # own, vllm, sdpa, peer
+    layout: str        # classic, vllm, dense
+    description: str
+    version: int | str = ""
+    addressing: str = ""
+    _prepare: Callable | None = None
+    _available: Callable[[], str | None] = lambda: None
+
+    def unavailable_reason(self) -> str | None:
+        """None when usable here, else a one-line reason (never raises)."""
+        try:
+            return self._available()
+        except Exception as exc:  # a broken optional install is "unavailable", not a crash
+            return f"{type(exc).__name__}: {exc}"
+
+    def prepare(self, case: DecodeCase, out, **options) -> Launcher:
+        reason = self.unavailable_reason()
+        if reason:
+            raise RuntimeError(f"backend {self.name} is unavailable: {reason}")
+        k, v = case.layout(self.layout)
+        validation.validate_cache_arrays(case.q, k, v, out, layout=self.layout,
+                                         num_kv_heads=case.problem.num_kv_heads,
+                                         block_size=case.problem.block_size,
+                                         dtype=case.problem.dtype)
+        launcher = self._prepare(self, case, k, v, out, **options)
+        import cupy
+
+        # Inputs were written on the default stream; a launcher may run on any stream.
+        cupy.cuda.Device().synchronize()
+        return launcher
+
+
+def _needs_cupy() -> str | None:
+    from lib.engine.gpu import gpu_available
+
+    return None if gpu_available() else "no CUDA GPU / CuPy here"
+
+
+def _needs_torch() -> str | None:
+    if importlib.util.find_spec("torch") is None:
+        return "torch is not installed"
+    return _needs_cupy()
+
+
+def _prepare_own(backend: Backend, case: DecodeCase, k, v, out, *, partition_size=None,
+                 num_sms=None) -> Launcher:
+    import cupy
+
+    p = case.problem
+    if backend.addressing == "contiguous":  # it reads seq_start[s] + j: check that range too
+        validation.validate_contiguous_range(case.tables.seq_start, p.seq_lens, p.block_size,
+                                             case.tables.num_blocks)
+    if num_sms is None:
+        num_sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+    plan = kernels.plan_launch(
+        dtype=p.dtype, block_size=p.block_size, head_size=p.head_size, num_heads=p.num_heads,
+        num_kv_heads=p.num_kv_heads, num_seqs=p.num_seqs, max_seq_len=p.max_seq_len,
+        addressing=backend.addressing, version=backend.version,
+        partition_size=partition_size, num_sms=num_sms)
+    return kernels.OwnDecode(plan, q=case.q, k_cache=k, v_cache=v,
+                             block_tables=case.device_tables, seq_first=case.device_seq_start,
+                             seq_lens=case.device_seq_lens, out=out, scale=case.scale)
+
+
+def torch_view(a):
+    """A torch tensor sharing a CuPy array's memory (bf16 stored as uint16 is re-viewed).
+
+    Goes through `__cuda_array_interface__`, not DLPack: torch rejects DLPack's managed-memory
+    device type (NOTES.md), and managed KV caches must work too.
+    """
+    import torch
+
+    t = torch.as_tensor(a, device="cuda")
+    if t.dtype == torch.uint16:
+        t = t.view(torch.bfloat16)
+    return t
+
+
+def _on_cupy_stream(fn: Callable[[], None]) -> Launcher:
+    """Run torch work on CuPy's current stream, so graph capture and events see it.
+
+    CuPy's legacy null stream has handle 0, and torch work launched "on" it was not ordered
+    with CuPy's work: a 16-process correctness run read unwritten (NaN) outputs from a third of
+    the torch backends' calls while every call checked after a device-wide sync passed. So on
+    the null stream the launcher waits for torch's work before returning (eager use only: the
+    timing harness always runs on a stream of its own, where the handle is real).
+    """
+    import cupy
+    import torch
+
+    def launch():
+        ptr = cupy.cuda.get_current_stream().ptr
+        if ptr:
+            with torch.cuda.stream(torch.cuda.ExternalStream(ptr)):
+                fn()
+        else:
+            fn()
+            torch.cuda.current_stream().synchronize()
+
+    return launch
+
+
+def _prepare_sdpa(backend: Backend, case: DecodeCase, k, v, out) -> Launcher:
+    import torch
+    import torch.nn.functional as F
+
+    p = case.problem
+    q = torch_view(case.q).unsqueeze(2)           # [S, H, 1, D]
+    kt, vt, o = torch_view(k), torch_view(v), torch_view(out)
+    mask = None
+    if len(set(p.seq_lens)) > 1:                  # ragged: mask the zero padding
+        lens = torch.as_tensor(p.seq_lens, device="cuda")
+        mask = (torch.arange(p.max_seq_len, device="cuda")[None, :] < lens[:, None])[:, None, None, :]
+    gqa = p.num_heads != p.num_kv_heads
+
+    def run():
+        r = F.scaled_dot_product_attention(q, kt, vt, attn_mask=mask, scale=case.scale,
+                                           enable_gqa=gqa)
+        o.copy_(r.squeeze(2))
+
+    return _on_cupy_stream(run)
+
+
+def _vllm_unavailable() -> str | None:
+    reason = _needs_torch()
+    if reason:
+        return reason
+    from lib.engine.backends import vllm as vllm_kernels
+
+    status = vllm_kernels.vllm_status()
+    return None if status.get("available") else status.get("reason", "vLLM not found")
+
+
+def _prepare_vllm(backend: Backend, case: DecodeCase, k, v, out) -> Launcher:
+    from lib.engine.backends import vllm as vllm_kernels
+
+    p = case.problem
+    launcher = vllm_kernels.prepare_decode(
+        torch_view(case.q), torch_view(k), torch_view(v), torch_view(out),
+        torch_view(case.device_tables), torch_view(case.device_seq_lens),
+        scale=case.scale, max_seq_len=p.max_seq_len)
+    return _on_cupy_stream(launcher)
+
+
+def _flex_unavailable() -> str | None:
+    from lib.engine.backends import flex as flex_paged
+
+    return flex_paged.unavailable_reason()
+
+
+def _prepare_flex(backend: Backend, case: DecodeCase, k, v, out) -> Launcher:
+    from lib.engine.backends import flex as flex_paged
+
+    launcher = flex_paged.prepare_decode(
+        torch_view(case.q), torch_view(k), torch_view(v), torch_view(out), case.tables.tables,
+        case.problem.seq_lens, scale=case.scale)
+    return _on_cupy_stream(launcher)
+
+
+def _peer_unavailable(module: str) -> Callable[[], str | None]:
+    def check():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # a parent package (e.g. torch) is absent
+            found = False
+        if not found:
+            return f"{module} is not installed (optional peer)"
+        return "installed, but no adapter is written for it yet"
+    return check
+
+
+def _registry() -> dict[str, Backend]:
+    reg: dict[str, Backend] = {}
+    for version in ("auto", 1, 2):
+        for addressing in kernels.ADDRESSING:
+            name = f"own-{version if version == 'auto' else f'v{version}'}-{addressing}"
+            reg[name] = Backend(
+                name, "own", "classic",
+                f"our PagedAttention {'v1/v2 (auto)' if version == 'auto' else f'v{version}'} "
+                f"kernel, {addressing} addressing", version, addressing, _prepare_own, _needs_cupy)
+    reg["vllm"] = Backend("vllm", "vllm", "vllm",
+                          "vLLM's Triton unified_attention (current decode kernel)",
+                          _prepare=_prepare_vllm, _available=_vllm_unavailable)
+    reg["sdpa_dense"] = Backend("sdpa_dense", "sdpa", "dense",
+                                "torch SDPA on contiguous K/V (no page table)",
+                                _prepare=_prepare_sdpa, _available=_needs_torch)
+    reg["flashinfer"] = Backend("flashinfer", "peer", "vllm", "FlashInfer paged decode (optional)",
+                                _available=_peer_unavailable("flashinfer"))
+    reg["flex_paged"] = Backend("flex_paged", "peer", "vllm",
+                                "PyTorch FlexAttention (compiled) over the paged cache: the page "
+                                "table as its block mask",
+                                _prepare=_prepare_flex, _available=_flex_unavailable)
+    return reg
+
+
+BACKENDS: dict[str, Backend] = _registry()
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, BACKENDS, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown backend {name!r}{hint} (known: {', '.join(BACKENDS)})") from None
+
+
+def list_backends() -> list[dict]:
+    """Every backend with its availability here (for `python -m lib env` and the book)."""
+    return [{"backend": b.name, "family": b.family, "layout": b.layout,
+             "description": b.description, "unavailable": b.unavailable_reason()}
+            for b in BACKENDS.values()]

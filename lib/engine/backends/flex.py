@@ -1,0 +1,343 @@
+"""PyTorch FlexAttention decode over the paged (vLLM-layout) KV cache: the `flex_paged` backend.
+
+FlexAttention has no page table of its own; it has a *block mask*: for each query row, a list of
+KV blocks to visit. With the block mask's KV block size set to the page size, that list is the
+page table. Three pieces, all built once in :func:`prepare_decode`:
+
+* **K/V, no copy.** The pool ``[num_blocks, block_size, kv_heads, D]`` is viewed as one physical
+  sequence per KV head, ``[1, kv_heads, num_blocks * block_size, D]`` (a strided view of the same
+  memory). Its batch of 1 is broadcast over the query batch, which FlexAttention allows when a
+  block mask is given.
+* **The page table as block lists** (:func:`plan_pages`, pure NumPy). Row ``s`` of the block mask
+  lists sequence ``s``'s physical pages in logical order (``kv_indices`` = its block-table row,
+  ``kv_num_blocks`` = the pages it uses), so the kernel walks exactly those pages.
+* **The tail as a mask_mod.** Lists cannot express the unused end of a last page, so a mask_mod
+  does: physical token ``p`` of page ``p // block_size`` is kept for sequence ``s`` iff
+  ``owner[page] == s`` and ``p % block_size < valid[page]`` (the page's used tokens). The mask is
+  exact on its own, which matters twice: eager ``flex_attention`` ignores the lists and applies the
+  mask to the whole pool (the slow reference gives the right answer), and the lists may safely
+  be split into "partial" (mask applied) and "full" (mask skipped) blocks (``full_blocks=True``).
+  It needs each physical page used at most once: the seed protocol's random tables (pages drawn
+  with replacement) are refused.
+
+Block sizes: FlexAttention's decode kernel walks a sparse block in tiles of ``BLOCK_N`` tokens,
+``BLOCK_N`` divides the sparse block and is a power of two, and its ``P @ V`` product has
+``BLOCK_N`` as the reduction dimension of a ``tl.dot``, which Triton needs to be at least 16 for
+16-bit inputs. So a page (= sparse block) must be a power of two of at least 16 tokens:
+16, 32, 64, 128, 256 of the study's sizes; 1-8 are refused with a ValueError before any launch.
+
+The call is ``torch.compile``-d once (in `prepare_decode`, outside any timed region) into
+FlexAttention's decode kernel (split along the KV axis) and the reduction that writes `out`;
+eager ``flex_attention`` is only a slow reference (``compiled=False``). The call allocates its
+split-K scratch through torch's caching allocator (FlexAttention has no ``out=``) and then writes
+`out`; it does not synchronize with the host, so it is meant to be CUDA-graph capturable the way
+the ``sdpa_dense`` backend is (the blocks freed by the compile-time call are reused during
+capture), which the GPU tests check. Were capture to fail, :func:`lib.engine.timing.time_graph` raises
+``CaptureError`` and the sweep records the row as an error; the ``eager`` protocol still times it.
+
+Recompilation: each distinct shape compiles once (dynamo's entry per shape; the same shape with
+new data reuses it). Preparing lifts dynamo's recompile limit, which would otherwise fall back to
+eager execution after 8 shapes in one process; a prepared call that would recompile raises.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+
+from lib.engine.validation import _host
+
+#: The sparse-block (page) sizes FlexAttention's Triton decode kernel can walk (see module doc).
+MIN_BLOCK_SIZE = 16
+#: FlexAttention's default sparse Q block; a multiple of the decode kernel's BLOCK_M for GQA
+#: groups up to 128 query heads per KV head.
+Q_BLOCK_SIZE = 128
+#: Recompile budget while preparing: every distinct shape compiles once, and a sweep prepares many.
+_RECOMPILE_LIMIT = 4096
+
+
+def check_block_size(block_size) -> int:
+    """The page size FlexAttention can use as its KV sparse block size; ValueError otherwise."""
+    bs = int(block_size)
+    if bs != block_size or bs < MIN_BLOCK_SIZE or bs & (bs - 1):
+        raise ValueError(
+            f"block_size={block_size} is not supported by flex_paged: FlexAttention walks each "
+            "page (its KV sparse block) in power-of-two tiles that divide it, and Triton's tl.dot "
+            f"needs tiles of >= {MIN_BLOCK_SIZE} tokens; allowed: powers of two >= {MIN_BLOCK_SIZE} "
+            "(16, 32, 64, 128, 256)")
+    return bs
+
+
+# ------------------------------------------------------------------------------ plan (NumPy)
+
+
+@dataclass(frozen=True)
+class PagePlan:
+    """The page table in FlexAttention's terms, on the host (int32 arrays).
+
+    kv_num_blocks ``[S]``, kv_indices ``[S, W]``: pages visited with the mask_mod applied.
+    full_kv_num_blocks, full_kv_indices: pages visited without it (None unless `full_blocks`).
+    owner ``[num_blocks]``: the sequence using each physical page (-1: unused).
+    valid ``[num_blocks]``: how many of the page's tokens that sequence uses (0 if unused).
+    """
+
+    block_size: int
+    num_blocks: int
+    kv_num_blocks: np.ndarray
+    kv_indices: np.ndarray
+    full_kv_num_blocks: np.ndarray | None
+    full_kv_indices: np.ndarray | None
+    owner: np.ndarray
+    valid: np.ndarray
+
+    @property
+    def num_tokens(self) -> int:
+        """Length of the flat physical sequence the pool is viewed as."""
+        return self.num_blocks * self.block_size
+
+    def token_mask(self, seq: int) -> np.ndarray:
+        """What the mask_mod computes for sequence `seq`, over every physical token (bool)."""
+        p = np.arange(self.num_tokens)
+        page = p // self.block_size
+        return (self.owner[page] == seq) & (p % self.block_size < self.valid[page])
+
+
+def plan_pages(block_tables, seq_lens, *, block_size: int, num_blocks: int,
+               full_blocks: bool = False) -> PagePlan:
+    """Turn block tables (int ``[S, W]``) and lengths into block lists plus the mask's arrays.
+
+    Only the first ceil(len / block_size) entries of a row are read. Raises ValueError for an
+    unsupported block size, a table too narrow or out of range, or a page used twice.
+    With `full_blocks`, every completely used page goes to the "full" lists (no mask_mod) and
+    only a partially used last page stays in the masked lists. It is off by default: with full
+    lists, FlexAttention's decode kernel sizes its KV splits by the pool's length instead of each
+    sequence's, so with many sequences in the pool most splits find no work (read in torch's
+    flex_decode template); without them, the mask costs two small table reads per key.
+    """
+    bs = check_block_size(block_size)
+    tables = _host(block_tables)
+    lens = _host(seq_lens)
+    if tables.ndim != 2 or not np.issubdtype(tables.dtype, np.integer):
+        raise ValueError(f"block_tables must be a 2-D integer array, got {tables.dtype} "
+                         f"{tables.shape}")
+    if lens.shape != (tables.shape[0],) or not np.issubdtype(lens.dtype, np.integer):
+        raise ValueError(f"seq_lens must be {tables.shape[0]} integers (one per table row), "
+                         f"got {lens.dtype} {lens.shape}")
+    if (lens < 1).any():
+        raise ValueError(f"seq_lens must all be >= 1, got min {int(lens.min())}")
+    num_blocks = int(num_blocks)
+    if num_blocks * bs > np.iinfo(np.int32).max:
+        raise ValueError(f"{num_blocks} pages of {bs} tokens overflow FlexAttention's int32 "
+                         "token indices")
+    lens = lens.astype(np.int64)
+    pages = -(-lens // bs)
+    width = tables.shape[1]
+    if pages.max() > width:
+        s = int(np.argmax(pages))
+        raise ValueError(f"sequence {s} of length {int(lens[s])} needs {int(pages[s])} pages; "
+                         f"block_tables has {width} columns")
+    used = np.arange(width)[None, :] < pages[:, None]
+    entries = tables[used].astype(np.int64)
+    bad = entries[(entries < 0) | (entries >= num_blocks)]
+    if bad.size:
+        raise ValueError(f"block_tables holds page {int(bad[0])}, outside the pool's "
+                         f"{num_blocks} pages")
+    if np.unique(entries).size != entries.size:
+        raise ValueError("a physical page appears more than once in block_tables (e.g. the seed "
+                         "protocol's random tables): flex_paged's mask marks each page with one "
+                         "owner, so shared or repeated pages cannot be expressed")
+
+    seq_of = np.broadcast_to(np.arange(lens.size)[:, None], used.shape)[used]
+    col = np.broadcast_to(np.arange(width)[None, :], used.shape)[used]
+    owner = np.full(num_blocks, -1, dtype=np.int32)
+    valid = np.zeros(num_blocks, dtype=np.int32)
+    owner[entries] = seq_of
+    valid[entries] = np.minimum(lens[seq_of] - col * bs, bs)
+
+    rows = np.where(used, tables, 0).astype(np.int32)  # padding entries: page 0, never visited
+    if not full_blocks:
+        return PagePlan(bs, num_blocks, pages.astype(np.int32), rows, None, None, owner, valid)
+    tail = lens - (pages - 1) * bs                     # tokens used in the last page, 1..bs
+    partial = tail < bs
+    n_full = pages - partial
+    full_rows = np.where(np.arange(width)[None, :] < n_full[:, None], tables, 0).astype(np.int32)
+    masked_rows = np.zeros_like(rows)
+    last = tables[np.arange(lens.size), pages - 1]
+    masked_rows[:, 0] = np.where(partial, last, 0)
+    return PagePlan(bs, num_blocks, partial.astype(np.int32), masked_rows,
+                    n_full.astype(np.int32), full_rows, owner, valid)
+
+
+# ------------------------------------------------------------------------------ torch side
+
+
+def unavailable_reason() -> str | None:
+    """None when flex_paged can run here, else why not (never raises)."""
+    import importlib.util
+
+    from lib.engine.gpu import gpu_available
+
+    if importlib.util.find_spec("torch") is None:
+        return "torch is not installed"
+    try:
+        from torch.nn.attention.flex_attention import BlockMask  # noqa: F401
+    except ImportError as exc:
+        return f"this torch has no torch.nn.attention.flex_attention ({exc})"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (torch.compile needs it for FlexAttention on CUDA)"
+    if not gpu_available():
+        return "no CUDA GPU / CuPy here"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA GPU (a CPU-only torch build?)"
+    return None
+
+
+def pool_as_sequence(pool):
+    """``[NB, BS, KVH, D]`` → ``[1, KVH, NB*BS, D]``, a view of the same memory (never a copy)."""
+    nb, bs, kvh, d = pool.shape
+    try:
+        flat = pool.view(nb * bs, kvh, d)
+    except RuntimeError as exc:  # strides that cannot merge pages into one token axis
+        raise ValueError(f"the KV pool (strides {tuple(pool.stride())}) cannot be viewed as one "
+                         f"token sequence without a copy: {exc}") from None
+    return flat.permute(1, 0, 2).unsqueeze(0)
+
+
+def _decode_step(q, k, v, out, block_mask, scale, enable_gqa, kernel_options):
+    """One decode step: q ``[S, H, 1, D]`` over the paged view, written into out ``[S, H, D]``."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    o = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
+                       kernel_options=kernel_options)
+    out.copy_(o.squeeze(2))
+
+
+_COMPILED = None
+
+
+def _compiled_step():
+    """`_decode_step` under torch.compile (one object; dynamo keeps one entry per shape)."""
+    global _COMPILED
+    if _COMPILED is None:
+        import torch
+
+        _COMPILED = torch.compile(_decode_step, fullgraph=True, dynamic=False)
+    return _COMPILED
+
+
+def _dynamo_patch(**settings):
+    """torch._dynamo.config.patch with only the settings this torch knows."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    return cfg.patch(**{k: v for k, v in settings.items() if hasattr(cfg, k)})
+
+
+def make_block_mask(plan: PagePlan, device):
+    """The BlockMask of a plan: block lists from the table, the tail mask from owner/valid."""
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask
+
+    def dev(a):
+        return torch.as_tensor(a, dtype=torch.int32, device=device)
+
+    owner, valid, bs = dev(plan.owner), dev(plan.valid), plan.block_size
+
+    def paged_mask(b, h, q_idx, kv_idx):
+        page = kv_idx // bs
+        return (owner[page] == b) & (kv_idx % bs < valid[page])
+
+    s, w = plan.kv_indices.shape
+    kv_indices, full_indices = plan.kv_indices, plan.full_kv_indices
+    if torch.device(device).type == "cpu":
+        # Inductor's CPU template wants lists as wide as the pool (the GPU ones do not).
+        w = plan.num_blocks
+        kv_indices, full_indices = (None if a is None else np.pad(a, ((0, 0), (0, w - a.shape[1])))
+                                    for a in (kv_indices, full_indices))
+    kwargs = dict(BLOCK_SIZE=(Q_BLOCK_SIZE, bs), mask_mod=paged_mask,
+                  seq_lengths=(1, plan.num_tokens))
+    if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters:
+        kwargs["compute_q_blocks"] = False  # the backward's transposed lists: not needed
+    full = (None, None)
+    if full_indices is not None:
+        full = (dev(plan.full_kv_num_blocks).view(s, 1, 1), dev(full_indices).view(s, 1, 1, w))
+    return BlockMask.from_kv_blocks(dev(plan.kv_num_blocks).view(s, 1, 1),
+                                    dev(kv_indices).view(s, 1, 1, w), *full, **kwargs)
+
+
+class FlexDecode:
+    """A prepared flex_paged decode: calling it runs one step on torch's current stream.
+
+    `plan` and `block_mask` show what the kernel walks; `compiled` says whether it is the
+    torch.compile'd kernel or the eager reference. A call that would need a recompilation
+    raises (torch's RecompileError) instead of silently compiling inside a timed region.
+    """
+
+    def __init__(self, fn, args, plan: PagePlan, block_mask, compiled: bool):
+        self._fn, self._args = fn, args
+        self.plan, self.block_mask, self.compiled = plan, block_mask, compiled
+
+    def __call__(self) -> None:
+        if not self.compiled:
+            self._fn(*self._args)
+            return
+        with _dynamo_patch(error_on_recompile=True):
+            self._fn(*self._args)
+
+
+def prepare_decode(q, k_cache, v_cache, out, block_tables, seq_lens, *, scale: float,
+                   full_blocks: bool = False, compiled: bool = True) -> FlexDecode:
+    """Validate, plan, build the block mask and compile once; return the zero-argument call.
+
+    q, out: torch ``[num_seqs, num_heads, head_size]``; k_cache, v_cache: torch
+    ``[num_blocks, block_size, num_kv_heads, head_size]`` (vLLM layout), all one dtype and
+    device. block_tables ``[num_seqs, W]`` and seq_lens ``[num_seqs]``: integers (NumPy, CuPy,
+    torch or lists; read once on the host). The compile runs here, on a call whose result is
+    then discarded: `out` keeps what it held (a NaN-poisoned output stays poisoned).
+    """
+    import torch
+
+    if q.dim() != 3 or tuple(out.shape) != tuple(q.shape):
+        raise ValueError(f"q {tuple(q.shape)} and out {tuple(out.shape)} must both be "
+                         "[num_seqs, num_heads, head_size]")
+    if k_cache.dim() != 4 or tuple(v_cache.shape) != tuple(k_cache.shape):
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must "
+                         "both be [num_blocks, block_size, num_kv_heads, head_size]")
+    num_seqs, num_heads, head_size = q.shape
+    num_blocks, block_size, num_kv_heads, kd = k_cache.shape
+    if kd != head_size or num_heads % num_kv_heads:
+        raise ValueError(f"q {tuple(q.shape)} does not fit k_cache {tuple(k_cache.shape)}: head "
+                         "sizes must match and num_kv_heads must divide num_heads")
+    if len({t.dtype for t in (q, k_cache, v_cache, out)}) != 1:
+        raise ValueError("q, k_cache, v_cache and out must share one dtype")
+    if len({t.device for t in (q, k_cache, v_cache, out)}) != 1:
+        raise ValueError("q, k_cache, v_cache and out must be on one device")
+    plan = plan_pages(block_tables, seq_lens, block_size=block_size, num_blocks=num_blocks,
+                      full_blocks=full_blocks)
+    if plan.kv_indices.shape[0] != num_seqs:
+        raise ValueError(f"block_tables has {plan.kv_indices.shape[0]} rows for {num_seqs} "
+                         "sequences")
+
+    block_mask = make_block_mask(plan, q.device)
+    group = num_heads // num_kv_heads
+    kernel_options = None
+    if group & (group - 1):
+        # Not a power of two: FlexAttention leaves its decode kernel for the general one, whose
+        # default KV tiles (64-128) may not divide a page; make them fit it.
+        kernel_options = {"BLOCK_M": 16, "BLOCK_N": min(block_size, 64)}
+    args = (q.unsqueeze(2), pool_as_sequence(k_cache), pool_as_sequence(v_cache), out, block_mask,
+            float(scale), group > 1, kernel_options)
+    fn = _compiled_step() if compiled else _decode_step
+
+    kept = out.clone()
+    limits = dict(recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT)
+    with _dynamo_patch(**limits):
+        fn(*args)  # compile (and autotune) now, not inside a timed call
+    out.copy_(kept)
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
+    return FlexDecode(fn, args, plan, block_mask, compiled)

@@ -1,0 +1,175 @@
+"""Which kernel and how it is launched: instantiation rules and the launch plan, plain Python.
+
+Importable and testable without a GPU; the CUDA source is `paged_attention.cu` beside this file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lib.engine.kvcache import SUPPORTED_BLOCK_SIZES
+from lib.engine.validation import SUPPORTED_DTYPES, SUPPORTED_HEAD_SIZES
+
+SOURCE = Path(__file__).with_name("paged_attention.cu")
+
+ADDRESSING = {"paged": 0, "contiguous": 1, "no_offset": 2}
+CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+NUM_THREADS = 128
+NUM_WARPS = NUM_THREADS // 32
+DEFAULT_PARTITION = 512
+HEAD_TILES = (4, 2, 1)
+#: Head tiles allowed per head size. A tile of 8 needed ~250 registers (one block per SM) and ran
+#: slower on H100 than two tiles of 4 that re-read K/V mostly from L2.
+MAX_TILE_FOR_HEAD = {64: 4, 80: 4, 96: 4, 112: 4, 128: 4, 256: 4}
+#: v1 keeps a whole sequence's logits in shared memory; above this it must be v2.
+V1_SMEM_LIMIT = 96 * 1024
+
+
+def head_tile(num_heads: int, num_kv_heads: int, head_size: int) -> int:
+    """Query heads one thread block serves (sharing each K/V load among them)."""
+    group = num_heads // num_kv_heads
+    cap = MAX_TILE_FOR_HEAD.get(head_size, 1)
+    return next(t for t in HEAD_TILES if t <= cap and group % t == 0)
+
+
+def smem_bytes(tile: int, head_size: int, partition_tokens: int) -> int:
+    """Dynamic shared memory of the decode kernel: q, output, reduction scratch, logits."""
+    return 4 * (2 * tile * head_size + NUM_WARPS * tile + tile * partition_tokens)
+
+
+def choose_version(
+    *, num_seqs: int, num_heads: int, num_kv_heads: int, head_size: int, block_size: int,
+    max_seq_len: int, num_sms: int = 132, partition_size: int | None = None,
+) -> int:
+    """v1 (one block per sequence) or v2 (partitions + reduce), like vLLM's rule of thumb.
+
+    v1 avoids the reduce kernel but leaves SMs idle when there are few (sequence, head) blocks
+    and long sequences; v2 splits each sequence so the grid fills the GPU.
+    """
+    tile = head_tile(num_heads, num_kv_heads, head_size)
+    partition_size = partition_size or DEFAULT_PARTITION
+    v1_tokens = _round_up(max_seq_len, block_size)
+    if smem_bytes(tile, head_size, v1_tokens) > V1_SMEM_LIMIT:
+        return 2
+    # Measured on H100 (data/results/kernel_speed): v1 wins (no reduce kernel, no partials)
+    # once its grid alone gives every SM about three blocks; below that v2's partitions fill
+    # the idle SMs (1 x 4096 MHA: v1 3x slower). vLLM's rule of thumb was similar (> 512 rows).
+    if max_seq_len <= partition_size or num_seqs * num_heads // tile >= 3 * num_sms:
+        return 1
+    return 2
+
+
+def auto_partition(*, num_seqs: int, num_heads: int, num_kv_heads: int, head_size: int,
+                   block_size: int, max_seq_len: int, num_sms: int = 132) -> int:
+    """v2 partition size: 512 tokens, halved (down to max(block, 128)) until the grid has at
+    least 16 thread blocks per SM. A few resident blocks per SM make a wave, so a grid of
+    only ~1.3 waves leaves most SMs idle in its last wave; many small waves do not."""
+    tile = head_tile(num_heads, num_kv_heads, head_size)
+    rows = num_seqs * num_heads // tile
+    part = DEFAULT_PARTITION
+    while rows * math.ceil(max_seq_len / part) < 16 * num_sms and part // 2 >= max(block_size, 128):
+        part //= 2
+    return max(part, block_size)
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def decode_name(dtype: str, block_size: int, head_size: int, tile: int, addressing: str) -> str:
+    return (f"upa::paged_attention_decode<{CTYPE[dtype]}, {block_size}, {head_size}, {tile}, "
+            f"{ADDRESSING[addressing]}>")
+
+
+def reduce_name(dtype: str, head_size: int) -> str:
+    return f"upa::paged_attention_reduce<{CTYPE[dtype]}, {head_size}>"
+
+
+def instantiations(dtype: str, block_size: int, head_size: int, tile: int) -> list[str]:
+    """Name expressions of one module: three addressing modes and the reduce kernel."""
+    names = [decode_name(dtype, block_size, head_size, tile, a) for a in ADDRESSING]
+    return names + [reduce_name(dtype, head_size)]
+
+
+def all_modules():
+    """Every (dtype, block size, head size, tile) the registry can launch."""
+    for dtype in SUPPORTED_DTYPES:
+        for head_size in SUPPORTED_HEAD_SIZES:
+            for block_size in SUPPORTED_BLOCK_SIZES:
+                for tile in HEAD_TILES:
+                    if tile <= MAX_TILE_FOR_HEAD[head_size]:
+                        yield dtype, block_size, head_size, tile
+
+
+def compile_options() -> tuple[str, ...]:
+    """NVRTC options; `UVM_STUDY_KERNEL_DEFINES="-DUPA_UNROLL_SINGLE=1 ..."` adds tuning defines."""
+    opts = ["-std=c++17"]
+    opts += os.environ.get("UVM_STUDY_KERNEL_DEFINES", "").split()
+    cuda = os.environ.get("CUDA_PATH") or os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    if Path(cuda, "include", "cuda_bf16.h").exists():
+        opts.append(f"-I{Path(cuda, 'include')}")
+    return tuple(opts)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything about one launch that does not depend on the data."""
+
+    dtype: str
+    block_size: int
+    head_size: int
+    num_heads: int
+    num_kv_heads: int
+    addressing: str
+    version: int
+    tile: int
+    partition_size: int  # tokens per thread block (v1: the whole padded sequence)
+    max_partitions: int
+
+    @property
+    def shared_bytes(self) -> int:
+        return smem_bytes(self.tile, self.head_size, self.partition_size)
+
+
+def plan_launch(
+    *, dtype: str, block_size: int, head_size: int, num_heads: int, num_kv_heads: int,
+    num_seqs: int, max_seq_len: int, addressing: str = "paged", version: int | str = "auto",
+    partition_size: int | None = None, num_sms: int = 132,
+) -> LaunchPlan:
+    """Decide version, head tile and partitioning; raise ValueError for what cannot run.
+
+    `partition_size=None` picks it (`auto_partition`); v1 ignores it.
+    """
+    if addressing not in ADDRESSING:
+        raise ValueError(f"addressing={addressing!r}: choose one of {sorted(ADDRESSING)}")
+    if partition_size is None:
+        partition_size = auto_partition(
+            num_seqs=num_seqs, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            head_size=head_size, block_size=block_size, max_seq_len=max_seq_len, num_sms=num_sms)
+    if partition_size % block_size or partition_size <= 0:
+        raise ValueError(
+            f"partition_size={partition_size} must be a positive multiple of block_size={block_size}")
+    tile = head_tile(num_heads, num_kv_heads, head_size)
+    if version == "auto":
+        version = choose_version(
+            num_seqs=num_seqs, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            head_size=head_size, block_size=block_size, max_seq_len=max_seq_len,
+            num_sms=num_sms, partition_size=partition_size)
+    if version not in (1, 2):
+        raise ValueError(f"version={version!r}: choose 1, 2 or 'auto'")
+    if version == 1:
+        part, parts = _round_up(max_seq_len, block_size), 1
+        if smem_bytes(tile, head_size, part) > 227 * 1024:
+            raise ValueError(
+                f"v1 keeps all {max_seq_len} logits of a sequence in shared memory "
+                f"({smem_bytes(tile, head_size, part)} bytes > 227 KiB): use version 2")
+    else:
+        part, parts = partition_size, math.ceil(max_seq_len / partition_size)
+    return LaunchPlan(dtype, block_size, head_size, num_heads, num_kv_heads, addressing,
+                      version, tile, part, parts)
+
+

@@ -1,0 +1,116 @@
+"""The float64 reference every decode kernel is checked against.
+
+Decode attention: one query token per sequence attends to that sequence's cached keys and values,
+``out[s, h] = softmax(scale * K_s q[s, h]) V_s``, where query head h reads KV head
+``h // (num_heads // num_kv_heads)`` (MHA when the counts are equal, GQA when they divide, MQA
+with one KV head). Inputs are decoded to float64 first, so the only rounding left is float64's:
+what a kernel's output is compared to is the exact attention of the *stored* values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from lib.engine.kvcache import as_float64, gather_sequence, infer_dtype_name
+
+
+def _dtype_for(arr, dtype_name):
+    return dtype_name if dtype_name is not None else infer_dtype_name(arr)
+
+
+def decode_attention_reference(q, kpool, vpool, tables, seq_lens, *, scale=None,
+                               dtype_name=None, xp=np):
+    """Reference decode attention over a paged cache, float64 ``[num_seqs, num_heads, head_size]``.
+
+    q: ``[num_seqs, num_heads, head_size]``; kpool, vpool: pools ``[NB, BS, KVH, D]``;
+    tables: BlockTables or int32 ``[num_seqs, max_blocks]``; seq_lens: host integers.
+    `dtype_name` names the storage of q and the pools (needed only to be explicit: ``uint16``
+    is read as bfloat16 bits). Softmax subtracts the row max, so large scores cannot overflow.
+    Work is vectorised per sequence; only the sequence's own tokens are gathered and decoded.
+    """
+    num_seqs, num_heads, head_size = q.shape
+    num_kv_heads = kpool.shape[2]
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}"
+        )
+    if kpool.shape[3] != head_size or tuple(vpool.shape) != tuple(kpool.shape):
+        raise ValueError(
+            f"q {tuple(q.shape)}, kpool {tuple(kpool.shape)} and vpool {tuple(vpool.shape)} "
+            "disagree on head_size or pool shape"
+        )
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    if lens.shape != (num_seqs,):
+        raise ValueError(f"seq_lens shape {lens.shape} != (num_seqs,) = ({num_seqs},)")
+    group = num_heads // num_kv_heads
+    scale = 1.0 / math.sqrt(head_size) if scale is None else float(scale)
+
+    qf = as_float64(q, _dtype_for(q, dtype_name), xp=xp).reshape(num_seqs, num_kv_heads, group, head_size)
+    kname, vname = _dtype_for(kpool, dtype_name), _dtype_for(vpool, dtype_name)
+    out = xp.empty((num_seqs, num_kv_heads, group, head_size), dtype=xp.float64)
+    for s, n in enumerate(lens.tolist()):
+        k = as_float64(gather_sequence(kpool, tables, n, s, xp=xp), kname, xp=xp)  # [n, KVH, D]
+        v = as_float64(gather_sequence(vpool, tables, n, s, xp=xp), vname, xp=xp)
+        scores = xp.einsum("kgd,nkd->kgn", qf[s], k) * scale
+        p = xp.exp(scores - xp.max(scores, axis=-1, keepdims=True))
+        p = p / xp.sum(p, axis=-1, keepdims=True)
+        out[s] = xp.einsum("kgn,nkd->kgd", p, v)
+    return out.reshape(num_seqs, num_heads, head_size)
+
+
+def dense_attention(q, k_list, v_list, *, scale=None):
+    """Textbook attention, head by head, for tests: independent of the paged machinery.
+
+    q: float ``[num_seqs, num_heads, D]``; k_list[s], v_list[s]: float ``[len_s, KVH, D]``.
+    Returns float64 ``[num_seqs, num_heads, D]``.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    num_seqs, num_heads, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    out = np.zeros((num_seqs, num_heads, d))
+    for s in range(num_seqs):
+        k = np.asarray(k_list[s], dtype=np.float64)
+        v = np.asarray(v_list[s], dtype=np.float64)
+        num_kv_heads = k.shape[1]
+        for h in range(num_heads):
+            kv = h * num_kv_heads // num_heads  # = h // group
+            weights = np.array([math.exp(scale * float(np.dot(q[s, h], k[t, kv])))
+                                for t in range(k.shape[0])])
+            weights /= weights.sum()
+            for t in range(k.shape[0]):
+                out[s, h] += weights[t] * v[t, kv]
+    return out
+
+
+def _to_host_float64(a, dtype_name):
+    """Duck-typed: NumPy, CuPy (``.get()``) or torch (``.double().cpu()``) → NumPy float64."""
+    if hasattr(a, "detach"):  # torch tensor, any dtype including bfloat16
+        return a.detach().double().cpu().numpy()
+    if hasattr(a, "get") and not isinstance(a, np.ndarray):  # CuPy
+        a = a.get()
+    a = np.asarray(a)
+    if a.dtype == np.float64 and dtype_name is None:
+        return a
+    return as_float64(a, dtype_name)
+
+
+def relative_error(out, ref, *, dtype_name=None) -> float:
+    """||out - ref|| / ||ref|| (Frobenius, float64).
+
+    NaN or infinity anywhere in `out` (or `ref`) gives ``inf``: a poisoned or unwritten output
+    never passes a tolerance. `out` may be NumPy, CuPy or torch, in any storage dtype
+    (``uint16`` is read as bfloat16 bits). A zero `ref` gives 0.0 if `out` is zero too, else inf.
+    """
+    o = _to_host_float64(out, dtype_name)
+    r = _to_host_float64(ref, None)
+    if o.shape != r.shape:
+        raise ValueError(f"out shape {o.shape} != ref shape {r.shape}")
+    if not (np.isfinite(o).all() and np.isfinite(r).all()):
+        return math.inf
+    diff = float(np.linalg.norm(o - r))
+    norm = float(np.linalg.norm(r))
+    if norm == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / norm

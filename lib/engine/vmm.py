@@ -1,0 +1,903 @@
+"""A contiguous KV region backed on demand by physical chunks: CUDA virtual memory (the vAttention idea).
+
+PagedAttention makes the *kernel* translate addresses: ``block_tables[seq, j]`` names where the
+j-th block of a sequence lives. The CUDA virtual-memory driver API lets the *GPU's page table*
+do that instead: reserve one large virtual-address (VA) range, give every sequence a fixed,
+equal slot of it, and back each slot with physical memory only as far as the sequence has
+grown. A kernel then reads block ``seq_start[s] + j`` from one base pointer, with no table
+lookup, while physical memory is still handed out in chunks, not in maximum-length
+reservations.
+
+Three pieces:
+
+* a small **driver protocol** (:class:`VmmDriver`): reserve/free VA, create/release physical
+  handles, map/unmap, set access, granularity. :class:`CudaVmmDriver` calls the real driver
+  through cuda-python (``cuda.bindings.driver``); :class:`FakeVmmDriver` is pure Python for CPU
+  tests and models the rules CUDA enforces (alignment, no double maps, whole-mapping unmaps).
+  :class:`FaultInjectingDriver` wraps either one to make the k-th call of an operation fail.
+* :class:`KVArena`: one reservation split into ``num_slots`` slots of ``slot_bytes``; physical
+  chunks of ``chunk_bytes`` mapped on demand by :meth:`KVArena.grow`, unmapped by
+  :meth:`KVArena.release` onto a free list that later growth reuses (no new ``cuMemCreate``
+  while a freed chunk waits). A failed growth is rolled back: nothing it mapped stays mapped.
+* :func:`cupy_view`: a CuPy array over a mapped range (imported lazily).
+
+Chunk size and granularity. ``cuMemMap`` works in units of the allocation granularity
+(2 MiB on H100/H200): ``chunk_bytes`` must be a positive multiple of it. That granularity is the
+VMM analogue of the block size: a sequence wastes at most one partly filled chunk.
+
+Reused chunks are not cleared: a chunk released by one sequence and mapped into another still
+holds the first sequence's bytes (as a freed paged-cache block does). Callers that need zeros
+must write them.
+
+The module imports on a CPU: cuda-python and CuPy are imported inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, Protocol, runtime_checkable
+
+__all__ = [
+    "VmmDriverError",
+    "InjectedFault",
+    "VmmDriver",
+    "CudaVmmDriver",
+    "FakeVmmDriver",
+    "FaultInjectingDriver",
+    "KVArena",
+    "cupy_view",
+    "cuda_python_available",
+    "round_up",
+    "OPERATIONS",
+]
+
+#: names of the driver operations (also the keys of fault injection and call counters)
+OPERATIONS = (
+    "granularity",
+    "reserve_va",
+    "free_va",
+    "create_handle",
+    "release_handle",
+    "map",
+    "unmap",
+    "set_access",
+)
+
+
+class VmmDriverError(RuntimeError):
+    """A virtual-memory driver call failed; ``call`` names it, ``code`` is the driver's error name."""
+
+    def __init__(self, call: str, code: str, detail: str = ""):
+        self.call = call
+        self.code = code
+        msg = f"{call} failed: {code}"
+        super().__init__(f"{msg} ({detail})" if detail else msg)
+
+
+class InjectedFault(VmmDriverError):
+    """A failure requested by a test (:meth:`FakeVmmDriver.inject_failure`)."""
+
+
+@runtime_checkable
+class VmmDriver(Protocol):
+    """What :class:`KVArena` needs from a virtual-memory driver. Addresses are ints; handles opaque."""
+
+    def granularity(self, device: int) -> int:
+        """Minimum mapping granularity (bytes) for physical memory on ``device``."""
+
+    def reserve_va(self, size: int, alignment: int = 0) -> int:
+        """Reserve ``size`` bytes of virtual addresses (no memory behind them); return the base."""
+
+    def free_va(self, va: int, size: int) -> None:
+        """Give back a whole reservation (everything in it must be unmapped first)."""
+
+    def create_handle(self, size: int, device: int) -> Any:
+        """Create ``size`` bytes of physical memory on ``device``; return its handle."""
+
+    def release_handle(self, handle: Any) -> None:
+        """Release a physical allocation (it must no longer be mapped)."""
+
+    def map(self, va: int, size: int, handle: Any) -> None:
+        """Map the whole of ``handle`` (offset 0, ``size`` bytes) at ``va`` inside a reservation."""
+
+    def unmap(self, va: int, size: int) -> None:
+        """Unmap exactly one earlier :meth:`map` (CUDA cannot unmap part of a mapping)."""
+
+    def set_access(self, va: int, size: int, device: int) -> None:
+        """Let ``device`` read and write a fully mapped range (needed after every map)."""
+
+
+def round_up(nbytes: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is >= ``nbytes``."""
+    _check_int("multiple", multiple, minimum=1)
+    _check_int("nbytes", nbytes, minimum=0)
+    return -(-nbytes // multiple) * multiple
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault injection (shared by the fake driver and the wrapper for the real one)
+
+
+class _FaultPlan:
+    """Counts calls per operation and raises :class:`InjectedFault` on the ones armed to fail."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {op: 0 for op in OPERATIONS}
+        self._armed: dict[str, set[int]] = {}
+
+    def arm(self, op: str, nth: int = 1) -> None:
+        if op not in OPERATIONS:
+            raise ValueError(f"unknown operation {op!r}; choose from {', '.join(OPERATIONS)}")
+        _check_int("nth", nth, minimum=1)
+        self._armed.setdefault(op, set()).add(self.calls[op] + nth)
+
+    def clear(self) -> None:
+        self._armed.clear()
+
+    def tick(self, op: str) -> None:
+        """Count a call of ``op``; raise if this call was armed to fail (before any effect)."""
+        self.calls[op] += 1
+        due = self._armed.get(op)
+        if due and self.calls[op] in due:
+            due.discard(self.calls[op])
+            raise InjectedFault(op, "INJECTED", f"call #{self.calls[op]} of {op} armed to fail")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure-Python driver for CPU tests
+
+
+class FakeVmmDriver:
+    """An in-memory model of the VMM driver: tracks reservations, handles and mappings.
+
+    It enforces CUDA's rules (sizes and addresses multiples of the granularity, maps only inside
+    a reservation and never over another mapping, unmaps of whole mappings only, access only on
+    mapped ranges) and is stricter in two places, to catch allocator bugs: releasing a handle that
+    is still mapped and freeing a reservation that still has mappings both raise (CUDA defers the
+    first and leaves the second undefined). Every violation raises :class:`VmmDriverError`, with
+    no change of state. ``inject_failure(op, nth)`` makes the nth next call of ``op`` fail.
+    """
+
+    BASE_VA = 0x7F00_0000_0000
+
+    def __init__(self, granularity: int = 2 << 20, *, num_devices: int = 1):
+        self._gran = _check_int("granularity", granularity, minimum=1)
+        self.num_devices = _check_int("num_devices", num_devices, minimum=1)
+        self._faults = _FaultPlan()
+        self._next_va = self.BASE_VA
+        self._next_handle = 1
+        #: va -> size
+        self.reservations: dict[int, int] = {}
+        #: handle -> (size, device)
+        self.handles: dict[int, tuple[int, int]] = {}
+        #: va -> {"size", "handle", "access": set of devices}
+        self.mappings: dict[int, dict[str, Any]] = {}
+
+    # -- test controls ------------------------------------------------------------------------
+    @property
+    def calls(self) -> dict[str, int]:
+        """How many times each operation was called (failed calls included)."""
+        return dict(self._faults.calls)
+
+    def inject_failure(self, op: str, nth: int = 1) -> None:
+        """Make the ``nth`` next call of ``op`` (an :data:`OPERATIONS` name) raise InjectedFault."""
+        self._faults.arm(op, nth)
+
+    def is_mapped(self, va: int) -> bool:
+        """Is the byte at ``va`` backed by a mapping?"""
+        return self._mapping_at(va) is not None
+
+    def is_accessible(self, va: int, device: int = 0) -> bool:
+        m = self._mapping_at(va)
+        return m is not None and device in self.mappings[m]["access"]
+
+    def leaks(self) -> dict[str, int]:
+        """What is still held: reservations, handles, mappings (all zero after a clean close)."""
+        return {"reservations": len(self.reservations), "handles": len(self.handles),
+                "mappings": len(self.mappings)}
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _fail(self, call: str, detail: str) -> None:
+        raise VmmDriverError(call, "CUDA_ERROR_INVALID_VALUE", detail)
+
+    def _aligned(self, call: str, **values: int) -> None:
+        for name, v in values.items():
+            if v <= 0 and name == "size":
+                self._fail(call, f"size must be positive, got {v}")
+            if v % self._gran:
+                self._fail(call, f"{name}={v:#x} is not a multiple of the granularity {self._gran:#x}")
+
+    def _device(self, call: str, device: int) -> None:
+        if not isinstance(device, int) or not 0 <= device < self.num_devices:
+            raise VmmDriverError(call, "CUDA_ERROR_INVALID_DEVICE", f"device {device!r}")
+
+    def _reservation_of(self, va: int, size: int) -> int | None:
+        for base, rsize in self.reservations.items():
+            if base <= va and va + size <= base + rsize:
+                return base
+        return None
+
+    def _mapping_at(self, va: int) -> int | None:
+        for base, m in self.mappings.items():
+            if base <= va < base + m["size"]:
+                return base
+        return None
+
+    def _overlaps(self, va: int, size: int) -> bool:
+        return any(base < va + size and va < base + m["size"] for base, m in self.mappings.items())
+
+    # -- the protocol -------------------------------------------------------------------------
+    def granularity(self, device: int = 0) -> int:
+        self._faults.tick("granularity")
+        self._device("cuMemGetAllocationGranularity", device)
+        return self._gran
+
+    def reserve_va(self, size: int, alignment: int = 0) -> int:
+        self._faults.tick("reserve_va")
+        self._aligned("cuMemAddressReserve", size=size)
+        align = max(alignment, self._gran)
+        va = round_up(self._next_va, align)
+        self._next_va = va + size
+        self.reservations[va] = size
+        return va
+
+    def free_va(self, va: int, size: int) -> None:
+        self._faults.tick("free_va")
+        if self.reservations.get(va) != size:
+            self._fail("cuMemAddressFree", f"no reservation of {size} bytes at {va:#x}")
+        if self._overlaps(va, size):
+            self._fail("cuMemAddressFree", f"reservation at {va:#x} still has mappings")
+        del self.reservations[va]
+
+    def create_handle(self, size: int, device: int = 0) -> int:
+        self._faults.tick("create_handle")
+        self._aligned("cuMemCreate", size=size)
+        self._device("cuMemCreate", device)
+        h = self._next_handle
+        self._next_handle += 1
+        self.handles[h] = (size, device)
+        return h
+
+    def release_handle(self, handle: int) -> None:
+        self._faults.tick("release_handle")
+        if handle not in self.handles:
+            self._fail("cuMemRelease", f"unknown handle {handle!r}")
+        if any(m["handle"] == handle for m in self.mappings.values()):
+            self._fail("cuMemRelease", f"handle {handle} is still mapped (the fake is strict here)")
+        del self.handles[handle]
+
+    def map(self, va: int, size: int, handle: int) -> None:
+        self._faults.tick("map")
+        self._aligned("cuMemMap", size=size, va=va)
+        if handle not in self.handles:
+            self._fail("cuMemMap", f"unknown handle {handle!r}")
+        if self.handles[handle][0] != size:
+            self._fail("cuMemMap", f"size {size} != handle size {self.handles[handle][0]}")
+        if self._reservation_of(va, size) is None:
+            self._fail("cuMemMap", f"[{va:#x}, +{size:#x}) is not inside a reservation")
+        if self._overlaps(va, size):
+            self._fail("cuMemMap", f"[{va:#x}, +{size:#x}) overlaps an existing mapping")
+        self.mappings[va] = {"size": size, "handle": handle, "access": set()}
+
+    def unmap(self, va: int, size: int) -> None:
+        self._faults.tick("unmap")
+        m = self.mappings.get(va)
+        if m is None or m["size"] != size:
+            self._fail("cuMemUnmap", f"no mapping of exactly {size} bytes at {va:#x}")
+        del self.mappings[va]
+
+    def set_access(self, va: int, size: int, device: int = 0) -> None:
+        self._faults.tick("set_access")
+        self._device("cuMemSetAccess", device)
+        covered, pos = [], va
+        while pos < va + size:
+            base = self._mapping_at(pos)
+            if base is None:
+                self._fail("cuMemSetAccess", f"{pos:#x} in [{va:#x}, +{size:#x}) is not mapped")
+            covered.append(base)
+            pos = base + self.mappings[base]["size"]
+        for base in covered:
+            self.mappings[base]["access"].add(device)
+
+
+class FaultInjectingDriver:
+    """Wraps any driver; ``inject_failure(op, nth)`` makes its nth next ``op`` call raise first.
+
+    For GPU tests: the real driver's state stays exactly what the wrapped calls made it.
+    """
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self._faults = _FaultPlan()
+
+    @property
+    def calls(self) -> dict[str, int]:
+        return dict(self._faults.calls)
+
+    def inject_failure(self, op: str, nth: int = 1) -> None:
+        self._faults.arm(op, nth)
+
+    def __getattr__(self, name: str) -> Any:  # is_mapped, context, close, ...
+        return getattr(self.inner, name)
+
+    def _call(self, op: str, *args: Any) -> Any:
+        self._faults.tick(op)
+        return getattr(self.inner, op)(*args)
+
+    def granularity(self, device: int = 0) -> int:
+        return self._call("granularity", device)
+
+    def reserve_va(self, size: int, alignment: int = 0) -> int:
+        return self._call("reserve_va", size, alignment)
+
+    def free_va(self, va: int, size: int) -> None:
+        self._call("free_va", va, size)
+
+    def create_handle(self, size: int, device: int = 0) -> Any:
+        return self._call("create_handle", size, device)
+
+    def release_handle(self, handle: Any) -> None:
+        self._call("release_handle", handle)
+
+    def map(self, va: int, size: int, handle: Any) -> None:
+        self._call("map", va, size, handle)
+
+    def unmap(self, va: int, size: int) -> None:
+        self._call("unmap", va, size)
+
+    def set_access(self, va: int, size: int, device: int = 0) -> None:
+        self._call("set_access", va, size, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real driver through cuda-python
+
+
+def _driver_module():
+    """``cuda.bindings.driver`` (cuda-bindings >= 12.6), else ``cuda.cuda`` (older cuda-python)."""
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        try:
+            from cuda import cuda as driver  # cuda-python < 12.6
+        except ImportError as exc:
+            raise ImportError(
+                "CudaVmmDriver needs NVIDIA's cuda-python driver bindings: pip install cuda-bindings "
+                "(or '.[gpu]')"
+            ) from exc
+    return driver
+
+
+def cuda_python_available() -> bool:
+    """True when cuda-python's driver bindings import (says nothing about a GPU being present)."""
+    try:
+        _driver_module()
+    except ImportError:
+        return False
+    return True
+
+
+def _error_name(drv: Any, err: Any) -> str:
+    """``CUDA_ERROR_...`` for a CUresult: the enum's own name, else the driver's, else the number."""
+    name = getattr(err, "name", None)
+    if name:
+        return str(name)
+    try:
+        res = drv.cuGetErrorName(err)
+        if res[0] == drv.CUresult.CUDA_SUCCESS:
+            return res[1].decode() if isinstance(res[1], bytes) else str(res[1])
+    except Exception:
+        pass
+    return str(err)
+
+
+def _checked(drv: Any, call: str, result: Any) -> Any:
+    """Raise :class:`VmmDriverError` unless a binding's ``(CUresult, *values)`` is a success."""
+    err, values = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
+    if err != drv.CUresult.CUDA_SUCCESS:
+        raise VmmDriverError(call, _error_name(drv, err))
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+class CudaVmmDriver:
+    """The VMM driver API through cuda-python, bound to one device's *primary context*.
+
+    Context. At construction it calls ``cuInit`` and retains the device's primary context with
+    ``cuDevicePrimaryCtxRetain``: the same context the CUDA runtime (and so CuPy and torch) uses,
+    whether they created it already or will later. Around every call it makes that context
+    current on the calling thread if it is not already, and restores the previous one afterwards,
+    so a caller's CuPy device selection is never disturbed and mapped memory is usable by CuPy
+    kernels on that device. :meth:`close` releases the retained context: close arenas first.
+
+    Physical memory is ``CU_MEM_ALLOCATION_TYPE_PINNED`` on the device (ordinary device memory);
+    access is read/write for the device. Every ``CUresult`` is checked: a failure raises
+    :class:`VmmDriverError` (a ``RuntimeError``) naming the driver call and error.
+    """
+
+    def __init__(self, device: int = 0):
+        _check_int("device", device, minimum=0)
+        self.device = device
+        self._drv = drv = _driver_module()
+        try:
+            res = drv.cuInit(0)
+        except RuntimeError as exc:  # the bindings could not load libcuda at all
+            raise VmmDriverError("cuInit", "NO_DRIVER", str(exc)) from exc
+        _checked(drv, "cuInit", res)
+        self._cudev = _checked(drv, "cuDeviceGet", drv.cuDeviceGet(device))
+        self.context = _checked(drv, "cuDevicePrimaryCtxRetain", drv.cuDevicePrimaryCtxRetain(self._cudev))
+        self._closed = False
+
+    @contextlib.contextmanager
+    def _current(self) -> Iterator[None]:
+        drv = self._drv
+        prev = _checked(drv, "cuCtxGetCurrent", drv.cuCtxGetCurrent())
+        switch = (0 if prev is None else int(prev)) != int(self.context)
+        if switch:
+            _checked(drv, "cuCtxSetCurrent", drv.cuCtxSetCurrent(self.context))
+        try:
+            yield
+        finally:
+            if switch:
+                _checked(drv, "cuCtxSetCurrent", drv.cuCtxSetCurrent(prev))
+
+    def _call(self, name: str, *args: Any) -> Any:
+        if self._closed:
+            raise RuntimeError("CudaVmmDriver is closed")
+        with self._current():
+            return _checked(self._drv, name, getattr(self._drv, name)(*args))
+
+    def _prop(self, device: int) -> Any:
+        drv = self._drv
+        prop = drv.CUmemAllocationProp()
+        prop.type = drv.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        prop.location.id = device
+        return prop
+
+    # -- the protocol -------------------------------------------------------------------------
+    def granularity(self, device: int | None = None, *, recommended: bool = False) -> int:
+        flags = self._drv.CUmemAllocationGranularity_flags
+        option = (flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED if recommended
+                  else flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM)
+        dev = self.device if device is None else device
+        return int(self._call("cuMemGetAllocationGranularity", self._prop(dev), option))
+
+    def reserve_va(self, size: int, alignment: int = 0) -> int:
+        return int(self._call("cuMemAddressReserve", size, alignment, 0, 0))
+
+    def free_va(self, va: int, size: int) -> None:
+        self._call("cuMemAddressFree", va, size)
+
+    def create_handle(self, size: int, device: int | None = None) -> Any:
+        dev = self.device if device is None else device
+        return self._call("cuMemCreate", size, self._prop(dev), 0)
+
+    def release_handle(self, handle: Any) -> None:
+        self._call("cuMemRelease", handle)
+
+    def map(self, va: int, size: int, handle: Any) -> None:
+        self._call("cuMemMap", va, size, 0, handle, 0)
+
+    def unmap(self, va: int, size: int) -> None:
+        self._call("cuMemUnmap", va, size)
+
+    def set_access(self, va: int, size: int, device: int | None = None) -> None:
+        drv = self._drv
+        desc = drv.CUmemAccessDesc()
+        desc.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        desc.location.id = self.device if device is None else device
+        desc.flags = drv.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        self._call("cuMemSetAccess", va, size, [desc], 1)
+
+    # -- host-located physical memory (additive: used by lib.chapters.kv_offload.measure) ----------------------
+    #: Host locations cuMemCreate may accept, tried in this order: the host NUMA node nearest the
+    #: GPU (drivers for CUDA >= 12.2), then "any host memory" (newer drivers).
+    HOST_LOCATIONS = ("host_numa", "host")
+
+    def _host_prop(self, location: str) -> Any:
+        drv = self._drv
+        kinds = drv.CUmemLocationType
+        prop = drv.CUmemAllocationProp()
+        prop.type = drv.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        if location == "host_numa":
+            prop.location.type = kinds.CU_MEM_LOCATION_TYPE_HOST_NUMA
+            attr = drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID
+            numa = int(self._call("cuDeviceGetAttribute", attr, self._cudev))
+            prop.location.id = max(numa, 0)  # -1: no NUMA; the API then wants id 0
+        elif location == "host":
+            prop.location.type = kinds.CU_MEM_LOCATION_TYPE_HOST
+            prop.location.id = 0
+        else:
+            raise ValueError(f"host location must be one of {self.HOST_LOCATIONS}, got {location!r}")
+        return prop
+
+    def host_location(self) -> str:
+        """The host location this driver backs ``cuMemMap`` with ('host_numa' or 'host').
+
+        Probed once by creating and releasing one granularity-sized allocation of each kind in
+        :attr:`HOST_LOCATIONS` order. Raises :class:`VmmDriverError` naming every failure when
+        none works (old driver or bindings): the caller reports that as "not available here".
+        """
+        found = getattr(self, "_host_found", None)
+        if found is not None:
+            return found[0]
+        option = self._drv.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
+        errors = []
+        for loc in self.HOST_LOCATIONS:
+            try:
+                prop = self._host_prop(loc)
+                gran = int(self._call("cuMemGetAllocationGranularity", prop, option))
+                handle = self._call("cuMemCreate", gran, prop, 0)
+                self._call("cuMemRelease", handle)
+            except (VmmDriverError, AttributeError) as exc:  # AttributeError: bindings too old
+                errors.append(f"{loc}: {exc}")
+                continue
+            self._host_found = (loc, gran)
+            return loc
+        raise VmmDriverError("cuMemCreate", "HOST_LOCATION_UNSUPPORTED",
+                             "no host location works for cuMemCreate here (" + "; ".join(errors) + ")")
+
+    def host_granularity(self) -> int:
+        """Minimum granularity (bytes) of host-located physical memory (see :meth:`host_location`)."""
+        self.host_location()
+        return self._host_found[1]
+
+    def create_host_handle(self, size: int) -> Any:
+        """``size`` bytes of pinned *host* memory as a handle that :meth:`map` can map.
+
+        The GPU reads such a mapping over the bus (zero-copy) once :meth:`set_access` grants it.
+        """
+        return self._call("cuMemCreate", size, self._host_prop(self.host_location()), 0)
+
+    # -- diagnostics --------------------------------------------------------------------------
+    def is_mapped(self, va: int) -> bool:
+        """Does the driver have physical memory mapped at ``va``? (``cuMemRetainAllocationHandle``)
+
+        Any error from the query counts as "not mapped"; tests pair it with positive checks.
+        """
+        drv = self._drv
+        with self._current():
+            res = drv.cuMemRetainAllocationHandle(va)
+        if res[0] != drv.CUresult.CUDA_SUCCESS:
+            return False
+        self._call("cuMemRelease", res[1])  # the query took a reference
+        return True
+
+    def close(self) -> None:
+        """Release the retained primary context (the runtime keeps its own reference)."""
+        if not self._closed:
+            self._closed = True
+            _checked(self._drv, "cuDevicePrimaryCtxRelease", self._drv.cuDevicePrimaryCtxRelease(self._cudev))
+
+    def __enter__(self) -> "CudaVmmDriver":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The arena
+
+
+class KVArena:
+    """One VA reservation of ``num_slots`` equal slots, physical chunks mapped on demand.
+
+    Slot ``s`` spans ``[base + s*slot_bytes, base + (s+1)*slot_bytes)``; its mapped part is always
+    a prefix of whole chunks. A kernel given ``base`` and per-sequence slot offsets reads each
+    sequence contiguously. ``slot_bytes`` must be a positive multiple of ``chunk_bytes``, and
+    ``chunk_bytes`` a positive multiple of the driver's granularity.
+
+    Accounting: *used* bytes are what :meth:`grow` was asked for (the largest request since the
+    slot's last release); *mapped* bytes are whole chunks; internal waste = mapped - used.
+    Physical bytes also count chunks parked on the free list (memory held, not mapped).
+    """
+
+    def __init__(self, driver: Any, num_slots: int, slot_bytes: int, chunk_bytes: int, *, device: int = 0):
+        _check_int("num_slots", num_slots, minimum=1)
+        _check_int("slot_bytes", slot_bytes, minimum=1)
+        _check_int("chunk_bytes", chunk_bytes, minimum=1)
+        _check_int("device", device, minimum=0)
+        gran = int(driver.granularity(device))
+        if chunk_bytes % gran:
+            raise ValueError(
+                f"chunk_bytes={chunk_bytes} must be a positive multiple of the driver's allocation "
+                f"granularity ({gran} bytes); try {round_up(chunk_bytes, gran)}"
+            )
+        if slot_bytes % chunk_bytes:
+            raise ValueError(
+                f"slot_bytes={slot_bytes} must be a multiple of chunk_bytes={chunk_bytes}; "
+                f"try {round_up(slot_bytes, chunk_bytes)}"
+            )
+        self.driver = driver
+        self.device = device
+        self.num_slots = num_slots
+        self.slot_bytes = slot_bytes
+        self.chunk_bytes = chunk_bytes
+        self.granularity = gran
+        self.reserved_bytes = num_slots * slot_bytes
+        self.base = int(driver.reserve_va(self.reserved_bytes, 0))
+        self._chunks: list[list[Any]] = [[] for _ in range(num_slots)]  # handles, in VA order
+        self._used = [0] * num_slots
+        self._free: list[Any] = []
+        self._closed = False
+        self._counts = {"handles_created": 0, "handles_reused": 0, "handles_released": 0,
+                        "grow_calls": 0, "failed_grows": 0, "release_calls": 0,
+                        "chunks_mapped": 0, "chunks_unmapped": 0}
+
+    # -- addresses ----------------------------------------------------------------------------
+    @property
+    def chunks_per_slot(self) -> int:
+        return self.slot_bytes // self.chunk_bytes
+
+    def _slot(self, slot: int) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot must be an int in [0, {self.num_slots}), got {slot!r}")
+        return slot
+
+    def _open(self) -> None:
+        if self._closed:
+            raise RuntimeError("KVArena is closed")
+
+    def slot_offset(self, slot: int) -> int:
+        """Byte offset of ``slot`` from :attr:`base`."""
+        return self._slot(slot) * self.slot_bytes
+
+    def slot_address(self, slot: int) -> int:
+        return self.base + self.slot_offset(slot)
+
+    def mapped_bytes(self, slot: int) -> int:
+        return len(self._chunks[self._slot(slot)]) * self.chunk_bytes
+
+    def used_bytes(self, slot: int) -> int:
+        return self._used[self._slot(slot)]
+
+    @property
+    def total_mapped_bytes(self) -> int:
+        return sum(len(c) for c in self._chunks) * self.chunk_bytes
+
+    @property
+    def total_used_bytes(self) -> int:
+        return sum(self._used)
+
+    @property
+    def free_chunks(self) -> int:
+        return len(self._free)
+
+    # -- growth and release -------------------------------------------------------------------
+    def grow(self, slot: int, nbytes: int) -> int:
+        """Map chunks until ``slot``'s mapped prefix covers ``nbytes``; return how many were mapped.
+
+        Chunks come from the free list first, else from a new physical allocation. If any driver
+        call fails, every chunk this call mapped is unmapped, reused handles go back to the free
+        list and new ones are released, then the error is re-raised: the arena is as before.
+        """
+        self._open()
+        s = self._slot(slot)
+        _check_int("nbytes", nbytes, minimum=0)
+        if nbytes > self.slot_bytes:
+            raise ValueError(
+                f"slot {s} cannot hold {nbytes} bytes: each slot reserves {self.slot_bytes} bytes "
+                f"({self.chunks_per_slot} chunks of {self.chunk_bytes})"
+            )
+        self._counts["grow_calls"] += 1
+        have = len(self._chunks[s])
+        want = -(-nbytes // self.chunk_bytes)
+        start = self.slot_address(s) + have * self.chunk_bytes
+        done: list[tuple[Any, bool]] = []  # (handle, fresh) per chunk mapped by this call
+        try:
+            for i in range(want - have):
+                fresh = not self._free
+                handle = self.driver.create_handle(self.chunk_bytes, self.device) if fresh else self._free.pop()
+                try:
+                    self.driver.map(start + i * self.chunk_bytes, self.chunk_bytes, handle)
+                except BaseException as err:
+                    self._give_back(handle, fresh, err)
+                    raise
+                done.append((handle, fresh))
+            if done:
+                self.driver.set_access(start, len(done) * self.chunk_bytes, self.device)
+        except BaseException as err:
+            self._counts["failed_grows"] += 1
+            self._roll_back(s, start, done, err)
+            raise
+        self._chunks[s].extend(h for h, _ in done)
+        fresh_count = sum(f for _, f in done)
+        self._counts["handles_created"] += fresh_count
+        self._counts["handles_reused"] += len(done) - fresh_count
+        self._counts["chunks_mapped"] += len(done)
+        self._used[s] = max(self._used[s], nbytes)
+        return len(done)
+
+    def _give_back(self, handle: Any, fresh: bool, err: BaseException) -> None:
+        """Undo taking an unmapped ``handle``: release it if this grow created it, else park it again.
+
+        If the release fails, the handle is parked on the free list (still allocated, still
+        tracked, so close() releases it) and a note is added to ``err``.
+        """
+        if fresh:
+            try:
+                self.driver.release_handle(handle)
+                return
+            except Exception as undo_err:
+                self._counts["handles_created"] += 1
+                _add_note(err, f"roll-back could not release a new handle ({undo_err}); parked it")
+        self._free.append(handle)
+
+    def _roll_back(self, s: int, start: int, done: list[tuple[Any, bool]], err: BaseException) -> None:
+        """Unmap, newest first, what a failed grow mapped. If an unmap fails too, the chunks still
+        mapped stay recorded in the slot (a prefix, so release/close will unmap them) and a note
+        is added to the original error."""
+        for i in range(len(done) - 1, -1, -1):
+            handle, fresh = done[i]
+            try:
+                self.driver.unmap(start + i * self.chunk_bytes, self.chunk_bytes)
+            except Exception as undo_err:
+                kept = done[: i + 1]
+                self._chunks[s].extend(h for h, _ in kept)
+                self._counts["handles_created"] += sum(f for _, f in kept)
+                self._counts["handles_reused"] += sum(not f for _, f in kept)
+                self._counts["chunks_mapped"] += len(kept)
+                _add_note(err, f"roll-back stopped: unmapping chunk {i} failed ({undo_err}); "
+                               f"{len(kept)} chunk(s) stay mapped in slot {s}")
+                return
+            self._give_back(handle, fresh, err)
+
+    def release(self, slot: int) -> int:
+        """Unmap all of ``slot``'s chunks onto the free list (memory stays allocated); return their count.
+
+        Chunks are unmapped last-to-first onto a LIFO free list, so the next growth takes them
+        back in the slot's original order (a slot released and regrown gets the same chunks).
+        """
+        self._open()
+        s = self._slot(slot)
+        self._counts["release_calls"] += 1
+        chunks = self._chunks[s]
+        n = 0
+        while chunks:
+            va = self.slot_address(s) + (len(chunks) - 1) * self.chunk_bytes
+            self.driver.unmap(va, self.chunk_bytes)
+            self._free.append(chunks.pop())
+            self._counts["chunks_unmapped"] += 1
+            n += 1
+        self._used[s] = 0
+        return n
+
+    def trim(self, keep: int = 0) -> int:
+        """Release free-list chunks back to the driver, keeping ``keep``; return how many were released."""
+        self._open()
+        _check_int("keep", keep, minimum=0)
+        n = 0
+        while len(self._free) > keep:
+            self.driver.release_handle(self._free[-1])
+            self._free.pop()
+            self._counts["handles_released"] += 1
+            n += 1
+        return n
+
+    def close(self) -> None:
+        """Unmap every slot, release every handle, free the reservation. Idempotent.
+
+        Carries on past failures so as much as possible is given back, then raises the first.
+        """
+        if self._closed:
+            return
+        errors: list[BaseException] = []
+        for s in range(self.num_slots):
+            try:
+                self.release(s)
+            except Exception as e:
+                errors.append(e)
+        while self._free:
+            handle = self._free.pop()
+            try:
+                self.driver.release_handle(handle)
+                self._counts["handles_released"] += 1
+            except Exception as e:
+                errors.append(e)
+        if not any(self._chunks):
+            try:
+                self.driver.free_va(self.base, self.reserved_bytes)
+            except Exception as e:
+                errors.append(e)
+        self._closed = True
+        if errors:
+            first = errors[0]
+            for e in errors[1:]:
+                _add_note(first, f"also failed during close: {e}")
+            raise first
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "KVArena":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- accounting ---------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        """Everything countable about the arena now, as one flat dict of ints."""
+        mapped = self.total_mapped_bytes
+        used = self.total_used_bytes
+        live = self._counts["handles_created"] - self._counts["handles_released"]
+        return {
+            "num_slots": self.num_slots,
+            "slot_bytes": self.slot_bytes,
+            "chunk_bytes": self.chunk_bytes,
+            "granularity": self.granularity,
+            "reserved_bytes": self.reserved_bytes,
+            "mapped_bytes": mapped,
+            "used_bytes": used,
+            "internal_waste_bytes": mapped - used,
+            "mapped_chunks": mapped // self.chunk_bytes,
+            "free_chunks": len(self._free),
+            "live_handles": live,
+            "physical_bytes": live * self.chunk_bytes,
+            "active_slots": sum(1 for c in self._chunks if c),
+            **self._counts,
+        }
+
+    # -- CuPy views ---------------------------------------------------------------------------
+    def slot_view(self, slot: int, dtype: Any, shape: tuple[int, ...] | None = None):
+        """A CuPy array over ``slot``'s mapped prefix (keeps the arena alive, not its mappings)."""
+        self._open()
+        nbytes = self.mapped_bytes(slot)
+        if nbytes == 0:
+            raise ValueError(f"slot {slot} has nothing mapped; grow it first")
+        return cupy_view(self.slot_address(slot), nbytes, dtype, shape, owner=self, device=self.device)
+
+    def full_view(self, dtype: Any, shape: tuple[int, ...] | None = None):
+        """A CuPy array over the whole reservation, for kernels that take one base pointer.
+
+        Only mapped parts may be touched: a read or write of an unmapped slot region is an
+        illegal address, which ends the CUDA context.
+        """
+        self._open()
+        return cupy_view(self.base, self.reserved_bytes, dtype, shape, owner=self, device=self.device)
+
+
+def _add_note(err: BaseException, note: str) -> None:
+    if hasattr(err, "add_note"):  # Python 3.11+
+        err.add_note(note)
+
+
+def cupy_view(ptr: int, nbytes: int, dtype: Any, shape: tuple[int, ...] | None = None, *,
+              owner: Any = None, device: int = 0):
+    """Wrap ``nbytes`` of device memory at ``ptr`` as a ``cupy.ndarray`` (no copy, no ownership).
+
+    ``shape`` defaults to 1-D over all of ``nbytes``; a shape needing more bytes is a ValueError.
+    ``owner`` is kept alive by the array (pass whatever must outlive it).
+    """
+    import numpy as np
+
+    _check_int("ptr", ptr, minimum=1)
+    _check_int("nbytes", nbytes, minimum=1)
+    dt = np.dtype(dtype)
+    if shape is None:
+        if nbytes % dt.itemsize:
+            raise ValueError(f"nbytes={nbytes} is not a multiple of {dt} itemsize {dt.itemsize}")
+        shape = (nbytes // dt.itemsize,)
+    shape = tuple(int(n) for n in shape)
+    if any(n < 0 for n in shape):
+        raise ValueError(f"shape must be non-negative, got {shape}")
+    need = math.prod(shape) * dt.itemsize
+    if need > nbytes:
+        raise ValueError(f"shape {shape} of {dt} needs {need} bytes, only {nbytes} are mapped")
+    import cupy
+
+    mem = cupy.cuda.UnownedMemory(ptr, nbytes, owner, device)
+    return cupy.ndarray(shape, dt, cupy.cuda.MemoryPointer(mem, 0))
