@@ -10,7 +10,8 @@ import pytest
 from lib import catalog
 from lib import ROOT
 from lib.harness import results as R
-from lib.__main__ import main, platform_tags
+from lib.__main__ import main
+from lib.tools.wheelhouse import platform_tags
 
 
 def cli(*args, timeout=120):
@@ -122,7 +123,6 @@ def test_papermill_rerun_in_replay_mode_with_a_changed_parameter_changes_the_out
 def test_reproduce_picks_registered_chapters_in_book_order(monkeypatch):
     import dataclasses
 
-    from lib.harness import experiments as E
     from lib.__main__ import experiment_chapters
 
     base = catalog.EXPERIMENTS["selftest"]
@@ -134,12 +134,12 @@ def test_reproduce_picks_registered_chapters_in_book_order(monkeypatch):
 
 
 def test_chapter_parameters_keep_the_type_of_their_default():
-    from lib.__main__ import UsageError, _coerce_param
+    from lib.tools.reproduce import coerce_param
 
-    assert _coerce_param("1,2", "1,2,3") == "1,2"
-    assert _coerce_param("1", "1,2,3") == "1"
-    assert _coerce_param("2048", 4096) == 2048
-    assert _coerce_param("0.5", 1.0) == 0.5
-    assert _coerce_param("false", True) is False
-    with pytest.raises(UsageError):
-        _coerce_param("many", 4096)
+    assert coerce_param("1,2", "1,2,3") == "1,2"
+    assert coerce_param("1", "1,2,3") == "1"
+    assert coerce_param("2048", 4096) == 2048
+    assert coerce_param("0.5", 1.0) == 0.5
+    assert coerce_param("false", True) is False
+    with pytest.raises(ValueError):
+        coerce_param("many", 4096)

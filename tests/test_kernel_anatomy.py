@@ -2,10 +2,8 @@
 
 import re
 
-import pandas as pd
 import pytest
 
-from lib import DATA
 from lib.chapters.kernel import anatomy as A
 from lib.engine.kernels import SOURCE
 
@@ -70,18 +68,6 @@ def test_min_blocks_by_hand():
     assert A.min_blocks("float16", 32, 128, 4) == 1
     assert A.min_blocks("float32", 32, 128, 1) == 1  # 32 + 128 + 4
     assert A.min_blocks("float16", 32, 128, 1) == 4  # 16 + 64 + 8
-
-
-def test_min_blocks_matches_the_register_counts_ptxas_reported():
-    """Kernels capped at 4 blocks per SM use at most 128 registers; the others use more."""
-    res = pd.read_csv(DATA / "kernels" / "resources.csv")
-    dec = res[res["kernel"] == "decode"]
-    capped = [A.min_blocks(t, int(b), int(h), int(g)) == 4
-              for t, b, h, g in zip(dec["dtype"], dec["block_size"], dec["head_size"], dec["tile"])]
-    capped = pd.Series(capped, index=dec.index)
-    assert capped.any() and (~capped).any()
-    assert (dec.loc[capped, "registers"] <= 128).all()
-    assert (dec.loc[~capped, "registers"] >= 128).all()
 
 
 def test_mapping_table_rows():

@@ -168,7 +168,7 @@ def _speed():
 
 def test_speed_table_figure_and_ratios():
     t = F.speed_table(_speed())
-    assert list(dict.fromkeys(t["shape"])) == ["1 × 4096, MHA", "32 × 4096, GQA 32:8"]
+    assert list(dict.fromkeys(t["shape"])) == ["1 × 4096, MHA 32:32", "32 × 4096, GQA 32:8"]
     gqa = t[(t["shape"] == "32 × 4096, GQA 32:8") & (t["backend"] == "own-auto-paged")]
     assert gqa["over_baseline"].iloc[0] == pytest.approx(1.25)
     fig = F.speed_figure(t)

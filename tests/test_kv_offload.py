@@ -1,5 +1,6 @@
-"""KV offload: fraction -> host blocks, the split pool over the VMM API, the analysis and the
-chapter's code on synthetic rows (CPU); one tiny point per mode on a GPU (marked ``gpu``)."""
+"""KV offload: fraction -> host blocks, block residency, the split pool over the VMM API
+(:mod:`lib.engine.vmm`), the analysis and the chapter's code on synthetic rows (CPU); one tiny
+point per mode on a GPU (marked ``gpu``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from lib import catalog
 from lib import ROOT
 from lib.harness import experiments as E
 from lib.chapters.kv_offload import measure as K
+from lib.chapters.kv_offload import residency as KR
 from lib.engine import memory as M
 from lib.harness import results as R
 from lib.engine import vmm
@@ -63,6 +65,87 @@ def test_blocks_per_seq_must_be_positive(n):
 def test_fraction_label_falls_back_to_decimals():
     assert K.fraction_label(0.3) == "3/10" and K.fraction_label(1 / 3) == "1/3"
     assert K.fraction_label(0.123456789) == "0.123457"
+
+
+# ----------------------------------------------------------------------------- block residency
+
+def test_host_block_mask_counts_and_patterns():
+    for n in (1, 7, 16, 1000):
+        for f in (0.0, 0.1, 0.25, 0.5, 0.9, 1.0):
+            want = int(np.floor(f * n + 0.5))
+            for pattern in ("tail", "head", "spread", "random"):
+                m = KR.host_block_mask(n, f, pattern=pattern, seed=3)
+                assert m.dtype == bool and m.shape == (n,)
+                assert int(m.sum()) == want, (n, f, pattern)
+    tail = KR.host_block_mask(10, 0.3)
+    assert list(np.flatnonzero(tail)) == [7, 8, 9]
+    assert list(np.flatnonzero(KR.host_block_mask(10, 0.3, pattern="head"))) == [0, 1, 2]
+    assert not KR.host_block_mask(10, 0.0).any() and KR.host_block_mask(10, 1.0).all()
+
+
+def test_spread_mask_is_even():
+    m = KR.host_block_mask(100, 0.25, pattern="spread")
+    idx = np.flatnonzero(m)
+    assert len(idx) == 25 and set(np.diff(idx)) == {4}
+    # every prefix holds its share, rounded
+    for k in range(1, 101):
+        assert abs(int(m[:k].sum()) - 0.25 * k) <= 0.5 + 1e-9
+
+
+def test_random_mask_is_seeded():
+    a = KR.host_block_mask(64, 0.5, pattern="random", seed=1)
+    assert (a == KR.host_block_mask(64, 0.5, pattern="random", seed=1)).all()
+    assert (a != KR.host_block_mask(64, 0.5, pattern="random", seed=2)).any()
+
+
+@pytest.mark.parametrize("n,f,pattern", [(0, 0.5, "tail"), (-3, 0.5, "tail"), (2.0, 0.5, "tail"),
+                                         (10, -0.1, "tail"), (10, 1.1, "tail"), (10, float("nan"), "tail"),
+                                         (10, 0.5, "middle"), (True, 0.5, "tail"), (10, True, "tail")])
+def test_host_block_mask_validates(n, f, pattern):
+    with pytest.raises(ValueError):
+        KR.host_block_mask(n, f, pattern=pattern)
+
+
+def test_block_runs():
+    assert KR.block_runs([]) == []
+    assert KR.block_runs([True]) == [(0, 1, True)]
+    assert KR.block_runs([False, False, True, True, False]) == [(0, 2, False), (2, 4, True), (4, 5, False)]
+    m = KR.host_block_mask(37, 0.3, pattern="random", seed=0)
+    runs = KR.block_runs(m)
+    assert runs[0][0] == 0 and runs[-1][1] == 37
+    assert all(a[1] == b[0] and a[2] != b[2] for a, b in zip(runs, runs[1:]))
+    assert sum(b - a for a, b, h in runs if h) == int(m.sum())
+
+
+def test_residency_summary():
+    r = KR.Residency(num_blocks=8, host_blocks=2, block_bytes=1024, runs=2)
+    assert r.host_bytes == 2048 and r.host_fraction == 0.25
+
+
+
+
+@pytest.mark.gpu
+def test_block_residency_on_a_managed_pool():
+    import cupy as cp
+
+    dev = cp.cuda.runtime.getDevice()
+    block = 2 * MiB // 2  # float16 elements per 2 MiB block
+    pool = M.allocate((8, block), "float16", "managed_gpu")
+    pool[...] = cp.arange(8, dtype=cp.float16)[:, None]
+    mask = KR.host_block_mask(8, 0.25)  # blocks 6 and 7
+    r = KR.apply_block_residency(pool, mask)
+    assert (r.num_blocks, r.host_blocks, r.block_bytes, r.runs) == (8, 2, 2 * MiB, 2)
+    host = M.range_info(pool, offset=6 * 2 * MiB, nbytes=4 * MiB)
+    assert host.preferred_location == "host" and f"gpu:{dev}" in host.accessed_by
+    assert host.last_prefetch_location == "host"
+    gpu = M.range_info(pool, nbytes=6 * 2 * MiB)
+    assert gpu.preferred_location == f"gpu:{dev}" and gpu.accessed_by == ()
+    assert gpu.last_prefetch_location == f"gpu:{dev}"
+    assert (pool.sum(axis=1, dtype=cp.float32).get() == np.arange(8) * block).all()  # data survived
+    with pytest.raises(ValueError, match="managed pool"):
+        KR.apply_block_residency(M.allocate((8, 16), "uint8", "pinned"), mask)
+    with pytest.raises(ValueError, match="entries"):
+        KR.apply_block_residency(pool, mask[:4])
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -137,7 +220,7 @@ class HostFake(FakeVmmDriver):
 
 def test_split_mapping_maps_host_then_device_and_frees_everything():
     drv = HostFake()
-    m = K.SplitMapping(drv, 3 * G, 2 * G)
+    m = vmm.SplitMapping(drv, 3 * G, 2 * G)
     assert drv.calls["create_handle"] == 2 and len(drv.host_handles) == 1
     host_h = next(iter(drv.host_handles))
     assert drv.mappings[m.va]["handle"] == host_h and drv.mappings[m.va]["size"] == 3 * G
@@ -150,7 +233,7 @@ def test_split_mapping_maps_host_then_device_and_frees_everything():
 
 def test_split_mapping_without_host_part_needs_no_host_memory():
     drv = FakeVmmDriver(G)  # no create_host_handle at all
-    m = K.SplitMapping(drv, 0, 2 * G)
+    m = vmm.SplitMapping(drv, 0, 2 * G)
     assert drv.calls["create_handle"] == 1
     m.close()
     assert drv.leaks() == {"reservations": 0, "handles": 0, "mappings": 0}
@@ -163,15 +246,15 @@ def test_split_mapping_without_host_part_needs_no_host_memory():
 def test_split_mapping_bad_sizes(host, dev, match):
     drv = HostFake()
     with pytest.raises(ValueError, match=match):
-        K.SplitMapping(drv, host, dev)
+        vmm.SplitMapping(drv, host, dev)
     assert drv.leaks() == {"reservations": 0, "handles": 0, "mappings": 0}
 
 
 def test_split_mapping_uses_the_coarser_granularity():
     drv = HostFake(granularity=G, host_granularity=2 * G)
     with pytest.raises(ValueError, match="granularity"):
-        K.SplitMapping(drv, 3 * G, G)
-    K.SplitMapping(drv, 2 * G, 2 * G).close()
+        vmm.SplitMapping(drv, 3 * G, G)
+    vmm.SplitMapping(drv, 2 * G, 2 * G).close()
 
 
 @pytest.mark.parametrize("op, nth", [("map", 1), ("map", 2), ("set_access", 1), ("set_access", 2),
@@ -180,7 +263,7 @@ def test_split_mapping_rolls_back_a_failure(op, nth):
     drv = HostFake()
     drv.inject_failure(op, nth)
     with pytest.raises(VmmDriverError):
-        K.SplitMapping(drv, G, G)
+        vmm.SplitMapping(drv, G, G)
     assert drv.leaks() == {"reservations": 0, "handles": 0, "mappings": 0}
 
 
@@ -189,14 +272,14 @@ def test_split_allocator_puts_the_first_blocks_on_the_host(monkeypatch):
     monkeypatch.setattr(vmm, "cupy_view", lambda ptr, nbytes, dtype, shape, owner, device:
                         captured.update(ptr=ptr, nbytes=nbytes, shape=shape, owner=owner))
     drv = HostFake()
-    alloc = K.split_allocator(drv, 128)  # 128 blocks of 16 KiB = 2 MiB on the host
+    alloc = vmm.split_allocator(drv, 128)  # 128 blocks of 16 KiB = 2 MiB on the host
     alloc((256, 4, 16, 16, 8), "float16")
     m = captured["owner"]
     assert (m.host_bytes, m.device_bytes, captured["nbytes"]) == (G, G, 2 * G)
     with pytest.raises(ValueError, match="fewer than 128 blocks"):
         alloc((64, 4, 16, 16, 8), "float16")
     with pytest.raises(ValueError, match="host_blocks"):
-        K.split_allocator(drv, -1)
+        vmm.split_allocator(drv, -1)
 
 
 # ----------------------------------------------------------------------------- CudaVmmDriver's host memory
@@ -300,7 +383,8 @@ def test_experiment_is_registered_with_the_issue_grid():
     assert {p["fraction"] for p in dec} == set(K.FRACTIONS)
     assert all(p["batch_size"] == 32 and p["seq_len"] == 4096 and p["block_size"] == 16 for p in dec)
     assert {p["nbytes"] for p in yard} == {K.YARDSTICK_BYTES}
-    assert set(K.MODES) == {m for m, _ in K.VARIANTS.values()} and set(K.VARIANTS) == set(K.MEMORY_KIND)
+    assert set(K.MODES) == {m for m, _ in K.VARIANTS.values()} and set(K.VARIANTS) == set(K.POOL)
+    assert {kind for kind, _ in K.POOL.values()} <= set(M.KINDS)  # memory_kind holds memory kinds only
     # the prepare hook reads only decode points' shapes (yardstick points have none)
     assert all("own-" not in str(p.get("backends", "")) for p in yard)
 
@@ -368,9 +452,9 @@ def fake_rows(*, backends=("own-auto-paged", "vllm"), failed_check=False, error_
                     for v, (m, _) in K.VARIANTS.items():
                         if m != mode or (v == "zero_copy_hostalloc" and f < 1):
                             continue
-                        base = {"backend": backend, "memory_kind": K.MEMORY_KIND[v], "num_heads": h,
+                        base = {"backend": backend, "memory_kind": K.POOL[v][0], "num_heads": h,
                                 "num_kv_heads": kv, "bytes_moved": 10**9, "_point": point,
-                                "extra": {"variant": v, **plan.describe(),
+                                "extra": {"variant": v, "pool": K.POOL[v][1], **plan.describe(),
                                           **{k: point[k] for k in ("measurement", "mode", "fraction")}}}
                         if v == error_variant:
                             rows.append({**base, "status": "error",
@@ -528,6 +612,27 @@ def test_load_rows_fails_clearly_without_data(tmp_path):
     write_fake_results(tmp_path)
     rows = F.load_rows(root=tmp_path)
     assert set(rows["measurement"]) == {"decode", "yardstick"} and rows["variant"].notna().all()
+    assert set(rows["memory_kind"]) <= set(M.KINDS)
+    assert rows.loc[rows["measurement"] == "decode", "pool"].notna().all()
+
+
+def test_load_rows_maps_the_old_pool_labels(tmp_path):
+    """Rows committed before ``extra["pool"]`` named the pool in ``memory_kind``."""
+    csv = R.csv_path(K.EXPERIMENT, SLUG, root=tmp_path)
+    old = []
+    for r in fake_rows(backends=("own-auto-paged",)):
+        point = r.pop("_point")
+        r["extra"].pop("pool", None)
+        v = r["extra"]["variant"]
+        r["memory_kind"] = {"zero_copy": "vmm_host_split", "explicit_copy": "device+pinned"}.get(v, r["memory_kind"])
+        old.append({"experiment": K.EXPERIMENT, "point_key": E.point_key(point), "run_id": "run0",
+                    "gpu_slug": SLUG, "status": "ok", "wall_s": 1.0, **r})
+    R.append_rows(csv, old)
+    rows = F.load_rows(root=tmp_path)
+    dec = rows[rows["measurement"] == "decode"]
+    assert set(dec["memory_kind"]) <= set(M.KINDS)
+    assert list(dec["pool"]) == [K.POOL[v][1] for v in dec["variant"]]
+    assert (rows.loc[rows["measurement"] == "yardstick", "memory_kind"].isin(["pinned", "managed"])).all()
 
 
 # ----------------------------------------------------------------------------- the chapter's code
@@ -620,9 +725,9 @@ def test_gpu_split_pool_reads_host_and_device_parts():
     import cupy
 
     cupy.zeros(1)
-    if K.host_memory_unavailable():
-        pytest.skip(K.host_memory_unavailable())
-    alloc = K.split_allocator(K.vmm_driver(), 128)
+    if vmm.host_memory_unavailable():
+        pytest.skip(vmm.host_memory_unavailable())
+    alloc = vmm.split_allocator(vmm.vmm_driver(), 128)
     a = alloc((256, 8192), "uint16")  # 128 blocks of 16 KiB on the host, 128 on the device
     src = cupy.arange(a.size, dtype=cupy.uint32).astype(cupy.uint16).reshape(a.shape)
     a[...] = src

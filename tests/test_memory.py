@@ -1,4 +1,4 @@
-"""The Unified Memory layer: guard, kinds, locations and residency on CPU; the rest on a GPU.
+"""The Unified Memory layer: guard, kinds and locations on CPU; the rest on a GPU.
 
 No test here opts in to oversubscription.
 """
@@ -153,7 +153,9 @@ def test_span_arguments():
 
 
 def test_module_imports_without_gpu_libraries():
-    code = "import sys, lib.engine.memory, lib.chapters.uvm.measure, lib.chapters.uvm.figures; print('cupy' in sys.modules, 'torch' in sys.modules)"
+    code = ("import sys, lib.engine.memory, lib.engine.transfer, lib.chapters.uvm.measure, "
+            "lib.chapters.uvm.analysis, lib.chapters.uvm.figures, lib.chapters.kv_offload.residency; "
+            "print('cupy' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 
@@ -162,61 +164,6 @@ def test_module_imports_without_gpu_libraries():
 def test_allocate_on_a_cpu_machine_says_a_gpu_is_needed():
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         M.allocate(16, "uint8", "managed")
-
-
-# ----------------------------------------------------------------------------- residency split
-
-def test_host_block_mask_counts_and_patterns():
-    for n in (1, 7, 16, 1000):
-        for f in (0.0, 0.1, 0.25, 0.5, 0.9, 1.0):
-            want = int(np.floor(f * n + 0.5))
-            for pattern in ("tail", "head", "spread", "random"):
-                m = M.host_block_mask(n, f, pattern=pattern, seed=3)
-                assert m.dtype == bool and m.shape == (n,)
-                assert int(m.sum()) == want, (n, f, pattern)
-    tail = M.host_block_mask(10, 0.3)
-    assert list(np.flatnonzero(tail)) == [7, 8, 9]
-    assert list(np.flatnonzero(M.host_block_mask(10, 0.3, pattern="head"))) == [0, 1, 2]
-    assert not M.host_block_mask(10, 0.0).any() and M.host_block_mask(10, 1.0).all()
-
-
-def test_spread_mask_is_even():
-    m = M.host_block_mask(100, 0.25, pattern="spread")
-    idx = np.flatnonzero(m)
-    assert len(idx) == 25 and set(np.diff(idx)) == {4}
-    # every prefix holds its share, rounded
-    for k in range(1, 101):
-        assert abs(int(m[:k].sum()) - 0.25 * k) <= 0.5 + 1e-9
-
-
-def test_random_mask_is_seeded():
-    a = M.host_block_mask(64, 0.5, pattern="random", seed=1)
-    assert (a == M.host_block_mask(64, 0.5, pattern="random", seed=1)).all()
-    assert (a != M.host_block_mask(64, 0.5, pattern="random", seed=2)).any()
-
-
-@pytest.mark.parametrize("n,f,pattern", [(0, 0.5, "tail"), (-3, 0.5, "tail"), (2.0, 0.5, "tail"),
-                                         (10, -0.1, "tail"), (10, 1.1, "tail"), (10, float("nan"), "tail"),
-                                         (10, 0.5, "middle"), (True, 0.5, "tail"), (10, True, "tail")])
-def test_host_block_mask_validates(n, f, pattern):
-    with pytest.raises(ValueError):
-        M.host_block_mask(n, f, pattern=pattern)
-
-
-def test_block_runs():
-    assert M.block_runs([]) == []
-    assert M.block_runs([True]) == [(0, 1, True)]
-    assert M.block_runs([False, False, True, True, False]) == [(0, 2, False), (2, 4, True), (4, 5, False)]
-    m = M.host_block_mask(37, 0.3, pattern="random", seed=0)
-    runs = M.block_runs(m)
-    assert runs[0][0] == 0 and runs[-1][1] == 37
-    assert all(a[1] == b[0] and a[2] != b[2] for a, b in zip(runs, runs[1:]))
-    assert sum(b - a for a, b, h in runs if h) == int(m.sum())
-
-
-def test_residency_summary():
-    r = M.Residency(num_blocks=8, host_blocks=2, block_bytes=1024, runs=2)
-    assert r.host_bytes == 2048 and r.host_fraction == 0.25
 
 
 # ----------------------------------------------------------------------------- on a GPU
@@ -337,29 +284,6 @@ def test_managed_total_tracks_live_allocations():
     del view, b
     gc.collect()
     assert M.managed_bytes_in_use() == before
-
-
-@pytest.mark.gpu
-def test_block_residency_on_a_managed_pool():
-    cp = _cp()
-    dev = cp.cuda.runtime.getDevice()
-    block = 2 * MiB // 2  # float16 elements per 2 MiB block
-    pool = M.allocate((8, block), "float16", "managed_gpu")
-    pool[...] = cp.arange(8, dtype=cp.float16)[:, None]
-    mask = M.host_block_mask(8, 0.25)  # blocks 6 and 7
-    r = M.apply_block_residency(pool, mask)
-    assert (r.num_blocks, r.host_blocks, r.block_bytes, r.runs) == (8, 2, 2 * MiB, 2)
-    host = M.range_info(pool, offset=6 * 2 * MiB, nbytes=4 * MiB)
-    assert host.preferred_location == "host" and f"gpu:{dev}" in host.accessed_by
-    assert host.last_prefetch_location == "host"
-    gpu = M.range_info(pool, nbytes=6 * 2 * MiB)
-    assert gpu.preferred_location == f"gpu:{dev}" and gpu.accessed_by == ()
-    assert gpu.last_prefetch_location == f"gpu:{dev}"
-    assert (pool.sum(axis=1, dtype=cp.float32).get() == np.arange(8) * block).all()  # data survived
-    with pytest.raises(ValueError, match="managed pool"):
-        M.apply_block_residency(M.allocate((8, 16), "uint8", "pinned"), mask)
-    with pytest.raises(ValueError, match="entries"):
-        M.apply_block_residency(pool, mask[:4])
 
 
 @pytest.mark.gpu

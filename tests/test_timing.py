@@ -89,6 +89,22 @@ def test_ceilings_are_sane_and_the_read_kernel_is_checked():
 
 
 @pytest.mark.gpu
+def test_one_fill_and_one_read_kernel_agree_with_cupy():
+    import cupy as cp
+
+    buf = cp.empty(64 << 20, dtype=cp.uint8)
+    out = cp.zeros(1, dtype=cp.uint64)
+    T.fill(buf, 0x01010101)  # the Unified Memory chapter's fill: a constant word
+    T.read_sum(buf, out)
+    assert int(out.get()[0]) % 2**32 == (16 << 20) * 0x01010101 % 2**32
+    T.fill(buf)  # the ceiling's fill: a hash of the index
+    assert int(buf.view(cp.uint32)[1].get()) == 2654435761
+    T.check_read_kernel(buf)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        T.read_sum(buf[:17], out)
+
+
+@pytest.mark.gpu
 def test_harness_agrees_with_direct_memcpy_and_with_itself():
     # Measured on H100 (CUDA 13.0, driver 580):
     # * 256 MiB and 1 GiB: the rigorous protocol (graph replay, L2 flushed, the copy as memcpy

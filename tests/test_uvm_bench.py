@@ -1,6 +1,6 @@
 """The Unified Memory measurements' CPU-side logic, and the chapter on synthetic data.
 
-The GPU measurements themselves run on the GPU machine (scripts/uvm_run.py); here: the grid,
+The GPU measurements themselves run on a GPU (``python -m lib sweep uvm``); here: the grid,
 the budget and estimate arithmetic, the tables and figures on rows shaped like a real run's,
 and the chapter executed (papermill) in replay mode with no data and with synthetic data.
 """
@@ -19,7 +19,10 @@ import pytest
 from lib import catalog
 from lib import ROOT
 from lib.harness import experiments as E
+from lib.engine import memory
+from lib.engine import transfer as X
 from lib.harness import results as R
+from lib.chapters.uvm import analysis as A
 from lib.chapters.uvm import measure as U
 from lib.chapters.uvm import figures as F
 
@@ -126,25 +129,27 @@ def test_measure_point_rejects_unknown_measurement():
 
 
 def test_budget_keeps_buffers_far_below_free_memory():
-    assert U.budget_problem(GiB, 0, free_gpu=4 * GiB, free_host=0) is None  # exactly 25%
-    why = U.budget_problem(GiB + 1, 0, free_gpu=4 * GiB, free_host=0)
+    assert X.budget_problem(GiB, 0, free_gpu=4 * GiB, free_host=0) is None  # exactly 25%
+    why = X.budget_problem(GiB + 1, 0, free_gpu=4 * GiB, free_host=0)
     assert why and "25%" in why and "free" in why
-    why = U.budget_problem(0, 3 * GiB, free_gpu=GiB, free_host=4 * GiB)
+    why = X.budget_problem(0, 3 * GiB, free_gpu=GiB, free_host=4 * GiB)
     assert why and "host memory" in why
-    assert U.budget_problem(0, 2 * GiB, free_gpu=GiB, free_host=4 * GiB) is None
+    assert X.budget_problem(0, 2 * GiB, free_gpu=GiB, free_host=4 * GiB) is None
     with pytest.raises(ValueError):
-        U.budget_problem(-1, 0, free_gpu=1, free_host=1)
+        X.budget_problem(-1, 0, free_gpu=1, free_host=1)
     with pytest.raises(ValueError):
-        U.budget_problem(1, 0, free_gpu=1, free_host=1, gpu_share=0)
+        X.budget_problem(1, 0, free_gpu=1, free_host=1, gpu_share=0)
 
 
 def test_expected_sums():
-    assert U.expected_word_sum(16) == 4 * 0x01010101
+    assert X.expected_word_sum(16) == 4 * 0x01010101
     assert U.expected_u64_sum(16) == 2 * 0x0101010101010101
     n = 8 * GiB  # wraps modulo 2**64 like NumPy's uint64 sum
     assert U.expected_u64_sum(n) == ((n // 8) * 0x0101010101010101) % (1 << 64)
-    host = np.full(4096, U.FILL_BYTE, dtype=np.uint8)
-    assert int(host.view(np.uint32).sum(dtype=np.uint64)) == U.expected_word_sum(4096)
+    host = np.full(4096, X.FILL_BYTE, dtype=np.uint8)
+    # the read kernel's sum is compared modulo 2**32 (its block partial sums wrap there)
+    assert int(host.view(np.uint32).sum(dtype=np.uint64)) % 2**32 == X.expected_word_sum(4096)
+    assert X.expected_word_sum(8 * GiB) == (2 * GiB * X.WORD) % 2**32
     assert U._cpu_sum(host) == U.expected_u64_sum(4096)
 
 
@@ -157,7 +162,12 @@ def test_resident_from_prefetch_time():
 
 
 def test_host_available_bytes_is_positive_here():
-    assert U.host_available_bytes() > 0
+    assert memory.host_available_bytes() > 0
+
+
+def test_transfer_refuses_an_unknown_method():
+    with pytest.raises(ValueError, match="method must be one of"):
+        X.measure_transfer("carrier_pigeon", MiB)
 
 
 # ----------------------------------------------------------------------------- tables and figures
@@ -166,44 +176,44 @@ def test_host_available_bytes_is_positive_here():
 def fake_df(tmp_path_factory):
     root = tmp_path_factory.mktemp("results")
     write_fake(root, slugs=("fake-gpu-80gb", "fake-gpu-141gb"))
-    df = U.load(root)
+    df = A.load(root)
     assert df is not None
     return df
 
 
 def test_load_returns_none_without_data(tmp_path):
-    assert U.load(tmp_path) is None
+    assert A.load(tmp_path) is None
     (tmp_path / "uvm").mkdir()
-    assert U.load(tmp_path) is None
+    assert A.load(tmp_path) is None
 
 
 def test_tables_and_headline(fake_df):
-    g = U.gpu_read_table(fake_df)
+    g = A.gpu_read_table(fake_df)
     assert set(g["label"]) == set(U.READ_LABELS.values())
     assert (g["bw_low"] <= g["bandwidth_gbps"]).all() and (g["bandwidth_gbps"] <= g["bw_high"]).all()
-    c = U.cpu_read_table(fake_df)
-    assert set(c["label"]) == set(U.CPU_LABELS.values())
-    gr = U.granularity_table(fake_df)
+    c = A.cpu_read_table(fake_df)
+    assert set(c["label"]) == set(A.CPU_LABELS.values())
+    gr = A.granularity_table(fake_df)
     four_k = gr[(gr["stride_bytes"] == 4096) & (gr["gpu_slug"] == "fake-gpu-80gb")].iloc[0]
     assert four_k["amplification"] == pytest.approx(1.0)  # every page touched, every page moved
-    t = U.transfer_table(fake_df)
-    assert set(t["label"]) == set(U.TRANSFER_LABELS.values())
-    h = U.headline(fake_df, "fake-gpu-80gb")
+    t = A.transfer_table(fake_df)
+    assert set(t["label"]) == set(A.TRANSFER_LABELS.values())
+    h = A.headline(fake_df, "fake-gpu-80gb")
     assert h["read_device"] == pytest.approx(3000) and h["read_fault_touched"] == pytest.approx(8)
     assert h["read_size_gib"] == 8 and h["transfer_size_gib"] == 4
     assert h["managed_over_device"] == pytest.approx(2990 / 3000)
     assert h["prefetch_h2d"] == pytest.approx(49) and h["pinned_h2d"] == pytest.approx(52)
     assert h["gran_2m_touched_mib"] == pytest.approx(2.0)  # 512 touches x 4 KiB
     assert h["gran_64k_meminfo_mib"] == pytest.approx(1024)
-    h2 = U.headline(fake_df, "fake-gpu-141gb")
+    h2 = A.headline(fake_df, "fake-gpu-141gb")
     assert h2["read_device"] == pytest.approx(3900)
-    empty = U.headline(fake_df, "no-such-gpu")
+    empty = A.headline(fake_df, "no-such-gpu")
     assert math.isnan(empty["read_device"]) and math.isnan(empty["prefetch_h2d"])
 
 
 def test_figures_draw(fake_df):
-    figs = [F.read_bandwidth_figure(U.gpu_read_table(fake_df)), F.cpu_read_figure(U.cpu_read_table(fake_df)),
-            F.granularity_figure(U.granularity_table(fake_df)), F.transfer_figure(U.transfer_table(fake_df)),
+    figs = [F.read_bandwidth_figure(A.gpu_read_table(fake_df)), F.cpu_read_figure(A.cpu_read_table(fake_df)),
+            F.granularity_figure(A.granularity_table(fake_df)), F.transfer_figure(A.transfer_table(fake_df)),
             F.unified_memory_diagram(), F.fault_timeline_diagram(), F.placement_diagram(),
             F.no_data_figure("x")]
     for fig in figs:
@@ -211,7 +221,7 @@ def test_figures_draw(fake_df):
     with pytest.raises(ValueError, match="needs columns"):
         F.read_bandwidth_figure(pd.DataFrame({"x": [1]}))
     with pytest.raises(ValueError, match="no rows"):
-        F.transfer_figure(U.transfer_table(fake_df).iloc[:0])
+        F.transfer_figure(A.transfer_table(fake_df).iloc[:0])
 
 
 def test_shown_formats_and_dashes():

@@ -15,6 +15,7 @@ import pytest
 
 from lib import ROOT
 from lib.engine.backends import vllm as vk
+from lib.tools import vllm_install as vi
 
 FAKE_MODULE = "vllm.kern.attn"
 
@@ -88,7 +89,7 @@ def private_tmp(tmp_path: Path, monkeypatch) -> Path:
     """Point tempfile at an empty folder, so tests can see whether anything was written."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    monkeypatch.setattr(vk.tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(vi.tempfile, "tempdir", str(scratch))
     return scratch
 
 
@@ -97,7 +98,7 @@ def private_tmp(tmp_path: Path, monkeypatch) -> Path:
 
 def test_install_copies_only_imported_modules_inits_and_metadata(wheel, tmp_path, private_tmp):
     dest = tmp_path / "kernel"
-    report = vk.install_kernel_only(wheel, dest, module=FAKE_MODULE)
+    report = vi.install_kernel_only(wheel, dest, module=FAKE_MODULE)
     assert set(report.files) == EXPECTED
     assert tree(dest) == EXPECTED | {vk.MANIFEST_NAME}
     assert not (dest / "vllm/third_party/pynvml.py").exists()
@@ -109,7 +110,7 @@ def test_install_copies_only_imported_modules_inits_and_metadata(wheel, tmp_path
 
 def test_manifest_records_version_wheel_files_and_bytes(wheel, tmp_path):
     dest = tmp_path / "kernel"
-    report = vk.install_kernel_only(wheel, dest, module=FAKE_MODULE)
+    report = vi.install_kernel_only(wheel, dest, module=FAKE_MODULE)
     manifest = json.loads((dest / vk.MANIFEST_NAME).read_text())
     assert manifest["vllm_version"] == "0.0.1"
     assert manifest["kernel_module"] == FAKE_MODULE
@@ -123,7 +124,7 @@ def test_manifest_records_version_wheel_files_and_bytes(wheel, tmp_path):
 
 def test_installed_kernel_loads_and_saw_no_pynvml(wheel, tmp_path):
     dest = tmp_path / "kernel"
-    vk.install_kernel_only(wheel, dest, module=FAKE_MODULE)
+    vi.install_kernel_only(wheel, dest, module=FAKE_MODULE)
     code = (
         "import sys; from lib.engine.backends.vllm import load_unified_attention as L\n"
         f"f = L(sys.argv[1], module={FAKE_MODULE!r}); print(f())\n"
@@ -135,7 +136,7 @@ def test_installed_kernel_loads_and_saw_no_pynvml(wheel, tmp_path):
 
 def test_load_refuses_a_kernel_dir_without_metadata(wheel, tmp_path):
     dest = tmp_path / "kernel"
-    vk.install_kernel_only(wheel, dest, module=FAKE_MODULE)
+    vi.install_kernel_only(wheel, dest, module=FAKE_MODULE)
     (dest / "vllm-0.0.1.dist-info/METADATA").unlink()
     with pytest.raises(RuntimeError, match="METADATA"):
         vk.load_unified_attention(dest, module=FAKE_MODULE)
@@ -153,7 +154,7 @@ def test_unsafe_members_are_refused_before_anything_is_written(tmp_path, private
     before = tree(tmp_path)
     dest = tmp_path / "kernel"
     with pytest.raises(ValueError, match=r"refusing .*member"):
-        vk.install_kernel_only(bad, dest, module=FAKE_MODULE)
+        vi.install_kernel_only(bad, dest, module=FAKE_MODULE)
     assert not dest.exists()
     assert tree(tmp_path) == before
     assert list(private_tmp.iterdir()) == []
@@ -161,22 +162,22 @@ def test_unsafe_members_are_refused_before_anything_is_written(tmp_path, private
 
 def test_safe_member_names_pass():
     for name in ["vllm/a.py", "vllm/..hidden/x.py", "vllm-1.0.dist-info/METADATA", "a..b/c.py"]:
-        assert vk._unsafe_member(name) is None, name
+        assert vi._unsafe_member(name) is None, name
 
 
 def test_wheel_without_metadata_is_refused(tmp_path):
     files = {k: v for k, v in FAKE_FILES.items() if not k.endswith("METADATA")}
     with pytest.raises(ValueError, match="METADATA"):
-        vk.install_kernel_only(make_wheel(tmp_path, files), tmp_path / "kernel", module=FAKE_MODULE)
+        vi.install_kernel_only(make_wheel(tmp_path, files), tmp_path / "kernel", module=FAKE_MODULE)
 
 
 def test_not_a_zip_and_missing_wheel_are_refused(tmp_path):
     junk = tmp_path / "x.whl"
     junk.write_text("not a zip")
     with pytest.raises(ValueError, match="not a zip"):
-        vk.install_kernel_only(junk, tmp_path / "k", module=FAKE_MODULE)
+        vi.install_kernel_only(junk, tmp_path / "k", module=FAKE_MODULE)
     with pytest.raises(ValueError, match="not found"):
-        vk.install_kernel_only(tmp_path / "nope.whl", tmp_path / "k", module=FAKE_MODULE)
+        vi.install_kernel_only(tmp_path / "nope.whl", tmp_path / "k", module=FAKE_MODULE)
 
 
 def test_foreign_nonempty_dest_is_refused_and_kept(wheel, tmp_path):
@@ -184,17 +185,17 @@ def test_foreign_nonempty_dest_is_refused_and_kept(wheel, tmp_path):
     dest.mkdir()
     (dest / "mine.txt").write_text("keep me")
     with pytest.raises(ValueError, match="refusing to replace"):
-        vk.install_kernel_only(wheel, dest, module=FAKE_MODULE)
+        vi.install_kernel_only(wheel, dest, module=FAKE_MODULE)
     assert tree(dest) == {"mine.txt"}
 
 
 def test_reinstall_replaces_an_earlier_install(tmp_path):
     dest = tmp_path / "kernel"
-    vk.install_kernel_only(make_wheel(tmp_path), dest, module=FAKE_MODULE)
+    vi.install_kernel_only(make_wheel(tmp_path), dest, module=FAKE_MODULE)
     files = dict(FAKE_FILES)
     files["vllm/kern/attn.py"] = "import vllm.kern.other\ndef unified_attention(**kw):\n    return 0\n"
     (tmp_path / "v2").mkdir()
-    report = vk.install_kernel_only(make_wheel(tmp_path / "v2", files), dest, module=FAKE_MODULE)
+    report = vi.install_kernel_only(make_wheel(tmp_path / "v2", files), dest, module=FAKE_MODULE)
     expected = {
         "vllm/__init__.py", "vllm/version.py", "vllm/kern/__init__.py", "vllm/kern/attn.py",
         "vllm/kern/other.py", "vllm-0.0.1.dist-info/METADATA",
@@ -208,7 +209,7 @@ def test_failing_import_is_reported(tmp_path):
     files = dict(FAKE_FILES)
     files["vllm/kern/attn.py"] = "raise ValueError('broken kernel module')\n"
     with pytest.raises(RuntimeError, match="broken kernel module"):
-        vk.install_kernel_only(make_wheel(tmp_path, files), tmp_path / "k", module=FAKE_MODULE)
+        vi.install_kernel_only(make_wheel(tmp_path, files), tmp_path / "k", module=FAKE_MODULE)
     assert not (tmp_path / "k").exists()
 
 
@@ -217,7 +218,7 @@ def test_missing_torch_is_named(tmp_path):
     files = dict(FAKE_FILES)
     files["vllm/kern/attn.py"] = "import torch\n"
     with pytest.raises(RuntimeError, match=r"lacks torch.*needs torch and triton"):
-        vk.install_kernel_only(make_wheel(tmp_path, files), tmp_path / "k", module=FAKE_MODULE)
+        vi.install_kernel_only(make_wheel(tmp_path, files), tmp_path / "k", module=FAKE_MODULE)
 
 
 def test_triton_stand_in_is_refused(tmp_path):
@@ -225,14 +226,14 @@ def test_triton_stand_in_is_refused(tmp_path):
     files["vllm/triton_utils/__init__.py"] = "HAS_TRITON = False\n"
     files["vllm/kern/attn.py"] = "import vllm.triton_utils\n"
     with pytest.raises(RuntimeError, match="no-op stand-in"):
-        vk.install_kernel_only(make_wheel(tmp_path, files), tmp_path / "k", module=FAKE_MODULE)
+        vi.install_kernel_only(make_wheel(tmp_path, files), tmp_path / "k", module=FAKE_MODULE)
 
 
 def test_bad_module_name_and_missing_python(wheel, tmp_path):
     with pytest.raises(ValueError, match="module name"):
-        vk.install_kernel_only(wheel, tmp_path / "k", module="vllm..x")
+        vi.install_kernel_only(wheel, tmp_path / "k", module="vllm..x")
     with pytest.raises(ValueError, match="python interpreter not found"):
-        vk.install_kernel_only(wheel, tmp_path / "k", module=FAKE_MODULE, python=str(tmp_path / "nopython"))
+        vi.install_kernel_only(wheel, tmp_path / "k", module=FAKE_MODULE, python=str(tmp_path / "nopython"))
 
 
 # ----------------------------------------------------------------- status
@@ -333,12 +334,12 @@ def test_cli_refuses_unsafe_wheel_and_prints_status(tmp_path, capsys):
     files = dict(FAKE_FILES)
     files["../evil.py"] = ""
     bad = make_wheel(tmp_path, files)
-    assert vk.cli(["--wheel", str(bad), "--dest", str(tmp_path / "k")]) == 2
+    assert vi.cli(["--wheel", str(bad), "--dest", str(tmp_path / "k")]) == 2
     assert "refusing" in capsys.readouterr().err
-    assert vk.cli(["--status", "--dest", str(tmp_path / "k")]) == 0
+    assert vi.cli(["--status", "--dest", str(tmp_path / "k")]) == 0
     assert json.loads(capsys.readouterr().out)["available"] is False
     with pytest.raises(SystemExit):
-        vk.cli([])
+        vi.cli([])
 
 
 # ----------------------------------------------------------------- the real kernel

@@ -19,22 +19,23 @@ from lib.harness.experiments import Experiment
 
 MODES = ("replay", "run")
 
-#: Model shapes (query heads, KV heads) -> the one label every chapter, table and figure uses.
-SHAPES = {(32, 32): "MHA 32:32 (Llama-2-7B-like)", (32, 8): "GQA 32:8 (Llama-3-8B-like)",
-          (64, 8): "GQA 64:8 (the seed's shape)"}
+#: (query heads, KV heads) -> (layout, the model it stands for): every chapter's shape labels.
+SHAPES = {(32, 32): ("MHA 32:32", "Llama-2-7B-like"), (32, 8): ("GQA 32:8", "Llama-3-8B-like"),
+          (64, 8): ("GQA 64:8", "the seed's shape")}
 
 
-def shape_label(num_heads: int, num_kv_heads: int) -> str:
-    """The label of a head layout: :data:`SHAPES`, else ``"<heads>:<kv heads>"``."""
-    return SHAPES.get((int(num_heads), int(num_kv_heads)), f"{int(num_heads)}:{int(num_kv_heads)}")
+def shape_label(num_heads: int, num_kv_heads: int, *, model: bool = True) -> str:
+    """``"MHA 32:32 (Llama-2-7B-like)"``; without ``model`` the layout alone; unknown: ``"h:k"``."""
+    layout, like = SHAPES.get((int(num_heads), int(num_kv_heads)), (f"{int(num_heads)}:{int(num_kv_heads)}", ""))
+    return f"{layout} ({like})" if model and like else layout
 
 
-def with_shape(rows: pd.DataFrame) -> pd.DataFrame:
+def with_shape(rows: pd.DataFrame, *, model: bool = True) -> pd.DataFrame:
     """``rows`` with a ``shape`` column (its label) where the head counts are known."""
     out = rows.copy()
     known = out["num_heads"].notna() & out["num_kv_heads"].notna()
     out["shape"] = None
-    out.loc[known, "shape"] = [shape_label(h, k) for h, k in
+    out.loc[known, "shape"] = [shape_label(h, k, model=model) for h, k in
                                zip(out.loc[known, "num_heads"], out.loc[known, "num_kv_heads"])]
     return out
 
@@ -48,11 +49,23 @@ def rerun_hint(experiment: str) -> str:
             f"and commit data/results/{experiment}/")
 
 
+def refuse_failed(rows: pd.DataFrame, experiment: str, show=("backend", "point_key"),
+                  what: str = "correctness check") -> pd.DataFrame:
+    """``rows`` unchanged, or ValueError naming the first ok rows whose check failed: a chapter
+    never quotes a number from a wrong kernel."""
+    ok = rows["status"] == "ok" if "status" in rows.columns else True
+    bad = rows[ok & ~rows["check_passed"].fillna(False).astype(bool)]
+    if len(bad):
+        cols = [c for c in show if c in bad.columns]
+        raise ValueError(f"{len(bad)} {experiment} rows failed their {what}: {bad[cols].head().to_dict('records')}")
+    return rows
+
+
 def load_checked(experiment: str, gpu=None, root=None, *, expand_extra: bool = False,
-                 include_errors: bool = False, show: tuple[str, ...] = ("backend", "point_key")
-                 ) -> pd.DataFrame:
-    """The experiment's rows (ok ones unless ``include_errors``); every ok row must have passed
-    its correctness check, or this raises and names the first that did not."""
+                 include_errors: bool = False, show=("backend", "point_key"),
+                 what: str = "correctness check") -> pd.DataFrame:
+    """The experiment's rows (ok ones unless ``include_errors``) through :func:`refuse_failed`;
+    :class:`NoData`, saying how to measure them, where there are none."""
     try:
         rows = R.load(experiment, gpu, root=root, expand_extra=expand_extra, include_errors=include_errors)
     except FileNotFoundError as exc:
@@ -60,13 +73,7 @@ def load_checked(experiment: str, gpu=None, root=None, *, expand_extra: bool = F
                      f"{rerun_hint(experiment)} ({exc})") from None
     if rows.empty:
         raise NoData(f"The {experiment} results in {R.results_root(root)} hold no rows: {rerun_hint(experiment)}")
-    ok = rows["status"] == "ok"
-    bad = rows[ok & ~rows["check_passed"].fillna(False).astype(bool)]
-    if len(bad):
-        cols = [c for c in show if c in bad.columns]
-        raise ValueError(f"{len(bad)} {experiment} rows failed their correctness check: "
-                         f"{bad[cols].head().to_dict('records')}")
-    return rows
+    return refuse_failed(rows, experiment, show, what)
 
 
 class Plain(str):
@@ -90,7 +97,7 @@ def card_facts(gpu: str, root=None, experiment: str = "seed_tables") -> dict:
         "driver": g.get("driver_version"), "cuda_driver": g.get("cuda_driver_version"),
         "sm_count": g.get("sm_count"), "l2_mib": (g.get("l2_cache_bytes") or 0) / 2**20,
         "sm_clock_mhz": snap.get("sm_clock_mhz"), "sm_clock_max_mhz": snap.get("sm_clock_max_mhz"),
-        "read_gbps": c.get("read_gbps"), "commit": (p.get("git") or {}).get("commit"),
+        "read_gbps": c.get("read_gbps"), "read_nbytes": c.get("nbytes"), "commit": (p.get("git") or {}).get("commit"),
         "wall_s": (p.get("end") or {}).get("wall_s"),
         "torch": (p.get("libraries") or {}).get("torch"),
     }
@@ -105,6 +112,22 @@ class Frame:
     card: str
     rows: pd.DataFrame
     facts: dict
+
+    def __iter__(self):
+        """``root, card, rows, facts = open_chapter(...)``: one line in every chapter."""
+        return iter((self.root, self.card, self.rows, self.facts))
+
+    def glue_basics(self, prefix: str, **values) -> None:
+        """Glue what every experiment chapter's "What was measured" quotes, as ``<prefix>_<name>``:
+        card, wall_s, rows, points, max_err (``values`` override or add)."""
+        from lib.book import glue as G
+
+        wall = self.facts["wall_s"]
+        base = {"card": Plain(self.facts["name"]), "wall_s": float("nan") if wall is None else wall,
+                "rows": len(self.rows), "points": self.rows["point_key"].nunique(),
+                "max_err": float(self.rows["rel_error"].max())}
+        for name, value in {**base, **values}.items():
+            G.glue(f"{prefix}_{name}", value, display=False)
 
 
 def check_mode(mode: str) -> None:

@@ -20,22 +20,10 @@ BLOCK_TICKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 def set_house_style() -> None:
     """One look for every figure: white grid, colour-blind palette, readable at book width."""
-    sns.set_theme(
-        style="whitegrid",
-        context="notebook",
-        font_scale=0.85,
-        palette="colorblind",
-        rc={
-            "figure.dpi": 110,
-            "savefig.dpi": 110,
-            "savefig.bbox": "tight",
-            "axes.spines.top": False,
-            "axes.spines.right": False,
-            "axes.titleweight": "bold",
-            "axes.titlesize": 11,
-            "legend.frameon": False,
-        },
-    )
+    sns.set_theme(style="whitegrid", context="notebook", font_scale=0.85, palette="colorblind",
+                  rc={"figure.dpi": 110, "savefig.dpi": 110, "savefig.bbox": "tight", "axes.spines.top": False,
+                      "axes.spines.right": False, "axes.titleweight": "bold", "axes.titlesize": 11,
+                      "legend.frameon": False})
 
 
 def _block_axis(ax, sizes) -> None:
@@ -71,8 +59,6 @@ def require_columns(df: pd.DataFrame, cols, what: str) -> None:
     if df.empty:
         raise ValueError(f"{what} got no rows to draw")
 
-
-_need = require_columns
 
 
 def diagram_canvas(w: float, h: float, figsize) -> tuple[Figure, plt.Axes]:

@@ -1,30 +1,11 @@
 """KV-cache contents, block tables and the physical layouts each backend reads.
 
-One idea runs through this module: the *logical* K and V of every sequence live in a token-major
-**block pool** ``[num_blocks, block_size, num_kv_heads, head_size]``; a **block table** says which
-physical blocks hold a sequence's tokens, in order. Every physical layout a backend needs is an
-exact reshape/transpose (or gather) of the pool, so all backends see bit-identical inputs:
-
-==========  ===========================================================  =====================
-layout      shape                                                        made by
-==========  ===========================================================  =====================
-pool/vllm   K, V ``[NB, BS, KVH, D]``                                    ``random_pool``,
-                                                                         ``to_vllm`` (identity)
-classic     K ``[NB, KVH, D/x, BS, x]``, V ``[NB, KVH, D, BS]``,         ``to_classic``
-            x = 16 bytes / element size (8 for 16-bit, 4 for fp32)
-dense       K, V ``[num_seqs, KVH, max_len, D]``, zero past each length  ``to_dense``
-==========  ===========================================================  =====================
-
-vLLM 0.33's cache layout *is* the pool layout, so ``to_vllm`` returns the pool itself.
-
-**bfloat16 storage.** NumPy (and CuPy) have no native bfloat16, so bf16 values are stored as
-``uint16`` arrays holding the raw bf16 bit patterns (the top 16 bits of the float32, rounded to
-nearest even). A CUDA kernel reads them as ``__nv_bfloat16`` unchanged. ``as_float64`` decodes any
-of the three storage forms (float16, bf16-as-uint16, float32) to float64; ``to_storage`` encodes.
-
-Every array function takes ``xp`` (the array module: ``numpy`` by default, ``cupy`` on the GPU)
-and uses only operations both provide. Block tables are always host (NumPy) ``int32`` arrays; a
-GPU caller copies them with ``xp.asarray``.
+The logical K and V live in a token-major block pool ``[num_blocks, block_size, num_kv_heads,
+head_size]``; a block table lists each sequence's physical blocks in order. Every layout a backend
+reads is an exact reshape/transpose/gather of the pool (vllm: the pool itself; classic: K
+``[NB, KVH, D/x, BS, x]``, x = 16 bytes / element, V ``[NB, KVH, D, BS]``; dense), so all read
+bit-identical inputs. bfloat16 is stored as ``uint16`` bit patterns. Functions take ``xp`` (numpy
+or cupy); block tables are host ``int32`` arrays.
 """
 
 from __future__ import annotations
@@ -41,9 +22,6 @@ _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 _VECTOR_BYTES = 16  # the classic layout packs keys in 16-byte vectors
 
 
-# --------------------------------------------------------------------------- dtypes and bf16
-
-
 def _check_dtype_name(dtype_name: str) -> str:
     if dtype_name not in DTYPES:
         raise ValueError(f"dtype {dtype_name!r} is not supported; allowed: {', '.join(DTYPES)}")
@@ -51,12 +29,10 @@ def _check_dtype_name(dtype_name: str) -> str:
 
 
 def itemsize(dtype_name: str) -> int:
-    """Bytes per element of a cache/query dtype ("float16", "bfloat16", "float32")."""
     return _ITEMSIZE[_check_dtype_name(dtype_name)]
 
 
-def storage_dtype(dtype_name: str, xp=np):
-    """The array dtype that stores `dtype_name`: bf16 is stored as ``uint16`` bit patterns."""
+def storage_dtype(dtype_name: str, xp=np):  # bf16 is stored as uint16 bit patterns
     _check_dtype_name(dtype_name)
     return {"float16": xp.float16, "bfloat16": xp.uint16, "float32": xp.float32}[dtype_name]
 
@@ -68,17 +44,12 @@ def infer_dtype_name(arr) -> str:
         return "bfloat16"
     if name in DTYPES:
         return name
-    raise ValueError(
-        f"array dtype {name!r} is not a cache storage dtype; allowed: float16, "
-        "uint16 (bfloat16 bit patterns), float32"
-    )
+    raise ValueError(f"array dtype {name!r} is not a cache storage dtype; allowed: float16, "
+                     "uint16 (bfloat16 bit patterns), float32")
 
 
 def float32_to_bf16_bits(x, *, xp=np):
-    """Round float32 values to bfloat16 (nearest, ties to even); return the uint16 bit patterns.
-
-    NaN stays NaN (quiet bit set) instead of being rounded into an infinity.
-    """
+    """float32 → bfloat16 bit patterns (uint16), nearest-even; NaN stays a (quiet) NaN."""
     x = xp.ascontiguousarray(xp.asarray(x, dtype=xp.float32))
     bits = x.view(xp.uint32)
     rounding = xp.uint32(0x7FFF) + ((bits >> xp.uint32(16)) & xp.uint32(1))
@@ -93,8 +64,7 @@ def bf16_bits_to_float32(bits, *, xp=np):
     return wide.view(xp.float32)
 
 
-def to_storage(values, dtype_name: str, *, xp=np):
-    """Encode real values (any float array) into the storage form of `dtype_name`."""
+def to_storage(values, dtype_name: str, *, xp=np):  # real values -> the storage form of dtype_name
     _check_dtype_name(dtype_name)
     if dtype_name == "bfloat16":
         return float32_to_bf16_bits(values, xp=xp)
@@ -102,10 +72,8 @@ def to_storage(values, dtype_name: str, *, xp=np):
 
 
 def as_float64(arr, dtype_name: str | None = None, *, xp=np):
-    """Decode a stored array (float16, bf16-as-uint16, float32, or float64) to float64.
-
-    `dtype_name` None infers it from the array's dtype (``uint16`` → bfloat16).
-    """
+    """Decode a stored array (float16, bf16-as-uint16, float32, float64) to float64; `dtype_name`
+    None infers it (``uint16`` → bfloat16)."""
     if dtype_name is None:
         if str(arr.dtype) == "float64":
             return xp.asarray(arr)
@@ -113,18 +81,12 @@ def as_float64(arr, dtype_name: str | None = None, *, xp=np):
     _check_dtype_name(dtype_name)
     if dtype_name == "bfloat16":
         if str(arr.dtype) != "uint16":
-            raise ValueError(
-                f"bfloat16 data must be stored as uint16 bit patterns, got dtype {arr.dtype}"
-            )
+            raise ValueError(f"bfloat16 data must be stored as uint16 bit patterns, got dtype {arr.dtype}")
         return bf16_bits_to_float32(arr, xp=xp).astype(xp.float64)
     return xp.asarray(arr).astype(xp.float64)
 
 
-# --------------------------------------------------------------------------- random contents
-
-
 def _as_rng(rng) -> np.random.Generator:
-    """Accept a NumPy Generator or an int seed (seeded determinism everywhere)."""
     if isinstance(rng, np.random.Generator):
         return rng
     if rng is None or isinstance(rng, (int, np.integer)):
@@ -133,12 +95,10 @@ def _as_rng(rng) -> np.random.Generator:
 
 
 def random_array(shape, dtype_name: str, rng, *, xp=np, chunk_elements: int = 1 << 26):
-    """Uniform values in [-1, 1] in storage form; never exactly zero (|x| >= 2**-14).
+    """Uniform values in [-1, 1] in storage form, never zero (|x| >= 2**-14).
 
-    Numbers are drawn on the array module's own generator (``xp.random.default_rng``, seeded
-    from `rng`), so a CuPy cache is filled on the GPU without a host round trip. The same `rng`
-    state gives the same array for a given `xp`; NumPy and CuPy streams differ. The leading axis
-    is filled in chunks so float32 temporaries stay bounded for multi-GB caches.
+    Drawn on ``xp``'s own generator (seeded from `rng`), so a CuPy cache is filled on the GPU;
+    NumPy and CuPy streams differ. Filled in chunks: float32 temporaries stay bounded.
     """
     _check_dtype_name(dtype_name)
     rng = _as_rng(rng)
@@ -161,12 +121,9 @@ def random_array(shape, dtype_name: str, rng, *, xp=np, chunk_elements: int = 1 
 
 def random_pool(num_blocks, block_size, num_kv_heads, head_size, dtype, rng, *,
                 single_content=False, xp=np):
-    """A block pool ``[num_blocks, block_size, num_kv_heads, head_size]`` of random K or V.
-
-    Values are uniform in [-1, 1] and never zero (a zero cache would hide addressing bugs), in
-    storage form (bf16 as uint16 bits). With `single_content`, every block is a copy of block 0
-    (tokens inside a block still differ): the cache the `no_offset` ablation is exact on.
-    """
+    """A random K or V pool ``[num_blocks, block_size, num_kv_heads, head_size]`` (never zero: a
+    zero cache would hide addressing bugs). `single_content`: every block a copy of block 0, the
+    cache the `no_offset` ablation is exact on."""
     shape = (int(num_blocks), int(block_size), int(num_kv_heads), int(head_size))
     if min(shape) < 1:
         raise ValueError(f"pool shape {shape}: every extent must be >= 1")
@@ -176,11 +133,7 @@ def random_pool(num_blocks, block_size, num_kv_heads, head_size, dtype, rng, *,
     return xp.ascontiguousarray(xp.broadcast_to(block[None], shape))
 
 
-# --------------------------------------------------------------------------- block tables
-
-
-def blocks_needed(seq_lens, block_size: int) -> np.ndarray:
-    """Blocks each sequence occupies: ceil(seq_len / block_size), as int64."""
+def blocks_needed(seq_lens, block_size: int) -> np.ndarray:  # ceil(seq_len / block_size), int64
     lens = np.asarray(seq_lens, dtype=np.int64)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -191,14 +144,9 @@ def blocks_needed(seq_lens, block_size: int) -> np.ndarray:
 class BlockTables:
     """Block tables plus what the addressing modes need.
 
-    tables:     int32 ``[num_seqs, max_blocks_per_seq]``; row s lists the physical blocks of
-                sequence s in logical order; entries past its last block are 0.
-    seq_start:  int32 ``[num_seqs]``: the first physical block of each sequence in the identity
-                layout (the `contiguous` mode reads ``seq_start[s] + j``). For shuffled tables
-                it is still the identity start (so contiguous mode reads the same blocks
-                unshuffled); for seed-protocol random tables it is all zeros.
-    num_blocks: physical blocks in the pool (>= the largest entry + 1).
-    placement:  "identity", "shuffled", "single_content" or "random" (seed protocol).
+    tables: int32 ``[num_seqs, max_blocks_per_seq]``, row s the physical blocks of sequence s in
+    order (0 past its last). seq_start: each sequence's first block in the *identity* layout
+    (`contiguous` reads ``seq_start[s] + j``; all zeros for seed-protocol random tables).
     """
 
     tables: np.ndarray
@@ -222,16 +170,10 @@ def _check_lens(seq_lens) -> np.ndarray:
 
 def make_block_tables(seq_lens, block_size, placement, rng=None, num_blocks=None, *,
                       max_blocks_per_seq=None) -> BlockTables:
-    """Block tables for `seq_lens` under a placement.
-
-    identity:       sequence s owns blocks ``seq_start[s] + j`` (consecutive, in order).
-    shuffled:       the same physical blocks, relabelled by a seeded random permutation
-                    (each block used exactly once): a fragmented cache. Needs `rng`.
-    single_content: identity tables (the pool, not the table, makes every block equal).
-
-    `num_blocks` may exceed the blocks needed (extra blocks stay unused); fewer is an error.
-    `max_blocks_per_seq` widens the table (extra columns 0).
-    """
+    """Block tables for `seq_lens`: identity (sequence s owns blocks ``seq_start[s] + j``),
+    shuffled (the same blocks under a seeded permutation, needs `rng`: a fragmented cache) or
+    single_content (identity; the pool makes every block equal). `num_blocks` may exceed the
+    blocks needed; `max_blocks_per_seq` widens the table (extra columns 0)."""
     lens = _check_lens(seq_lens)
     if placement not in PLACEMENTS:
         raise ValueError(f"placement {placement!r} is not known; allowed: {', '.join(PLACEMENTS)}")
@@ -240,9 +182,7 @@ def make_block_tables(seq_lens, block_size, placement, rng=None, num_blocks=None
     if num_blocks is None:
         num_blocks = total
     if num_blocks < total:
-        raise ValueError(
-            f"num_blocks={num_blocks} is too small: these sequences need {total} blocks"
-        )
+        raise ValueError(f"num_blocks={num_blocks} is too small: these sequences need {total} blocks")
     width = int(nb.max()) if max_blocks_per_seq is None else int(max_blocks_per_seq)
     if width < nb.max():
         raise ValueError(f"max_blocks_per_seq={width} < {int(nb.max())} blocks of the longest sequence")
@@ -264,13 +204,9 @@ def make_block_tables(seq_lens, block_size, placement, rng=None, num_blocks=None
 
 
 def make_random_block_tables(seq_lens, block_size, num_physical_blocks, rng) -> BlockTables:
-    """The seed protocol: every used entry drawn uniformly, with replacement, from the pool.
-
-    This is how vLLM's old ``benchmark_paged_attention.py`` built its tables (NOTES.md): blocks
-    may repeat within and across sequences, so a small pool can sit in L2. ``seq_start`` is all
-    zeros (contiguous addressing then reads blocks 0, 1, ... of the pool for every sequence), so
-    ``num_blocks`` is at least the longest sequence's block count: the table draws from the first
-    `num_physical_blocks`, the contiguous ("no lookup") mode may read past them.
+    """The seed protocol (vLLM's old ``benchmark_paged_attention.py``, NOTES.md): every entry
+    drawn uniformly with replacement from `num_physical_blocks`, so a small pool can sit in L2.
+    ``seq_start`` is all zeros, so ``num_blocks`` covers the longest sequence for contiguous reads.
     """
     lens = _check_lens(seq_lens)
     if num_physical_blocks < 1:
@@ -285,30 +221,19 @@ def make_random_block_tables(seq_lens, block_size, num_physical_blocks, rng) -> 
                        block_size=int(block_size), seq_lens=lens.astype(np.int32))
 
 
-def _table_array(tables) -> np.ndarray:
-    """Accept a BlockTables or a bare 2-D table."""
+def _table_array(tables) -> np.ndarray:  # a BlockTables or a bare 2-D table
     return np.asarray(getattr(tables, "tables", tables))
 
 
-# --------------------------------------------------------------------------- layouts
-
-
-def _vector_width(arr) -> int:
-    size = int(arr.dtype.itemsize)
-    if _VECTOR_BYTES % size:
-        raise ValueError(f"element size {size} bytes does not divide the 16-byte key vector")
-    return _VECTOR_BYTES // size
-
-
 def to_classic(kpool, vpool, *, xp=np):
-    """Pool → the classic vLLM paged-attention layout (our kernels').
-
-    K ``[NB, KVH, D/x, BS, x]`` (x elements = 16 bytes), V ``[NB, KVH, D, BS]``; contiguous copies.
-    """
+    """Pool → the classic vLLM paged-attention layout (our kernels'), as contiguous copies."""
     nb, bs, kvh, d = kpool.shape
     if tuple(vpool.shape) != (nb, bs, kvh, d):
         raise ValueError(f"kpool {tuple(kpool.shape)} and vpool {tuple(vpool.shape)} differ")
-    x = _vector_width(kpool)
+    size = int(kpool.dtype.itemsize)
+    if _VECTOR_BYTES % size:
+        raise ValueError(f"element size {size} bytes does not divide the 16-byte key vector")
+    x = _VECTOR_BYTES // size
     if d % x:
         raise ValueError(f"head_size {d} is not a multiple of the key vector width {x}")
     k = xp.ascontiguousarray(kpool.reshape(nb, bs, kvh, d // x, x).transpose(0, 2, 3, 1, 4))
@@ -320,17 +245,14 @@ def from_classic(k_cache, v_cache, *, xp=np):
     """Classic layout → pool ``[NB, BS, KVH, D]`` (exact inverse of `to_classic`)."""
     nb, kvh, dx, bs, x = k_cache.shape
     if tuple(v_cache.shape) != (nb, kvh, dx * x, bs):
-        raise ValueError(
-            f"v_cache {tuple(v_cache.shape)} does not match k_cache {tuple(k_cache.shape)}: "
-            f"expected {(nb, kvh, dx * x, bs)}"
-        )
+        raise ValueError(f"v_cache {tuple(v_cache.shape)} does not match k_cache {tuple(k_cache.shape)}: "
+                         f"expected {(nb, kvh, dx * x, bs)}")
     k = xp.ascontiguousarray(k_cache.transpose(0, 3, 1, 2, 4).reshape(nb, bs, kvh, dx * x))
     v = xp.ascontiguousarray(v_cache.transpose(0, 3, 1, 2))
     return k, v
 
 
-def to_vllm(kpool, vpool):
-    """Pool → vLLM 0.33's ``[NB, BS, KVH, D]`` cache. It *is* the pool layout: no copy."""
+def to_vllm(kpool, vpool):  # vLLM 0.33's cache is the pool layout: no copy
     return kpool, vpool
 
 
@@ -341,21 +263,16 @@ def gather_sequence(pool, tables, seq_len, s, *, xp=np):
     n = int(blocks_needed([seq_len], bs)[0])
     if n > table.shape[1]:
         raise ValueError(f"sequence {s} of length {seq_len} needs {n} blocks; its table has {table.shape[1]}")
-    idx = xp.asarray(table[s, :n].astype(np.int64))
-    blocks = xp.take(pool, idx, axis=0)
+    blocks = xp.take(pool, xp.asarray(table[s, :n].astype(np.int64)), axis=0)
     return blocks.reshape(n * bs, pool.shape[2], pool.shape[3])[: int(seq_len)]
 
 
 def to_dense(kpool, vpool, block_tables, seq_lens, *, xp=np):
-    """Pool + tables → dense K, V ``[num_seqs, KVH, max_len, D]``, zero past each length.
-
-    The layout SDPA reads for the no-page-table baseline.
-    """
+    """Pool + tables → dense K, V ``[num_seqs, KVH, max_len, D]`` (SDPA's no-page-table input)."""
     lens = _check_lens(seq_lens)
     _, _, kvh, d = kpool.shape
     shape = (lens.size, kvh, int(lens.max()), d)
-    k = xp.zeros(shape, dtype=kpool.dtype)
-    v = xp.zeros(shape, dtype=vpool.dtype)
+    k, v = (xp.zeros(shape, dtype=a.dtype) for a in (kpool, vpool))
     for s, n in enumerate(lens.tolist()):
         k[s, :, :n] = gather_sequence(kpool, block_tables, n, s, xp=xp).transpose(1, 0, 2)
         v[s, :, :n] = gather_sequence(vpool, block_tables, n, s, xp=xp).transpose(1, 0, 2)
@@ -363,12 +280,8 @@ def to_dense(kpool, vpool, block_tables, seq_lens, *, xp=np):
 
 
 def dense_to_pool(k_dense, v_dense, block_tables, seq_lens, num_blocks, block_size=None, *, xp=np):
-    """Dense K, V → pools ``[num_blocks, BS, KVH, D]`` written through the tables.
-
-    The inverse of `to_dense` (tokens past a sequence's length in its last block stay zero);
-    used to check the dense round trip and to build a paged cache from contiguous K/V.
-    `block_size` defaults to the BlockTables' own.
-    """
+    """Dense K, V → pools ``[num_blocks, BS, KVH, D]`` through the tables: `to_dense`'s inverse
+    (tails of last blocks stay zero). `block_size` defaults to the BlockTables' own."""
     lens = _check_lens(seq_lens)
     table = _table_array(block_tables)
     bs = int(block_size or getattr(block_tables, "block_size", 0))
@@ -387,26 +300,16 @@ def dense_to_pool(k_dense, v_dense, block_tables, seq_lens, num_blocks, block_si
     return pools[0], pools[1]
 
 
-# --------------------------------------------------------------------------- traffic
-
-
 def cache_bytes(seq_lens, num_kv_heads, head_size, itemsize) -> int:
-    """Bytes of K plus V a decode step must read: every token of every sequence, once.
-
-    `itemsize` is bytes per element (or a dtype name). Counts tokens, not whole blocks: the
-    unused tail of a sequence's last block is not traffic a kernel needs.
-    """
+    """Bytes of K plus V a decode step must read: every token once (not the tails of last blocks).
+    `itemsize`: bytes per element or a dtype name."""
     size = _ITEMSIZE[itemsize] if isinstance(itemsize, str) else int(itemsize)
     tokens = int(np.asarray(seq_lens, dtype=np.int64).sum())
     return 2 * tokens * int(num_kv_heads) * int(head_size) * size
 
 
 def decode_bytes(seq_lens, num_heads, num_kv_heads, head_size, itemsize) -> int:
-    """Bytes that must move in one decode step: K and V, plus the query and the output.
-
-    The bandwidth numerator of DESIGN.md ("K, V, Q, output"); block tables are not counted.
-    """
+    """Bytes one decode step must move, DESIGN.md's bandwidth numerator: K, V, query and output."""
     size = _ITEMSIZE[itemsize] if isinstance(itemsize, str) else int(itemsize)
-    num_seqs = int(np.asarray(seq_lens).size)
-    qo = 2 * num_seqs * int(num_heads) * int(head_size) * size
+    qo = 2 * int(np.asarray(seq_lens).size) * int(num_heads) * int(head_size) * size
     return cache_bytes(seq_lens, num_kv_heads, head_size, size) + qo

@@ -1,24 +1,9 @@
-"""Measure functions of the kernel experiments: one point = one decode problem, many backends.
+"""Check-then-time, the one way every decode row is measured, and the kernel experiments' measure.
 
-For each point the KV cache is built once (fresh random data, seeded by the point), then for
-every backend: poison the output with NaN, launch once, check it against the float64 reference
-of the blocks that addressing mode actually reads, then time it with the point's protocol.
-Each backend gives one row (see `lib.harness.results` for the schema); a backend that fails gives a row
-with its error, so one broken backend never hides the others.
-
-Point parameters (grid names double as result columns where the schema has them):
-batch_size, seq_len, num_heads, num_kv_heads, head_size, block_size, dtype, placement
-(identity | shuffled | single_content | random), physical_blocks (for placement=random: the
-seed protocol's pool of reused blocks), memory_kind, protocol (rigorous | hot | seed), backends
-(names joined by '+'), seed.
-
-memory_kind is ``device``, any kind of :mod:`lib.engine.memory` (``managed``: pages where the GPU wrote
-them, i.e. resident), or one of two *states* of managed memory that must be re-established before
-every timed sample, because the first call changes them (:data:`MANAGED_STATES`):
-``managed_cold`` moves the K/V arrays to the host before each sample, so the timed call is the
-first touch after the pages left the GPU (fault-driven migration inside the kernel);
-``managed_prefetched`` moves them to the host and back with ``cudaMemPrefetchAsync`` before each
-sample, so the timed call reads pages an explicit prefetch placed (the prefetch is not timed).
+memory_kind is ``device``, any kind of :mod:`lib.engine.memory`, or a *state* of managed memory
+that the first call changes, so it is re-made before every sample (:data:`MANAGED_STATES`):
+``managed_cold`` sends K/V to the host (the timed call faults them in); ``managed_prefetched``
+sends them to the host and back with ``cudaMemPrefetchAsync`` (the prefetch is not timed).
 """
 
 from __future__ import annotations
@@ -29,16 +14,57 @@ import numpy as np
 
 from lib.engine import backends as B
 
-TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5}
+#: Managed-memory states: name -> where the K/V pages are sent before each sample (in order).
+MANAGED_STATES = {"managed_cold": ("host",), "managed_prefetched": ("host", "gpu")}
+#: A state costs a migration per sample; the sampler stops after this many seconds per backend.
+STATE_MAX_SECONDS = 1.0
+
+
+def poison(out) -> None:
+    """Fill ``out`` with NaN (quiet-NaN bits in a bf16 ``uint16`` array): unwritten never passes."""
+    out.fill(0x7FC0 if out.dtype == np.uint16 else np.nan)
+
+
+def _sync(out) -> None:
+    if not isinstance(out, np.ndarray):  # a GPU array: wait for every stream (a backend may use its own)
+        import cupy
+
+        cupy.cuda.Device().synchronize()
+
+
+def check_then_time(step: Callable[[], object], out, reference, *, dtype: str,
+                    protocol: str | None = "rigorous", before: Callable[[], object] | None = None,
+                    max_seconds: float | None = None, row: dict | None = None,
+                    timer: Callable | None = None) -> dict:
+    """Poison ``out``, run ``step`` once, check it against the float64 ``reference`` within
+    ``TOLERANCE[dtype]``, then time ``step`` with ``protocol`` (None: check only).
+
+    ``before`` re-makes a memory state before the checked call and before every timed sample
+    (outside the timed region). Fills ``row`` as each field is known, so a failed timing still
+    leaves the check's verdict in the caller's error row. ``timer``: :func:`lib.engine.timing.time_fn`.
+    """
+    from lib.engine.reference import TOLERANCE, relative_error
+
+    row = {} if row is None else row
+    poison(out)
+    if before is not None:
+        before()
+    _sync(out)
+    step()
+    _sync(out)
+    err = relative_error(out, reference, dtype_name=dtype)
+    row.update(rel_error=err, check_passed=bool(err <= TOLERANCE[dtype]))
+    if protocol is not None:
+        if timer is None:
+            from lib.engine.timing import time_fn as timer
+        kw = {k: v for k, v in (("before", before), ("max_seconds", max_seconds)) if v is not None}
+        row.update(timer(step, protocol, **kw).as_row())
+    return row
 
 
 def effective_tables(case: B.DecodeCase, addressing: str) -> np.ndarray:
-    """The block table an addressing mode effectively reads (for its reference output).
-
-    paged reads the table; contiguous reads ``seq_start[s] + j``; no_offset reads block 0 for
-    every block. On an identity table all three agree with the table only where the design
-    says they should (contiguous always, no_offset on a single-content cache).
-    """
+    """The block table an addressing mode effectively reads (for its reference output):
+    paged the table, contiguous ``seq_start[s] + j``, no_offset block 0 everywhere."""
     t = case.tables.tables
     if addressing in ("paged", ""):
         return t
@@ -49,7 +75,8 @@ def effective_tables(case: B.DecodeCase, addressing: str) -> np.ndarray:
     raise ValueError(f"unknown addressing {addressing!r}")
 
 
-def _reference(case: B.DecodeCase, addressing: str, cache: dict):
+def reference_for(case: B.DecodeCase, addressing: str, cache: dict):
+    """The float64 reference of the blocks ``addressing`` reads on the case's pool (cached by table)."""
     import cupy
 
     from lib.engine.reference import decode_attention_reference
@@ -63,27 +90,17 @@ def _reference(case: B.DecodeCase, addressing: str, cache: dict):
     return cache[key]
 
 
-#: Managed-memory states re-established before every sample: name -> where the K/V pages are
-#: sent before the timed call (in order).
-MANAGED_STATES = {"managed_cold": ("host",), "managed_prefetched": ("host", "gpu")}
-#: A state costs a migration per sample; the sampler stops after this many seconds per backend.
-STATE_MAX_SECONDS = 1.0
-
-
 def _allocator(memory_kind: str):
     if memory_kind in ("device", "", None):
         return B._default_alloc
-    from lib.engine import memory  # the Unified Memory layer
+    from lib.engine import memory
 
     return memory.allocator("managed" if memory_kind in MANAGED_STATES else memory_kind)
 
 
 def state_hook(memory_kind: str, arrays) -> "Callable[[], None] | None":
-    """The `before` hook that puts ``arrays`` (managed) into a :data:`MANAGED_STATES` state.
-
-    None for kinds that need nothing before a sample. Runs on the timing stream, so the
-    migrations finish before the timed call starts and are not part of its time.
-    """
+    """The ``before`` hook that puts ``arrays`` (managed) into a :data:`MANAGED_STATES` state, or
+    None. Run on the timing stream, its migrations finish before the timed call starts."""
     if memory_kind not in MANAGED_STATES:
         return None
     from lib.engine import memory
@@ -121,24 +138,19 @@ def precompile_points(points: list[dict]) -> None:
 
 
 def measure_decode(point: dict) -> list[dict]:
-    """Build the point's cache, then check and time every backend on it."""
+    """Build the point's cache once, then check and time every backend ('+'-joined) on it: one
+    row each, an error row for a backend that fails, so it never hides the others."""
     protocol = point.get("protocol", "rigorous")
     kind = point.get("memory_kind", "device")
     if kind in MANAGED_STATES and protocol not in ("rigorous", "hot", "eager", "eager-hot"):
         raise ValueError(f"memory_kind={kind!r} is re-established before every sample, which the "
                          f"{protocol!r} protocol cannot do (use rigorous or hot)")
-    import cupy
-
-    from lib.engine import timing
-    from lib.engine.reference import relative_error
-
     problem = problem_of(point)
     case = B.DecodeCase.build(problem, alloc=_allocator(kind),
                               physical_blocks=point.get("physical_blocks") or None)
-    names = [n for n in str(point["backends"]).split("+") if n]
     refs: dict = {}
     rows = []
-    for name in names:
+    for name in [n for n in str(point["backends"]).split("+") if n]:
         backend = B.get_backend(name)
         row = {"backend": name, "version": str(backend.version or ""),
                "addressing": backend.addressing or "", "protocol": protocol,
@@ -149,21 +161,12 @@ def measure_decode(point: dict) -> list[dict]:
             if backend.family == "own" and point.get("partition_size"):
                 options["partition_size"] = int(point["partition_size"])
             launch = backend.prepare(case, out, **options)
-            launch()
-            cupy.cuda.Device().synchronize()
-            ref = _reference(case, backend.addressing or "paged", refs)
-            err = relative_error(out, ref, dtype_name=problem.dtype)
-            row["rel_error"] = err
-            row["check_passed"] = bool(err <= TOLERANCE[problem.dtype])
             if backend.family == "own":
-                row["extra"] = {"plan": _plan_text(launch)}
+                row["extra"] = {"plan": plan_text(launch.plan)}
             before = state_hook(kind, case.layout(backend.layout))
-            if before is None:
-                t = timing.time_fn(launch, protocol)
-            else:
-                t = timing.time_fn(launch, protocol, before=before, max_seconds=STATE_MAX_SECONDS)
-            row.update(median_us=t.median_us, p10_us=t.p10_us, p90_us=t.p90_us,
-                       samples=t.samples)
+            check_then_time(launch, out, reference_for(case, backend.addressing or "paged", refs),
+                            dtype=problem.dtype, protocol=protocol, before=before,
+                            max_seconds=STATE_MAX_SECONDS if before else None, row=row)
         except Exception as exc:
             row.update(status="error", error=error_text(exc))
         rows.append(row)
@@ -181,8 +184,7 @@ def error_text(exc: BaseException, limit: int = 900) -> str:
     return f"{text[:half]} ... {text[-half:]}"
 
 
-def _plan_text(launch) -> str:
-    """How an own-kernel launcher was planned (version, head tile, partitioning)."""
-    plan = launch.plan
+def plan_text(plan) -> str:
+    """How an own-kernel launch was planned (version, head tile, partitioning)."""
     return (f"v{plan.version} tile={plan.tile} partition={plan.partition_size} "
             f"parts={plan.max_partitions}")

@@ -1,52 +1,21 @@
 """Where an array's bytes live: device, managed (Unified Memory) in chosen states, pinned host.
 
-Every *memory kind* is a named :class:`Spec`; :func:`allocate` returns a ``cupy.ndarray`` over
-memory of that kind (a ``cupy.cuda.MemoryPointer`` to an ``UnownedMemory`` whose owner frees it),
-and :func:`as_torch` shares it with torch without a copy. The kinds:
-
-========================  ==================================================================
-kind                      what it is
-========================  ==================================================================
-device                    ``cudaMalloc``: ordinary GPU memory
-managed                   ``cudaMallocManaged``, nothing more: pages appear where first touched
-managed_gpu               managed, prefetched to the GPU (resident there)
-managed_host              managed, prefetched to the host (each GPU access faults them over)
-managed_host_touched      managed, first written by the CPU (pages created in host memory)
-managed_readmostly        managed + ``ReadMostly`` advice, prefetched to the GPU (a read-only
-                          copy on each processor that reads; a write drops the copies)
-managed_preferred_gpu     managed + ``PreferredLocation`` GPU, prefetched there
-managed_preferred_cpu     managed + ``PreferredLocation`` CPU, prefetched to the host
-managed_accessed_by_gpu   managed + ``AccessedBy`` GPU (the GPU keeps a mapping, wherever the
-                          pages are)
-managed_host_mapped       managed + ``PreferredLocation`` CPU + ``AccessedBy`` GPU, on the host:
-                          the GPU reads host pages over PCIe without migrating them
-pinned                    ``cudaHostAlloc(Mapped|Portable)``: page-locked host memory the GPU
-                          reads directly over PCIe (zero-copy)
-========================  ==================================================================
+Every *memory kind* is a named :class:`Spec` in :data:`KINDS` (each with a one-line description;
+:func:`kinds_table` lists them). :func:`allocate` returns a ``cupy.ndarray`` over memory of that
+kind, and :func:`as_torch` shares it with torch without a copy.
 
 Why a guard. Managed memory can be *oversubscribed*: more of it than the GPU has, with pages
 evicted and faulted back. On a shared GPU a process that does that can hang the GPU itself, not
 only its own program. So :func:`allocate` refuses a managed allocation that would bring this
-process's managed total above ``share`` (default 80%) of the GPU's free memory *now*, before
-anything is allocated, unless the caller passes ``allow_oversubscription=True``.
-:func:`check_managed_request` is the arithmetic, pure and testable on a CPU.
+process's managed total above ``share`` (default 80%) of the GPU's free memory *now*, unless the
+caller passes ``allow_oversubscription=True``. :func:`check_managed_request` is the arithmetic.
 
 CUDA 12 and 13. CUDA 13 changed ``cudaMemPrefetchAsync`` and ``cudaMemAdvise`` to take a
-``cudaMemLocation`` (type, id) instead of a device ordinal, and CuPy has no binding for
-``cudaMemRangeGetAttribute``. Prefetch, advice and introspection therefore go through a small
-ctypes binding (:func:`cuda_api`) to a CUDA runtime library (``libcudart``) when one can be
-found, else to the driver (``libcuda``, always present where a GPU is); the signature is picked
-from the library's own version (runtime >= 13.0, or a driver exporting the ``_v2`` entry points:
-location form; otherwise the ordinal form). :func:`range_info` reports what the driver records
-for a range: its ReadMostly flag, preferred location, the processors with AccessedBy set, and
-the last prefetch location. These are *intentions*, not a page census: the driver does not say
-where every page is.
-
-Residency control (:func:`host_block_mask`, :func:`apply_block_residency`): keep a chosen
-fraction of a KV pool's blocks host-side (``PreferredLocation`` CPU + ``AccessedBy`` GPU, pages on
-the host) and the rest on the GPU. Pinned zero-copy is all-or-nothing per array (allocate the pool
-with ``kind="pinned"``): one CUDA allocation cannot be part pinned host memory and part device
-memory without the virtual-memory driver API.
+``cudaMemLocation`` instead of a device ordinal, and CuPy has no binding for
+``cudaMemRangeGetAttribute``. So prefetch, advice and :func:`range_info` go through a small ctypes
+binding (:func:`cuda_api`) to ``libcudart`` when one loads, else to ``libcuda``, with the
+signature picked from the library's version. :func:`range_info` reports the driver's
+*intentions* (ReadMostly, preferred location, AccessedBy, last prefetch), not a page census.
 
 CuPy, torch and NumPy's ctypes views are imported inside functions: this module imports on a CPU.
 """
@@ -266,6 +235,21 @@ def _count_managed(delta: int) -> None:
     global _managed_live
     with _lock:
         _managed_live += delta
+
+
+def host_available_bytes() -> int:
+    """Host memory available for new allocations (MemAvailable: free plus reclaimable cache)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def free_bytes(device: int | None = None) -> int:
@@ -823,105 +807,6 @@ def as_torch(arr):
     if arr.size and t.data_ptr() != int(arr.data.ptr):
         raise RuntimeError("torch.as_tensor copied the array instead of sharing its memory")
     return t
-
-
-# ----------------------------------------------------------------------------- residency control
-
-def host_block_mask(num_blocks: int, fraction: float, *, pattern: str = "tail", seed: int = 0) -> np.ndarray:
-    """Which of ``num_blocks`` KV-pool blocks to keep host-side: a bool mask, True = host.
-
-    ``round(fraction * num_blocks)`` blocks (halves round up). pattern: ``tail`` (the last
-    blocks), ``head`` (the first), ``spread`` (evenly interleaved: each prefix of k blocks holds
-    ``floor(k * fraction + 1/2)`` host blocks), ``random`` (a seeded choice).
-    """
-    if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)) or num_blocks < 1:
-        raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating)) \
-            or not math.isfinite(fraction) or not 0 <= fraction <= 1:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
-    n = int(num_blocks)
-    k = int(math.floor(fraction * n + 0.5))
-    mask = np.zeros(n, dtype=bool)
-    if pattern == "tail":
-        mask[n - k:] = k > 0
-    elif pattern == "head":
-        mask[:k] = True
-    elif pattern == "spread":
-        cum = np.floor(np.arange(1, n + 1) * (k / n) + 0.5).astype(np.int64)
-        mask = np.diff(np.concatenate([[0], cum])) > 0
-    elif pattern == "random":
-        mask[np.random.default_rng(seed).choice(n, size=k, replace=False)] = True
-    else:
-        raise ValueError(f"pattern must be 'tail', 'head', 'spread' or 'random', got {pattern!r}")
-    return mask
-
-
-def block_runs(mask) -> list[tuple[int, int, bool]]:
-    """Maximal runs of equal entries: ``[(start, stop, host), ...]`` covering the mask in order."""
-    m = np.asarray(mask, dtype=bool).reshape(-1)
-    if m.size == 0:
-        return []
-    edges = np.flatnonzero(m[1:] != m[:-1]) + 1
-    starts = np.concatenate([[0], edges])
-    stops = np.concatenate([edges, [m.size]])
-    return [(int(a), int(b), bool(m[a])) for a, b in zip(starts, stops)]
-
-
-@dataclass(frozen=True)
-class Residency:
-    """What :func:`apply_block_residency` did."""
-
-    num_blocks: int
-    host_blocks: int
-    block_bytes: int
-    runs: int
-
-    @property
-    def host_bytes(self) -> int:
-        return self.host_blocks * self.block_bytes
-
-    @property
-    def host_fraction(self) -> float:
-        return self.host_blocks / self.num_blocks
-
-
-def apply_block_residency(pool, host_mask, *, device: int | None = None, stream=None) -> Residency:
-    """Keep the masked blocks of a managed pool ``[num_blocks, ...]`` host-side, the rest on the GPU.
-
-    Host blocks: PreferredLocation CPU + AccessedBy GPU, prefetched to the host (the GPU then
-    reads them over PCIe without migrating them). GPU blocks: PreferredLocation GPU, AccessedBy
-    unset, prefetched to the GPU. Advice works on whole pages, so a page shared by a host block
-    and a GPU block gets the advice applied last (runs are applied in order). Waits until done.
-    """
-    cp = _cupy()
-    mask = np.asarray(host_mask, dtype=bool).reshape(-1)
-    if pool.ndim < 1 or pool.shape[0] != mask.size:
-        raise ValueError(f"mask has {mask.size} entries but the pool has shape {pool.shape}")
-    if not pool.flags.c_contiguous:
-        raise ValueError("the pool must be C-contiguous (blocks are consecutive byte ranges)")
-    kind = kind_of(pool)
-    alloc = allocation_of(pool)
-    if (alloc.spec.base if alloc is not None else kind) != "managed":
-        raise ValueError(
-            f"block residency needs a managed pool, this one is {kind!r}; pinned zero-copy is "
-            "all-or-nothing per array (allocate the pool with kind='pinned')"
-        )
-    dev = _device_id(device if device is not None else (alloc.device if alloc else None))
-    block_bytes = pool.nbytes // mask.size
-    s = stream if stream is not None else cp.cuda.get_current_stream()
-    runs = block_runs(mask)
-    for start, stop, host in runs:
-        off, size = start * block_bytes, (stop - start) * block_bytes
-        if host:
-            advise(pool, "preferred_location", "host", offset=off, nbytes=size, device=dev)
-            advise(pool, "accessed_by", "gpu", offset=off, nbytes=size, device=dev)
-            prefetch(pool, "host", offset=off, nbytes=size, device=dev, stream=s)
-        else:
-            advise(pool, "preferred_location", "gpu", offset=off, nbytes=size, device=dev)
-            advise(pool, "unset_accessed_by", "gpu", offset=off, nbytes=size, device=dev)
-            prefetch(pool, "gpu", offset=off, nbytes=size, device=dev, stream=s)
-    s.synchronize()
-    return Residency(int(mask.size), int(mask.sum()), int(block_bytes), len(runs))
 
 
 def with_spec(kind: str | Spec, **changes) -> Spec:

@@ -1,10 +1,8 @@
-"""The float64 reference every decode kernel is checked against.
+"""The float64 reference every decode kernel is checked against, and the tolerance it allows.
 
-Decode attention: one query token per sequence attends to that sequence's cached keys and values,
-``out[s, h] = softmax(scale * K_s q[s, h]) V_s``, where query head h reads KV head
-``h // (num_heads // num_kv_heads)`` (MHA when the counts are equal, GQA when they divide, MQA
-with one KV head). Inputs are decoded to float64 first, so the only rounding left is float64's:
-what a kernel's output is compared to is the exact attention of the *stored* values.
+``out[s, h] = softmax(scale * K_s q[s, h]) V_s``, query head h reading KV head
+``h // (num_heads // num_kv_heads)``. Inputs are decoded to float64 first, so a kernel is compared
+with the exact attention of the *stored* values.
 """
 
 from __future__ import annotations
@@ -15,6 +13,9 @@ import numpy as np
 
 from lib.engine.kvcache import as_float64, gather_sequence, infer_dtype_name
 
+#: Largest relative error (:func:`relative_error`) a kernel's output may have, per storage dtype.
+TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5}
+
 
 def _dtype_for(arr, dtype_name):
     return dtype_name if dtype_name is not None else infer_dtype_name(arr)
@@ -24,23 +25,17 @@ def decode_attention_reference(q, kpool, vpool, tables, seq_lens, *, scale=None,
                                dtype_name=None, xp=np):
     """Reference decode attention over a paged cache, float64 ``[num_seqs, num_heads, head_size]``.
 
-    q: ``[num_seqs, num_heads, head_size]``; kpool, vpool: pools ``[NB, BS, KVH, D]``;
-    tables: BlockTables or int32 ``[num_seqs, max_blocks]``; seq_lens: host integers.
-    `dtype_name` names the storage of q and the pools (needed only to be explicit: ``uint16``
-    is read as bfloat16 bits). Softmax subtracts the row max, so large scores cannot overflow.
-    Work is vectorised per sequence; only the sequence's own tokens are gathered and decoded.
+    kpool, vpool: pools ``[NB, BS, KVH, D]``; tables: BlockTables or int32 ``[num_seqs, max_blocks]``.
+    `dtype_name` names the storage (``uint16`` is read as bfloat16 bits). Softmax subtracts the
+    row max, so large scores cannot overflow.
     """
     num_seqs, num_heads, head_size = q.shape
     num_kv_heads = kpool.shape[2]
     if num_heads % num_kv_heads:
-        raise ValueError(
-            f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}"
-        )
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
     if kpool.shape[3] != head_size or tuple(vpool.shape) != tuple(kpool.shape):
-        raise ValueError(
-            f"q {tuple(q.shape)}, kpool {tuple(kpool.shape)} and vpool {tuple(vpool.shape)} "
-            "disagree on head_size or pool shape"
-        )
+        raise ValueError(f"q {tuple(q.shape)}, kpool {tuple(kpool.shape)} and vpool "
+                         f"{tuple(vpool.shape)} disagree on head_size or pool shape")
     lens = np.asarray(seq_lens, dtype=np.int64)
     if lens.shape != (num_seqs,):
         raise ValueError(f"seq_lens shape {lens.shape} != (num_seqs,) = ({num_seqs},)")
@@ -62,10 +57,7 @@ def decode_attention_reference(q, kpool, vpool, tables, seq_lens, *, scale=None,
 
 def dense_attention(q, k_list, v_list, *, scale=None):
     """Textbook attention, head by head, for tests: independent of the paged machinery.
-
-    q: float ``[num_seqs, num_heads, D]``; k_list[s], v_list[s]: float ``[len_s, KVH, D]``.
-    Returns float64 ``[num_seqs, num_heads, D]``.
-    """
+    k_list[s], v_list[s]: ``[len_s, KVH, D]``."""
     q = np.asarray(q, dtype=np.float64)
     num_seqs, num_heads, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -85,23 +77,17 @@ def dense_attention(q, k_list, v_list, *, scale=None):
 
 
 def _to_host_float64(a, dtype_name):
-    """Duck-typed: NumPy, CuPy (``.get()``) or torch (``.double().cpu()``) → NumPy float64."""
-    if hasattr(a, "detach"):  # torch tensor, any dtype including bfloat16
+    if hasattr(a, "detach"):  # torch, any dtype including bfloat16
         return a.detach().double().cpu().numpy()
-    if hasattr(a, "get") and not isinstance(a, np.ndarray):  # CuPy
-        a = a.get()
-    a = np.asarray(a)
-    if a.dtype == np.float64 and dtype_name is None:
-        return a
-    return as_float64(a, dtype_name)
+    host = a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)  # CuPy
+    return as_float64(host, dtype_name)
 
 
 def relative_error(out, ref, *, dtype_name=None) -> float:
-    """||out - ref|| / ||ref|| (Frobenius, float64).
+    """||out - ref|| / ||ref|| (Frobenius, float64); NumPy, CuPy or torch, any storage dtype.
 
-    NaN or infinity anywhere in `out` (or `ref`) gives ``inf``: a poisoned or unwritten output
-    never passes a tolerance. `out` may be NumPy, CuPy or torch, in any storage dtype
-    (``uint16`` is read as bfloat16 bits). A zero `ref` gives 0.0 if `out` is zero too, else inf.
+    NaN or infinity anywhere gives ``inf``: a poisoned or unwritten output never passes. A zero
+    `ref` gives 0.0 if `out` is zero too, else inf.
     """
     o = _to_host_float64(out, dtype_name)
     r = _to_host_float64(ref, None)

@@ -45,6 +45,7 @@ GiB = 1 << 30
 MiB = 1 << 20
 _THREADS = 256
 _READ_THREADS = 1024
+_HASH = 2654435761  # Knuth's multiplicative hash: fill() without a word
 
 _KERNELS = r"""
 // Sum a buffer as 32-bit words with 16-byte loads: every byte is read exactly once, nothing is
@@ -82,12 +83,14 @@ extern "C" __global__ void read_sum_u32x4(const uint4* __restrict__ src, unsigne
     }
 }
 
-// Fill 32-bit words with a cheap hash of their index (no temporaries for a multi-GiB buffer).
-extern "C" __global__ void fill_hash_u32(unsigned int* __restrict__ dst, unsigned long long n) {
+// Fill 32-bit words with `word ^ (index * mult)`: a constant (mult = 0) or a cheap hash of the
+// index (no temporaries for a multi-GiB buffer).
+extern "C" __global__ void fill_u32(unsigned int* __restrict__ dst, unsigned long long n,
+                                    unsigned int word, unsigned int mult) {
     const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += stride) {
-        dst[i] = (unsigned int)(i * 2654435761ull) ^ (unsigned int)(i >> 32);
+        dst[i] = word ^ ((unsigned int)i * mult);
     }
 }
 
@@ -205,7 +208,7 @@ class _Device:
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.module = cp.RawModule(code=_KERNELS, options=("-std=c++17",))
         self.read_sum = self.module.get_function("read_sum_u32x4")
-        self.fill_hash = self.module.get_function("fill_hash_u32")
+        self.fill_u32 = self.module.get_function("fill_u32")
         self.empty = self.module.get_function("empty_kernel")
         self.sink = cp.zeros(1, dtype=cp.uint64)
         self._flush_buf = None
@@ -217,17 +220,20 @@ class _Device:
         """Read every byte of ``buf`` (size a multiple of 16) on the current stream."""
         import numpy as np
 
+        if buf.nbytes % 16:
+            raise ValueError(f"the read kernel needs a multiple of 16 bytes, got {buf.nbytes}")
         n_vec = buf.nbytes // 16
         # 2 blocks of 1024 threads per SM: on H100 this read 2 GiB at 3138 GB/s against 3077 for
         # 8 blocks of 256 (a probe of both shapes, 2026-11-28); decode kernels reached 3148.
         blocks = max(1, min(2 * self.sm_count, -(-n_vec // _READ_THREADS)))
         self.read_sum((blocks,), (_READ_THREADS,), (buf, np.uint64(n_vec), out))
 
-    def fill(self, buf) -> None:
+    def fill(self, buf, word: int | None = None) -> None:
         import numpy as np
 
         n = buf.nbytes // 4
-        self.fill_hash((self.grid(n),), (_THREADS,), (buf, np.uint64(n)))
+        w, mult = (0, _HASH) if word is None else (word, 0)
+        self.fill_u32((self.grid(n),), (_THREADS,), (buf, np.uint64(n), np.uint32(w), np.uint32(mult)))
 
     def flush_buffer(self):
         if self._flush_buf is None:
@@ -251,6 +257,19 @@ def _device() -> _Device:
     if dev not in _STATE:
         _STATE[dev] = _Device(dev)
     return _STATE[dev]
+
+
+def read_sum(buf, out) -> None:
+    """The study's one read kernel, on the current stream: every byte of ``buf`` read once, its
+    32-bit words summed (each block's partial sum wraps mod 2^32) and added to ``out[0]`` (uint64).
+    The read ceiling and the Unified Memory chapter's GPU reads both time this kernel."""
+    _device().launch_read(buf, out)
+
+
+def fill(buf, word: int | None = None) -> None:
+    """The one fill kernel, on the current stream: every 32-bit word set to ``word``, or (None)
+    to a hash of its index."""
+    _device().fill(buf, word)
 
 
 def available_bytes() -> tuple[int, int]:

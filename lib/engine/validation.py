@@ -1,9 +1,8 @@
 """Checks that run before anything launches on a GPU.
 
-A CUDA kernel given a bad block table reads out of bounds silently or crashes the context; a
-wrong shape gives plausible garbage. Every check here is pure Python/NumPy and raises a
-``ValueError`` naming the argument, the value it got and what is allowed, so the mistake is
-reported where it was made. Arrays are duck-typed (NumPy, CuPy, torch) and never imported here.
+A kernel given a bad block table reads out of bounds or crashes the context; a wrong shape gives
+plausible garbage. So each check raises a ``ValueError`` naming the argument, its value and what
+is allowed, where the mistake was made. Arrays are duck-typed (NumPy, CuPy, torch).
 """
 
 from __future__ import annotations
@@ -12,15 +11,11 @@ import numbers
 
 import numpy as np
 
+from lib.engine.kvcache import DTYPES as SUPPORTED_DTYPES
 from lib.engine.kvcache import SUPPORTED_BLOCK_SIZES, blocks_needed
 
 SUPPORTED_HEAD_SIZES = (64, 80, 96, 112, 128, 256)
-SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
 LAYOUTS = ("classic", "vllm", "dense")
-
-
-def _allowed(values) -> str:
-    return ", ".join(str(v) for v in values)
 
 
 def _positive_int(name, value) -> int:
@@ -33,7 +28,7 @@ def _positive_int(name, value) -> int:
 
 def _one_of(name, value, allowed):
     if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; allowed: {_allowed(allowed)}")
+        raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(str, allowed))}")
     return value
 
 
@@ -60,23 +55,19 @@ def validate_decode_problem(*, num_seqs, num_heads, num_kv_heads, head_size, blo
                             seq_lens, tables=None, num_blocks=None, max_seq_len=None) -> None:
     """Check a decode problem's sizes, lengths and block tables; raise ValueError on the first fault.
 
-    `tables` may be a BlockTables (its `num_blocks` is used when `num_blocks` is None) or a bare
-    int32 ``[num_seqs, max_blocks]`` array. Only the entries a sequence uses (its first
-    ceil(len / block_size)) must be valid; padding entries are ignored.
+    `tables`: a BlockTables (its `num_blocks` used when `num_blocks` is None) or a bare int32
+    array. Only the entries a sequence uses must be valid; padding is ignored.
     """
-    num_seqs = _positive_int("num_seqs", num_seqs)
-    num_heads = _positive_int("num_heads", num_heads)
-    num_kv_heads = _positive_int("num_kv_heads", num_kv_heads)
-    head_size = _positive_int("head_size", head_size)
-    block_size = _positive_int("block_size", block_size)
+    num_seqs, num_heads, num_kv_heads, head_size, block_size = (
+        _positive_int(n, v) for n, v in (("num_seqs", num_seqs), ("num_heads", num_heads),
+                                         ("num_kv_heads", num_kv_heads), ("head_size", head_size),
+                                         ("block_size", block_size)))
     _one_of("block_size", block_size, SUPPORTED_BLOCK_SIZES)
     _one_of("head_size", head_size, SUPPORTED_HEAD_SIZES)
     _one_of("dtype", dtype_name(dtype), SUPPORTED_DTYPES)
     if num_heads % num_kv_heads:
-        raise ValueError(
-            f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}: the GQA "
-            "ratio must be an integer (allowed: num_kv_heads dividing num_heads)"
-        )
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}: the "
+                         "GQA ratio must be an integer (allowed: num_kv_heads dividing num_heads)")
 
     lens = _host(seq_lens)
     if lens.shape != (num_seqs,):
@@ -90,9 +81,7 @@ def validate_decode_problem(*, num_seqs, num_heads, num_kv_heads, head_size, blo
         max_seq_len = _positive_int("max_seq_len", max_seq_len)
         s = int(np.argmax(lens))
         if lens[s] > max_seq_len:
-            raise ValueError(
-                f"seq_lens[{s}]={int(lens[s])} exceeds max_seq_len={max_seq_len}"
-            )
+            raise ValueError(f"seq_lens[{s}]={int(lens[s])} exceeds max_seq_len={max_seq_len}")
 
     if num_blocks is None and tables is not None:
         num_blocks = getattr(tables, "num_blocks", None)
@@ -104,25 +93,20 @@ def validate_decode_problem(*, num_seqs, num_heads, num_kv_heads, head_size, blo
     if table.dtype != np.int32:
         raise ValueError(f"block tables must have dtype int32, got {table.dtype}")
     if table.ndim != 2 or table.shape[0] != num_seqs:
-        raise ValueError(
-            f"block tables have shape {table.shape}; expected 2-D (num_seqs={num_seqs}, max_blocks)"
-        )
+        raise ValueError(f"block tables have shape {table.shape}; expected 2-D (num_seqs={num_seqs}, max_blocks)")
     needed = blocks_needed(lens, block_size)
     s = int(np.argmax(needed))
     if needed[s] > table.shape[1]:
-        raise ValueError(
-            f"sequence longer than its table: seq_lens[{s}]={int(lens[s])} needs {int(needed[s])} "
-            f"blocks of {block_size} tokens, but block tables have {table.shape[1]} columns"
-        )
+        raise ValueError(f"sequence longer than its table: seq_lens[{s}]={int(lens[s])} needs "
+                         f"{int(needed[s])} blocks of {block_size} tokens, but block tables have "
+                         f"{table.shape[1]} columns")
     used = np.arange(table.shape[1])[None, :] < needed[:, None]
     bad = used & ((table < 0) | (table >= (num_blocks if num_blocks is not None else np.inf)))
     if bad.any():
         s, j = (int(i) for i in np.argwhere(bad)[0])
         upper = f"< num_blocks={num_blocks}" if num_blocks is not None else "non-negative"
-        raise ValueError(
-            f"block tables[{s}, {j}]={int(table[s, j])} is out of range; entries must be >= 0 "
-            f"and {upper}"
-        )
+        raise ValueError(f"block tables[{s}, {j}]={int(table[s, j])} is out of range; entries must "
+                         f"be >= 0 and {upper}")
 
 
 def device_of(a) -> str:
@@ -143,22 +127,10 @@ def _storage_name(a) -> str:
     return "bfloat16" if name == "uint16" else name
 
 
-def _is_contiguous(a) -> bool:
-    if hasattr(a, "is_contiguous"):
-        return bool(a.is_contiguous())
-    return bool(a.flags.c_contiguous)
-
-
 def validate_cache_arrays(q, k, v, out, *, layout, num_kv_heads=None, block_size=None,
                           dtype=None, num_blocks=None, require_contiguous=False) -> None:
-    """Check q, the cache and the output agree before a launch.
-
-    q and out: ``[num_seqs, num_heads, head_size]``. k, v by `layout`:
-      classic: k ``[NB, KVH, D/x, BS, x]`` with x = 16 bytes / element size, v ``[NB, KVH, D, BS]``
-      vllm:    k, v ``[NB, BS, KVH, D]``
-      dense:   k, v ``[num_seqs, KVH, max_len, D]``
-    All four share one dtype and one device. Optional keywords cross-check the problem's sizes.
-    """
+    """Check q, the cache (in `layout`, see :mod:`lib.engine.kvcache`) and the output agree
+    before a launch: shapes, one dtype, one device; optional keywords cross-check the sizes."""
     _one_of("layout", layout, LAYOUTS)
     arrays = {"q": q, "k": k, "v": v, "out": out}
     for name, a in arrays.items():
@@ -184,35 +156,26 @@ def validate_cache_arrays(q, k, v, out, *, layout, num_kv_heads=None, block_size
     if layout == "classic":
         x = 16 // int(k.dtype.itemsize)
         if len(ks) != 5 or len(vs) != 4:
-            raise ValueError(
-                f"classic layout: k {ks} must be 5-D [NB, KVH, D/x, BS, x] and v {vs} 4-D [NB, KVH, D, BS]"
-            )
+            raise ValueError(f"classic layout: k {ks} must be 5-D [NB, KVH, D/x, BS, x] and v {vs} "
+                             "4-D [NB, KVH, D, BS]")
         expected_k = (vs[0], vs[1], head_size // x, vs[3], x)
         if ks != expected_k or vs[2] != head_size or head_size % x:
-            raise ValueError(
-                f"classic layout: k {ks} and v {vs} do not fit head_size={head_size} with x={x}; "
-                f"expected k {expected_k}, v {(vs[0], vs[1], head_size, vs[3])}"
-            )
+            raise ValueError(f"classic layout: k {ks} and v {vs} do not fit head_size={head_size} with "
+                             f"x={x}; expected k {expected_k}, v {(vs[0], vs[1], head_size, vs[3])}")
         nb, kvh, bs = vs[0], vs[1], vs[3]
     elif layout == "vllm":
         if len(ks) != 4 or ks != vs or ks[3] != head_size:
-            raise ValueError(
-                f"vllm layout: k {ks} and v {vs} must both be [NB, BS, KVH, D={head_size}]"
-            )
+            raise ValueError(f"vllm layout: k {ks} and v {vs} must both be [NB, BS, KVH, D={head_size}]")
         nb, bs, kvh = ks[0], ks[1], ks[2]
     else:
         if len(ks) != 4 or ks != vs or ks[0] != num_seqs or ks[3] != head_size:
-            raise ValueError(
-                f"dense layout: k {ks} and v {vs} must both be "
-                f"[num_seqs={num_seqs}, KVH, max_len, D={head_size}]"
-            )
+            raise ValueError(f"dense layout: k {ks} and v {vs} must both be "
+                             f"[num_seqs={num_seqs}, KVH, max_len, D={head_size}]")
         nb, bs, kvh = None, None, ks[1]
 
     if kvh < 1 or num_heads % kvh:
-        raise ValueError(
-            f"q has num_heads={num_heads}, cache has num_kv_heads={kvh}: the GQA ratio must be "
-            "an integer"
-        )
+        raise ValueError(f"q has num_heads={num_heads}, cache has num_kv_heads={kvh}: the GQA ratio "
+                         "must be an integer")
     if num_kv_heads is not None and kvh != num_kv_heads:
         raise ValueError(f"cache has num_kv_heads={kvh}, expected num_kv_heads={num_kv_heads}")
     if block_size is not None and bs is not None and bs != block_size:
@@ -221,7 +184,7 @@ def validate_cache_arrays(q, k, v, out, *, layout, num_kv_heads=None, block_size
         raise ValueError(f"cache has num_blocks={nb}, expected num_blocks={num_blocks}")
     if require_contiguous:
         for name, a in arrays.items():
-            if not _is_contiguous(a):
+            if not (a.is_contiguous() if hasattr(a, "is_contiguous") else a.flags.c_contiguous):
                 raise ValueError(f"{name} must be C-contiguous (use ascontiguousarray)")
 
 
@@ -236,7 +199,6 @@ def validate_contiguous_range(seq_start, seq_lens, block_size, num_blocks) -> No
     last = start + nb
     if last.size and int(last.max()) > int(num_blocks):
         s = int(last.argmax())
-        raise ValueError(
-            f"contiguous addressing: sequence {s} would read blocks {int(start[s])}.."
-            f"{int(last[s]) - 1} of a pool of {num_blocks} blocks (seq_start + logical block "
-            "out of range)")
+        raise ValueError(f"contiguous addressing: sequence {s} would read blocks {int(start[s])}.."
+                         f"{int(last[s]) - 1} of a pool of {num_blocks} blocks (seq_start + logical "
+                         "block out of range)")

@@ -8,7 +8,7 @@ grown. A kernel then reads block ``seq_start[s] + j`` from one base pointer, wit
 lookup, while physical memory is still handed out in chunks, not in maximum-length
 reservations.
 
-Three pieces:
+Four pieces:
 
 * a small **driver protocol** (:class:`VmmDriver`): reserve/free VA, create/release physical
   handles, map/unmap, set access, granularity. :class:`CudaVmmDriver` calls the real driver
@@ -20,6 +20,8 @@ Three pieces:
   :meth:`KVArena.release` onto a free list that later growth reuses (no new ``cuMemCreate``
   while a freed chunk waits). A failed growth is rolled back: nothing it mapped stays mapped.
 * :func:`cupy_view`: a CuPy array over a mapped range (imported lazily).
+* :class:`SplitMapping` / :func:`split_allocator`: one range, pinned host memory first and device
+  memory after (the KV offload chapter's zero-copy pool).
 
 Chunk size and granularity. ``cuMemMap`` works in units of the allocation granularity
 (2 MiB on H100/H200): ``chunk_bytes`` must be a positive multiple of it. That granularity is the
@@ -36,33 +38,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, Protocol, runtime_checkable
+import weakref
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
-__all__ = [
-    "VmmDriverError",
-    "InjectedFault",
-    "VmmDriver",
-    "CudaVmmDriver",
-    "FakeVmmDriver",
-    "FaultInjectingDriver",
-    "KVArena",
-    "cupy_view",
-    "cuda_python_available",
-    "round_up",
-    "OPERATIONS",
-]
+import numpy as np
 
 #: names of the driver operations (also the keys of fault injection and call counters)
-OPERATIONS = (
-    "granularity",
-    "reserve_va",
-    "free_va",
-    "create_handle",
-    "release_handle",
-    "map",
-    "unmap",
-    "set_access",
-)
+OPERATIONS = ("granularity", "reserve_va", "free_va", "create_handle", "release_handle", "map",
+              "unmap", "set_access")
 
 
 class VmmDriverError(RuntimeError):
@@ -329,33 +312,19 @@ class FaultInjectingDriver:
     def __getattr__(self, name: str) -> Any:  # is_mapped, context, close, ...
         return getattr(self.inner, name)
 
-    def _call(self, op: str, *args: Any) -> Any:
+
+def _forward(op: str):
+    """A method of :class:`FaultInjectingDriver`: count (and maybe fail) the call, then delegate."""
+    def call(self, *args: Any) -> Any:
         self._faults.tick(op)
         return getattr(self.inner, op)(*args)
 
-    def granularity(self, device: int = 0) -> int:
-        return self._call("granularity", device)
+    call.__name__ = op
+    return call
 
-    def reserve_va(self, size: int, alignment: int = 0) -> int:
-        return self._call("reserve_va", size, alignment)
 
-    def free_va(self, va: int, size: int) -> None:
-        self._call("free_va", va, size)
-
-    def create_handle(self, size: int, device: int = 0) -> Any:
-        return self._call("create_handle", size, device)
-
-    def release_handle(self, handle: Any) -> None:
-        self._call("release_handle", handle)
-
-    def map(self, va: int, size: int, handle: Any) -> None:
-        self._call("map", va, size, handle)
-
-    def unmap(self, va: int, size: int) -> None:
-        self._call("unmap", va, size)
-
-    def set_access(self, va: int, size: int, device: int = 0) -> None:
-        self._call("set_access", va, size, device)
+for _op in OPERATIONS:  # real class attributes: runtime_checkable Protocols look them up statically
+    setattr(FaultInjectingDriver, _op, _forward(_op))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,7 +469,7 @@ class CudaVmmDriver:
         desc.flags = drv.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         self._call("cuMemSetAccess", va, size, [desc], 1)
 
-    # -- host-located physical memory (additive: used by lib.chapters.kv_offload.measure) ----------------------
+    # -- host-located physical memory (for SplitMapping) -------------------------------------
     #: Host locations cuMemCreate may accept, tried in this order: the host NUMA node nearest the
     #: GPU (drivers for CUDA >= 12.2), then "any host memory" (newer drivers).
     HOST_LOCATIONS = ("host_numa", "host")
@@ -882,8 +851,6 @@ def cupy_view(ptr: int, nbytes: int, dtype: Any, shape: tuple[int, ...] | None =
     ``shape`` defaults to 1-D over all of ``nbytes``; a shape needing more bytes is a ValueError.
     ``owner`` is kept alive by the array (pass whatever must outlive it).
     """
-    import numpy as np
-
     _check_int("ptr", ptr, minimum=1)
     _check_int("nbytes", nbytes, minimum=1)
     dt = np.dtype(dtype)
@@ -901,3 +868,115 @@ def cupy_view(ptr: int, nbytes: int, dtype: Any, shape: tuple[int, ...] | None =
 
     mem = cupy.cuda.UnownedMemory(ptr, nbytes, owner, device)
     return cupy.ndarray(shape, dt, cupy.cuda.MemoryPointer(mem, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# A range split between pinned host and device memory (the KV offload chapter's zero-copy pool)
+
+
+class SplitMapping:
+    """One virtual range: pinned host memory for its first ``host_bytes``, device memory after.
+
+    Made with the CUDA virtual-memory driver API: ``reserve_va``, one
+    host-located handle (``create_host_handle``) and one device handle mapped back to back, read
+    and write access for the GPU on both. A kernel given the base pointer reads the host part
+    over the bus and the rest from device memory, with no idea which is which. Released (unmap,
+    release, free) by :meth:`close` or when garbage-collected; a failed construction undoes
+    what it did.
+    """
+
+    def __init__(self, driver: Any, host_bytes: int, device_bytes: int, *, device: int = 0):
+        for name, v in (("host_bytes", host_bytes), ("device_bytes", device_bytes)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        host_bytes, device_bytes = int(host_bytes), int(device_bytes)
+        if host_bytes + device_bytes == 0:
+            raise ValueError("a split mapping needs at least one byte")
+        gran = int(driver.granularity(device))
+        if host_bytes:
+            gran = math.lcm(gran, int(driver.host_granularity()))
+        for name, v in (("host_bytes", host_bytes), ("device_bytes", device_bytes)):
+            if v % gran:
+                raise ValueError(f"{name}={v} is not a multiple of the allocation granularity "
+                                 f"({gran} bytes)")
+        self.driver, self.device = driver, device
+        self.host_bytes, self.device_bytes = host_bytes, device_bytes
+        self.nbytes = host_bytes + device_bytes
+        self.va = int(driver.reserve_va(self.nbytes, 0))
+        done: list[tuple[int, int, Any]] = []  # (va, size, handle) mapped so far
+        try:
+            for offset, size, make in ((0, host_bytes, lambda: driver.create_host_handle(host_bytes)),
+                                       (host_bytes, device_bytes,
+                                        lambda: driver.create_handle(device_bytes, device))):
+                if not size:
+                    continue
+                handle = make()
+                try:
+                    driver.map(self.va + offset, size, handle)
+                except BaseException:
+                    driver.release_handle(handle)
+                    raise
+                done.append((self.va + offset, size, handle))
+                driver.set_access(self.va + offset, size, device)
+        except BaseException:
+            _unmap_all(driver, self.va, self.nbytes, done)
+            raise
+        self._finalizer = weakref.finalize(self, _unmap_all, driver, self.va, self.nbytes, done)
+        self._finalizer.atexit = False  # the process's exit frees it; CUDA may be shutting down
+
+    def close(self) -> None:
+        """Unmap, release and free now (idempotent). Arrays over the range must be gone."""
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+
+def _unmap_all(driver, va: int, nbytes: int, done: list) -> None:
+    for mva, size, handle in reversed(done):
+        driver.unmap(mva, size)
+        driver.release_handle(handle)
+    done.clear()
+    driver.free_va(va, nbytes)
+
+
+def split_allocator(driver: Any, host_blocks: int, *, device: int = 0) -> Callable:
+    """``alloc(shape, dtype)`` for :meth:`lib.engine.backends.DecodeCase`: arrays whose first
+    ``host_blocks`` blocks (leading axis) are pinned host memory, the rest device memory."""
+    if isinstance(host_blocks, bool) or not isinstance(host_blocks, (int, np.integer)) or host_blocks < 0:
+        raise ValueError(f"host_blocks must be an integer >= 0, got {host_blocks!r}")
+
+    def alloc(shape, dtype):
+        shape = tuple(int(s) for s in shape)
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        if not shape or shape[0] < host_blocks or nbytes % shape[0]:
+            raise ValueError(f"shape {shape} has fewer than {host_blocks} blocks on its leading axis")
+        host = host_blocks * (nbytes // shape[0])
+        mapping = SplitMapping(driver, host, nbytes - host, device=device)
+        return cupy_view(mapping.va, nbytes, dtype, shape, owner=mapping, device=device)
+
+    return alloc
+
+
+_DRIVER: dict[int, Any] = {}
+
+
+def vmm_driver(device: int | None = None):
+    """One :class:`CudaVmmDriver` per device for this process (kept open: mappings' finalizers
+    use it)."""
+    import cupy
+
+    dev = int(cupy.cuda.runtime.getDevice()) if device is None else int(device)
+    if dev not in _DRIVER:
+        _DRIVER[dev] = CudaVmmDriver(dev)
+    return _DRIVER[dev]
+
+
+def host_memory_unavailable(device: int | None = None) -> str | None:
+    """None when pinned host memory can back a VMM mapping here, else why not (one line)."""
+    try:
+        vmm_driver(device).host_location()
+    except Exception as exc:
+        return f"pinned host memory for cuMemMap is not available here ({type(exc).__name__}: {exc})"
+    return None

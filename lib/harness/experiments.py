@@ -1,35 +1,23 @@
 """Named experiment grids: what a sweep measures, point by point.
 
-An :class:`Experiment` names a grid of parameters and the function that measures one point.
-Each chapter package declares its own in ``lib/chapters/<chapter>/experiment.py`` and
-:mod:`lib.catalog` lists them all by name::
+An :class:`Experiment` names a grid of parameters and the function that measures one point; each
+chapter package declares its own in ``lib/chapters/<chapter>/experiment.py`` and
+:mod:`lib.catalog` lists them all by name. ``grid`` is a dict ``param -> list of values`` (a
+Cartesian product; the first key varies slowest) or a list of such dicts (their union: the seed's
+tables are not one product). Every parameter a measure function reads belongs in the grid, fixed
+ones as one-value lists, so a user can change any of them (``-p seq_len=1024,2048``); ``where``
+drops points (a predicate).
 
-    EXPERIMENT = check(Experiment(
-        name="decode_block_size",
-        description="Decode time by KV block size, paged vs contiguous",
-        chapter="chapters/page_table.md",
-        measure="lib.engine.measure:measure_decode",          # resolved only when a sweep runs
-        grid={"block_size": [1, 2, 4, 8, 16, 32], "seq_len": [4096], "batch_size": [1, 8]},
-    ))
+The measure contract: ``measure(point) -> dict`` (or a list of dicts, one per thing timed) whose
+keys are columns of the results schema (:mod:`lib.harness.results`). The sweep fills the rest
+(identity, time, status, wall time, the run's read ceiling, derived bandwidth); point parameters
+that are schema columns fill those columns, the others go into ``extra``. An exception becomes an
+``error`` row (retried by the next run) and the sweep moves on.
 
-``grid`` is a dict ``param -> list of values`` (a Cartesian product; the first key varies
-slowest) or a list of such dicts (their union: the seed's tables are not one product). Every
-parameter a measure function reads belongs in the grid, fixed ones as one-value lists, so a user
-can change any of them (``--param seq_len=1024,2048``). ``where`` drops points (a predicate).
-
-The measure contract: ``measure(point) -> dict`` (or a list of dicts, one per thing timed at
-that point) whose keys are columns of the results schema (:mod:`lib.harness.results`), typically
-``{**timing.as_row(), "backend": ..., "bytes_moved": ..., "rel_error": ..., "check_passed": ...}``.
-The sweep fills the rest: experiment, point_key, run_id, gpu_slug, time, status, wall_s, the
-run's read ceiling, bandwidth and its percent of the ceiling; point parameters that are schema
-columns (``block_size``, ``seq_len``, ...) fill those columns, the others go into ``extra``. An
-exception becomes an ``error`` row (retried by the next run) and the sweep moves on.
-
-A point is a plain dict of parameters; :func:`point_key` turns it into the stable string that
-identifies it in the results (``k=v;k=v``, keys sorted). :func:`shard` splits the points of a
-sweep for a cluster array job; shard indices are **0-based** (``0 <= i < n``, as Kubernetes'
-``JOB_COMPLETION_INDEX`` and ``--array=0-<n-1>`` in Slurm) and shard ``i`` takes points
-``i, i+n, i+2n, ...`` so expensive points (usually the last ones of a grid) spread evenly.
+:func:`point_key` turns a point (a plain dict) into the stable string that identifies it in the
+results (``k=v;k=v``, keys sorted). :func:`shard` splits a sweep's points for a cluster array
+job: indices are **0-based** (as Kubernetes' ``JOB_COMPLETION_INDEX`` and Slurm's
+``--array=0-<n-1>``) and shard ``i`` takes points ``i, i+n, ...`` so expensive points spread evenly.
 """
 
 from __future__ import annotations
@@ -123,14 +111,10 @@ def _value_type(exp: str, key: str, values: list) -> type:
     kinds = {type(v) for v in values if v is not None}
     if not kinds:
         return type(None)
-    if kinds == {bool}:
-        return bool
-    if kinds == {int}:
-        return int
-    if kinds <= {int, float}:
+    if len(kinds) == 1:
+        return kinds.pop()
+    if kinds == {int, float}:
         return float
-    if kinds == {str}:
-        return str
     raise ValueError(f"{exp}: parameter {key!r} mixes value types {sorted(k.__name__ for k in kinds)}")
 
 
@@ -150,26 +134,19 @@ def coerce(exp: Experiment, key: str, raw: Any) -> Any:
         if t is bool:
             if isinstance(raw, bool):
                 return raw
-            s = str(raw).lower()
-            if s in _TRUE | _FALSE:
-                return s in _TRUE
-            raise ValueError
-        if t is int:
-            if isinstance(raw, bool):
-                raise ValueError
-            if isinstance(raw, float) and not raw.is_integer():
-                raise ValueError
-            return int(raw) if not isinstance(raw, str) else int(raw.strip())
-        if t is float:
-            if isinstance(raw, bool):
-                raise ValueError
-            return float(raw)
-        if t is str:
-            s = str(raw)
-            if any(c in s for c in ";=\n"):
-                raise ValueError
-            return s
-        return raw  # parameter whose only value is None: anything goes
+            if str(raw).lower() in _TRUE | _FALSE:
+                return str(raw).lower() in _TRUE
+        elif t in (int, float) and not isinstance(raw, bool):  # a bool is no number here
+            if t is float:
+                return float(raw)
+            if not (isinstance(raw, float) and not raw.is_integer()):
+                return int(raw)
+        elif t is str:
+            if not any(c in str(raw) for c in ";=\n"):
+                return str(raw)
+        elif t is type(None):
+            return raw  # parameter whose only value is None: anything goes
+        raise ValueError
     except (TypeError, ValueError):
         raise ValueError(f"{exp.name}: {key}={raw!r} is not a valid {t.__name__}") from None
 
@@ -246,7 +223,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = int(i_s), int(n_s)
     except ValueError:
-        raise ValueError(f"shard must look like i/n with 0 <= i < n (0-based), got {text!r}") from None
+        sep = ""
     if not sep:
         raise ValueError(f"shard must look like i/n with 0 <= i < n (0-based), got {text!r}")
     check_shard(i, n)

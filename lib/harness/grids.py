@@ -1,6 +1,6 @@
 """Grid fragments several experiments share: the study's model shapes and block sizes."""
 
-#: The shape vLLM's 2024 benchmark defaulted to (NOTES.md): 64 query heads, 8 KV heads, head 128.
+#: The shape vLLM's 2024 benchmark defaulted to (chapters/seed_repro.md): 64 query heads, 8 KV heads, head 128.
 SEED_SHAPE = {"num_heads": [64], "num_kv_heads": [8], "head_size": [128], "dtype": ["float16"]}
 #: A Llama-2-7B-like MHA shape (32 heads of 128): the other candidate for the post's model.
 LLAMA_SHAPE = {"num_heads": [32], "num_kv_heads": [32], "head_size": [128], "dtype": ["float16"]}

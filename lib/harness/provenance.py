@@ -249,3 +249,28 @@ def collect(params: dict | None = None, *, device: int | None = None) -> dict[st
         "snapshot_before": snapshot(device),
         "params": dict(params or {}),
     }
+
+
+#: What each use of the study needs installed (``python -m lib env`` lists what is missing).
+NEEDS = {
+    "book (build from committed data)": ["jupyter-book", "jupytext", "papermill", "ipykernel", "pandas", "tqdm"],
+    "gpu (measure)": ["cupy", "nvidia-ml-py"],
+    "vLLM's kernel": ["torch", "triton", "vllm"],
+    "dense SDPA peer": ["torch"],
+}
+
+
+def environment() -> dict[str, Any]:
+    """This machine for ``python -m lib env``: GPU, libraries, vLLM's kernel, what is missing."""
+    from lib.engine.backends.vllm import vllm_status
+    from lib.engine.gpu import gpu_available
+
+    libs = library_versions()
+    gpu = gpu_info() if gpu_available() else None
+    missing = {what: [p for p in pkgs if libs.get(p) is None] for what, pkgs in NEEDS.items()}
+    vllm = vllm_status()
+    if libs.get("vllm") is None and vllm.get("available"):  # a kernel-only install stands in
+        missing["vLLM's kernel"].remove("vllm")
+    return {"python": sys.version.split()[0], "executable": sys.executable, "gpu": gpu,
+            "snapshot": snapshot() if gpu else None, "libraries": libs, "vllm_kernel": vllm,
+            "missing": missing, "git": git_state()}

@@ -5,11 +5,10 @@ Every measured number in the book is one row of one CSV file::
     data/results/<experiment>/<gpu-slug>.csv     rows, appended as they are measured
     data/results/<experiment>/<gpu-slug>.json    provenance, a JSON object keyed by run_id
 
-A sweep that runs in several processes (one per GPU, or one cluster shard each) writes
-``<gpu-slug>.part-<tag>.csv`` / ``.json`` beside them, so that no two processes ever write the
-same file (appends to one file from several NFS clients are not atomic). Parts are merged into
-the main file by concatenation (:func:`merge_parts`); until then every reader here reads the main
-file and its parts together.
+Each process of a multi-process sweep (one per GPU, or one cluster shard each) writes
+``<gpu-slug>.part-<tag>.csv`` / ``.json`` beside them, since appends to one file from several
+NFS clients are not atomic; :func:`merge_parts` concatenates them into the main file, and until
+then every reader here reads the main file and its parts together.
 
 Row schema
 ----------
@@ -70,18 +69,15 @@ extra                  json      -           a JSON object of experiment-specifi
 =====================  ========  ==========  ====================================================
 
 The file stores one more, last column, ``crc``: the CRC-32 (8 hex digits) of the line up to it.
-A line whose CRC does not match (a write torn by a power loss) is skipped by every reader; the
-loader drops the column.
+Every reader skips a line whose CRC does not match (a write torn by a power loss).
 
-Why a fixed column set plus one JSON column: every file of every experiment has the same header,
-so merging is concatenation and one validator covers all of them; experiment-specific values
-still have a home (``extra``, expanded into columns on request by :func:`load`).
+Why one fixed column set plus a JSON column: every file has the same header, so merging is
+concatenation and one validator covers all of them; experiment-specific values go in ``extra``.
 
-Crash safety: :func:`append_rows` writes all rows of one point with a single ``os.write`` on a
-descriptor opened with ``O_APPEND``, then ``fsync``: a killed sweep loses at most the point in
-flight, and a rerun skips every point with an ``ok`` row (:func:`done_keys`). Points that
-errored are retried. Rows are never rewritten; a forced rerun appends, and :func:`load` keeps
-the latest run of each point.
+Crash safety: :func:`append_rows` writes all rows of one point with a single ``os.write`` on an
+``O_APPEND`` descriptor, then ``fsync``: a killed sweep loses at most the point in flight, and a
+rerun skips every point with an ``ok`` row (:func:`done_keys`); errored points are retried. Rows
+are never rewritten; a forced rerun appends, and :func:`load` keeps the latest run of each point.
 """
 
 from __future__ import annotations
@@ -244,9 +240,7 @@ def _fmt(col: Column, value: Any) -> str:
 
 def _json_default(o):
     """numpy scalars and other odd values in ``extra``."""
-    if hasattr(o, "item"):
-        return o.item()
-    return str(o)
+    return o.item() if hasattr(o, "item") else str(o)
 
 
 def _is_integral(v) -> bool:
@@ -469,15 +463,8 @@ def done_keys(path: str | os.PathLike) -> set[str]:
     return {r["point_key"] for r in iter_raw(_family(path)) if r["status"] == "ok"}
 
 
-def load(
-    experiment: str,
-    gpu: str | Iterable[str] | None = None,
-    *,
-    root: str | os.PathLike | None = None,
-    include_errors: bool = False,
-    dedupe: bool = True,
-    expand_extra: bool = False,
-):
+def load(experiment: str, gpu: str | Iterable[str] | None = None, *, root: str | os.PathLike | None = None,
+         include_errors: bool = False, dedupe: bool = True, expand_extra: bool = False):
     """Rows of one experiment as a pandas DataFrame with the schema's dtypes.
 
     ``gpu``: a slug (or several) to restrict to; default all GPUs. ``dedupe`` keeps, for each

@@ -1,22 +1,17 @@
 """Run an experiment's grid point by point, crash-safe and resumable.
 
-For each point still to do, the experiment's measure function returns one row (a dict) or
-several; each point's rows are appended to the results file at once, as soon as they exist. A
-killed or interrupted sweep therefore loses at most the point in flight, and running the same
-command again measures only what is missing (``force=True`` measures everything again; the
-loader then keeps the newest rows).
+Each point's rows are appended to the results file as soon as they exist, so a killed sweep loses
+at most the point in flight and the same command again measures only what is missing
+(``force=True`` measures everything again; the loader keeps the newest rows).
 
-Where rows go (see :mod:`lib.harness.results`): one process writes ``<exp>/<gpu-slug>.csv``. Every
-process of a multi-process sweep writes its own part file, ``<gpu-slug>.part-<tag>.csv`` with tag
-``d<dev>`` (one worker per GPU, ``devices=[...]``) and/or ``s<i>of<n>`` (a cluster shard), so no
-two processes share a file (appends from several hosts to one file on NFS are not atomic). A
-multi-GPU sweep on one host merges its parts into the main file when all workers are done;
-cluster shards are merged afterwards with ``python -m lib merge <experiment>``. Readers see the
-main file and its parts together, so an unmerged sweep is still complete data.
+One process writes ``<exp>/<gpu-slug>.csv`` (:mod:`lib.harness.results`). Each process of a
+multi-process sweep writes its own part file, tagged ``d<dev>`` (one worker per GPU) and/or
+``s<i>of<n>`` (a cluster shard): appends from several hosts to one NFS file are not atomic. A
+multi-GPU sweep merges its parts when all workers are done; cluster shards are merged afterwards
+(``python -m lib merge <experiment>``); readers see the main file and its parts together.
 
-Each process records its provenance (:mod:`lib.harness.provenance`) under its own run_id, with the
-ceilings it measured (GPU experiments) and, at the end, a second clock/temperature snapshot,
-wall time, time spent inside measure functions, and whether it completed.
+Each process records its provenance (:mod:`lib.harness.provenance`) under its own run_id, with
+the ceilings it measured and, at the end, a second GPU snapshot, its times and whether it completed.
 """
 
 from __future__ import annotations
@@ -62,13 +57,11 @@ class SweepSummary:
 
     @property
     def overhead_frac(self) -> float:
-        """Share of worker time spent neither measuring nor in the experiment's own preparation
-        (compiling the kernels it measures): provenance, ceilings, appends, progress, process
-        start-up. Ceilings count as harness. GPU start-up does not: creating the CUDA context (any
-        CUDA program pays it) and compiling the harness's own kernels (the read, fill and flush
-        kernels and the reduction that checks the read-ceiling kernel; like the experiment's
-        kernels, once per machine, then from CuPy's disk cache: on a fresh H100 node the ceilings
-        took 3.9 s with that compile inside, 0.3 s without). It is reported apart, on the line."""
+        """Share of worker time spent neither measuring, nor preparing (compiling the experiment's
+        kernels), nor starting the GPU: provenance, ceilings, appends, progress, process start-up.
+        GPU start-up (the CUDA context, and compiling the harness's own kernels once per machine:
+        on a fresh H100 node the ceilings took 3.9 s with that compile inside, 0.3 s without) is
+        reported apart, on the line."""
         busy = self.wall_s * self.workers
         work = self.measure_s + self.prepare_s + self.init_s
         return 0.0 if busy <= 0 else max(0.0, 1.0 - work / busy)
@@ -133,29 +126,20 @@ def _check_devices(devices) -> list[int] | None:
 
 def plan(exp: E.Experiment, overrides: Mapping[str, Any] | None = None, *, shard=None, force=False,
          out_dir=None, devices=None):
-    """(experiment, points of this shard, points still to do, main csv path, slug): no measuring."""
+    """(points of this shard, points still to do, main csv path, slug): no measuring."""
     points = E.expand(exp, overrides)
     if shard is not None:
-        i, n = E.parse_shard(shard) if isinstance(shard, str) else shard
-        points = E.shard(points, i, n)
+        points = E.shard(points, *shard)
     slug = _slug(exp, devices)
     main = R.csv_path(exp.name, slug, root=out_dir)
     done = set() if force else R.done_keys(main)
-    todo = [p for p in points if E.point_key(p) not in done]
-    return exp, points, todo, main, slug
+    return points, [p for p in points if E.point_key(p) not in done], main, slug
 
 
-def run_sweep(
-    exp: E.Experiment,
-    overrides: Mapping[str, Any] | None = None,
-    *,
-    shard: tuple[int, int] | str | None = None,
-    devices: Sequence[int] | str | None = None,
-    force: bool = False,
-    out_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-    workers_per_device: int = 1,
-) -> SweepSummary:
+def run_sweep(exp: E.Experiment, overrides: Mapping[str, Any] | None = None, *,
+              shard: tuple[int, int] | str | None = None, devices: Sequence[int] | str | None = None,
+              force: bool = False, out_dir: str | os.PathLike | None = None, progress: bool = True,
+              workers_per_device: int = 1) -> SweepSummary:
     """Measure every point of experiment ``exp`` not yet in the results; see the module docstring.
 
     ``overrides``: parameter -> value(s), as for :func:`lib.harness.experiments.expand`. ``shard``:
@@ -174,27 +158,19 @@ def run_sweep(
                              "(several would share the GPU and distort each other's timings)")
         devices = devices or [0]
     t0 = time.perf_counter()
-    exp, points, todo, main, slug = plan(exp, overrides, shard=shard, force=force, out_dir=out_dir, devices=devices)
+    if isinstance(shard, str):
+        shard = E.parse_shard(shard)
+    points, todo, main, slug = plan(exp, overrides, shard=shard, force=force, out_dir=out_dir, devices=devices)
     summary = SweepSummary(exp.name, str(main), len(points), len(points) - len(todo))
     if not todo:
         summary.wall_s = time.perf_counter() - t0
         return summary
-    shard_tag = None
-    if shard is not None:
-        i, n = E.parse_shard(shard) if isinstance(shard, str) else shard
-        shard_tag = f"s{i}of{n}"
-    params = {
-        "experiment": exp.name,
-        "overrides": E.normalize_overrides(exp, overrides),
-        "shard": shard_tag,
-        "devices": devices,
-        "force": force,
-        "points_in_shard": len(points),
-        "points_to_do": len(todo),
-    }
+    shard_tag = None if shard is None else "s{}of{}".format(*shard)
+    params = {"experiment": exp.name, "overrides": E.normalize_overrides(exp, overrides),
+              "shard": shard_tag, "devices": devices, "force": force,
+              "points_in_shard": len(points), "points_to_do": len(todo)}
     if devices is None:
-        part = shard_tag
-        path = R.csv_path(exp.name, slug, part=part, root=out_dir)
+        path = R.csv_path(exp.name, slug, part=shard_tag, root=out_dir)
         bar = _bar(len(todo), exp.name, progress)
         try:
             res = measure_points(exp, todo, path, new_run_id(shard_tag), params, on_point=lambda *_: bar.update(1))
@@ -213,12 +189,8 @@ def run_sweep(
 
 def _add(summary: SweepSummary, res: dict) -> None:
     summary.points_done += res["points"]
-    summary.rows += res["rows"]
-    summary.errors += res["errors"]
-    summary.measure_s += res["measure_s"]
-    summary.setup_s += res["setup_s"]
-    summary.prepare_s += res.get("prepare_s", 0.0)
-    summary.init_s += res.get("init_s", 0.0)
+    for k in ("rows", "errors", "measure_s", "setup_s", "prepare_s", "init_s"):
+        setattr(summary, k, getattr(summary, k) + res[k])
     summary.run_ids.append(res["run_id"])
     summary.completed = summary.completed and res["status"] == "complete"
 
@@ -255,15 +227,8 @@ def _complete(row: dict, base: dict, point: dict) -> dict:
     return row
 
 
-def measure_points(
-    exp: E.Experiment,
-    points: Sequence[dict],
-    path: str | os.PathLike,
-    run_id: str,
-    params: dict,
-    *,
-    on_point: Callable[[dict, int, bool], None] | None = None,
-) -> dict:
+def measure_points(exp: E.Experiment, points: Sequence[dict], path: str | os.PathLike, run_id: str,
+                   params: dict, *, on_point: Callable[[dict, int, bool], None] | None = None) -> dict:
     """Measure ``points`` in this process, appending to ``path``; returns counters for the summary."""
     from lib.harness import provenance
 
@@ -331,16 +296,9 @@ def measure_points(
         status = "complete"
     finally:
         prov["status"] = status
-        prov["end"] = {
-            "time_utc": provenance._utc_now(),
-            "snapshot_after": provenance.snapshot(),
-            "wall_s": time.perf_counter() - t0,
-            "setup_s": setup_s,
-            "prepare_s": prepare_s,
-            "init_s": init_s,
-            "provenance_s": provenance_s,
-            **counts,
-        }
+        prov["end"] = {"time_utc": provenance._utc_now(), "snapshot_after": provenance.snapshot(),
+                       "wall_s": time.perf_counter() - t0, "setup_s": setup_s, "prepare_s": prepare_s,
+                       "init_s": init_s, "provenance_s": provenance_s, **counts}
         R.write_provenance(path, run_id, prov)
     return {**counts, "setup_s": setup_s, "prepare_s": prepare_s, "init_s": init_s, "run_id": run_id,
             "status": status}

@@ -252,3 +252,17 @@ def launch_table(shapes, *, num_sms: int = 132, versions=("auto", 1, 2)):
                          "partitions": plan.max_partitions, "grid_blocks": grid,
                          "blocks_per_sm": grid / num_sms})
     return pd.DataFrame(rows)
+
+
+def first_v1_blocks_per_sm(num_sms: int, *, num_heads: int = 32, head_size: int = 128,
+                           block_size: int = 16, max_seq_len: int = 4096) -> float:
+    """Blocks per SM of the smallest grid (MHA, one head per block) the automatic version choice
+    runs as v1: where its rule switches from v2 to v1."""
+    from lib.engine import kernels
+
+    for seqs in range(1, 1024):
+        if kernels.choose_version(num_seqs=seqs, num_heads=num_heads, num_kv_heads=num_heads,
+                                  head_size=head_size, block_size=block_size, max_seq_len=max_seq_len,
+                                  num_sms=num_sms) == 1:
+            return seqs * num_heads / num_sms
+    raise ValueError(f"no batch below 1024 runs as v1 on {num_sms} SMs")

@@ -1,14 +1,10 @@
 """The correctness matrix: every backend x variant x block size x dtype x head size x head layout.
 
-Each case draws fresh random inputs, poisons the output with NaN before every call, and
-compares with the float64 reference computed on the same data. Three placements, each with the
-backends it is meaningful for:
-
-* identity: every backend; `paged` and `contiguous` must also be bit-identical;
-* shuffled: backends that read a page table (own paged, vLLM) and SDPA (gathers through it);
-* single_content: `no_offset` (exact only here), which must equal `paged` bit for bit.
-
-`run_matrix` yields one row per (case, backend); a failure (exception) is a row too.
+Each case draws fresh random inputs and checks every backend with
+:func:`lib.engine.measure.check_then_time` (NaN-poisoned output, float64 reference). Placements:
+identity (every backend; `paged` and `contiguous` must also be bit-identical), shuffled (backends
+that read a page table, and SDPA), single_content (`no_offset`, exact only here, must equal
+`paged` bit for bit). A failure (exception) is a row too.
 """
 
 from __future__ import annotations
@@ -16,7 +12,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass
 
-TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5}
+from lib.engine.reference import TOLERANCE
+
 HEAD_LAYOUTS = {"MHA": (4, 4), "GQA4": (8, 2), "MQA": (8, 1)}
 
 IDENTITY_BACKENDS = ("own-v1-paged", "own-v2-paged", "own-auto-paged", "own-v1-contiguous",
@@ -67,11 +64,10 @@ def matrix_cases(*, dtypes=None, block_sizes=None, head_sizes=None, heads=None,
     from lib.engine.kvcache import SUPPORTED_BLOCK_SIZES
     from lib.engine.validation import SUPPORTED_DTYPES, SUPPORTED_HEAD_SIZES
 
-    dtypes = dtypes or SUPPORTED_DTYPES
     block_sizes = block_sizes or SUPPORTED_BLOCK_SIZES
-    head_sizes = head_sizes or SUPPORTED_HEAD_SIZES
-    heads = heads or tuple(HEAD_LAYOUTS)
-    for dt, bs, d, h, pl in itertools.product(dtypes, block_sizes, head_sizes, heads, placements):
+    for dt, bs, d, h, pl in itertools.product(dtypes or SUPPORTED_DTYPES, block_sizes,
+                                              head_sizes or SUPPORTED_HEAD_SIZES,
+                                              heads or tuple(HEAD_LAYOUTS), placements):
         yield MatrixCase(dt, bs, d, h, pl, ragged_lengths(bs))
     if long_len:
         for bs, h in itertools.product((1, 16, 256), ("MHA", "GQA4")):
@@ -84,7 +80,7 @@ def run_case(case: MatrixCase, seed: int, *, backends=None) -> list[dict]:
     import cupy
 
     from lib.engine.backends import DecodeCase, get_backend
-    from lib.engine.reference import relative_error
+    from lib.engine.measure import check_then_time, error_text
 
     problem = case.problem(seed)
     data = DecodeCase.build(problem)
@@ -102,12 +98,9 @@ def run_case(case: MatrixCase, seed: int, *, backends=None) -> list[dict]:
             continue
         try:
             out = data.poisoned_output()
-            launch = backend.prepare(data, out)
-            launch()
-            cupy.cuda.Device().synchronize()  # every stream: a backend may use its own
-            err = relative_error(out, ref, dtype_name=problem.dtype)
-            row["rel_error"] = err
-            row["passed"] = bool(err <= TOLERANCE[case.dtype])
+            check = check_then_time(backend.prepare(data, out), out, ref, dtype=problem.dtype,
+                                    protocol=None)
+            row["rel_error"], row["passed"] = check["rel_error"], check["check_passed"]
             outs[name] = out
             partner = BIT_IDENTICAL.get(name)
             if partner and partner in outs:
@@ -115,7 +108,7 @@ def run_case(case: MatrixCase, seed: int, *, backends=None) -> list[dict]:
                 row["bit_identical_to"], row["bit_identical"] = partner, same
                 row["passed"] = row["passed"] and same
         except Exception as exc:  # a crash is a failed row, recorded with its message
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            row["error"] = error_text(exc)
         rows.append(row)
     return rows
 
@@ -124,10 +117,8 @@ def precompile(cases, workers: int | None = None) -> float:
     """Compile every module the cases need, in parallel (see `lib.engine.kernels.precompile`)."""
     from lib.engine import kernels
 
-    keys = set()
-    for c in cases:
-        nh, nkv = HEAD_LAYOUTS[c.heads]
-        keys.add((c.dtype, c.block_size, c.head_size, kernels.head_tile(nh, nkv, c.head_size)))
+    keys = {(c.dtype, c.block_size, c.head_size, kernels.head_tile(*HEAD_LAYOUTS[c.heads], c.head_size))
+            for c in cases}
     return kernels.precompile(keys, workers)
 
 

@@ -18,6 +18,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Rectangle
 
+from lib.book import frame
 from lib.engine import kvcache
 from lib.book.plots import _block_axis, set_house_style
 from lib.book.plots import require_columns as _need, diagram_canvas as _canvas
@@ -180,7 +181,7 @@ def layout_figure(block_size: int = 4, head_size: int = 16, dtype: str = "float1
     """One block of one KV head, element by element in address order, for each layout.
 
     Colour is the token, the number the head dimension; thick ticks mark 16-byte boundaries.
-    Under each classic layout, how our kernel reads it at this block size (`kernel_anatomy`).
+    Under each classic layout, how our kernel reads it at this block size (`lib.chapters.kernel.anatomy`).
     """
     from lib.chapters.kernel.anatomy import ITEMSIZE, WARP, thread_mapping
 
@@ -239,7 +240,7 @@ def layout_figure(block_size: int = 4, head_size: int = 16, dtype: str = "float1
 # ----------------------------------------------------------------------------- thread mapping
 
 def mapping_figure(table: pd.DataFrame) -> Figure:
-    """Load width and per-token warp instructions against block size (`kernel_anatomy`)."""
+    """Load width and per-token warp instructions against block size (`lib.chapters.kernel.anatomy`)."""
     _need(table, ["block_size", "key_load_bytes", "value_load_bytes", "key_loads_per_token",
                   "value_loads_per_token", "shuffles_per_token", "table_entries_per_token"],
           "mapping_figure")
@@ -501,17 +502,21 @@ SPEED_BACKENDS = ("own-auto-paged", "own-auto-contiguous", "own-v1-paged", "own-
 
 def shape_label(batch: int, seq_len: int, heads: int, kv_heads: int) -> str:
     """'32 × 4096, GQA 32:8' (batch × tokens, head layout)."""
-    layout = "MHA" if heads == kv_heads else f"GQA {heads}:{kv_heads}"
-    return f"{batch} × {seq_len}, {layout}"
+    return f"{int(batch)} × {int(seq_len)}, {frame.shape_label(heads, kv_heads, model=False)}"
+
+
+def _with_shape(d: pd.DataFrame) -> pd.DataFrame:
+    d = d.copy()
+    d["shape"] = [shape_label(b, n, h, k) for b, n, h, k in
+                  zip(d["batch_size"], d["seq_len"], d["num_heads"], d["num_kv_heads"])]
+    return d
 
 
 def speed_table(df: pd.DataFrame, baseline: str = "sdpa_dense") -> pd.DataFrame:
     """Kernel-speed rows with a shape label and each backend's time over the baseline's."""
     _need(df, ["backend", "batch_size", "seq_len", "num_heads", "num_kv_heads", "median_us",
                "pct_of_read_ceiling"], "speed_table")
-    d = df.copy()
-    d["shape"] = [shape_label(int(b), int(n), int(h), int(k)) for b, n, h, k in
-                  zip(d["batch_size"], d["seq_len"], d["num_heads"], d["num_kv_heads"])]
+    d = _with_shape(df)
     base = d[d["backend"] == baseline].set_index("shape")["median_us"]
     if base.empty:
         raise ValueError(f"speed_table: no {baseline} rows to compare with")
@@ -597,7 +602,7 @@ def style_speed_ratios(table: pd.DataFrame, baseline: str = "sdpa_dense",
 
 
 def launch_with_times(launch: pd.DataFrame, speed: pd.DataFrame) -> pd.DataFrame:
-    """`kernel_anatomy.launch_table` rows beside the measured time of the backend they launch.
+    """`anatomy.launch_table` rows beside the measured time of the backend they launch.
 
     Asked "1" -> own-v1-paged, "2" -> own-v2-paged, "auto" -> own-auto-paged.
     """
@@ -606,9 +611,7 @@ def launch_with_times(launch: pd.DataFrame, speed: pd.DataFrame) -> pd.DataFrame
           "launch_with_times")
     _need(speed, ["shape", "backend", "median_us", "over_baseline"], "launch_with_times")
     backend = {"1": "own-v1-paged", "2": "own-v2-paged", "auto": "own-auto-paged"}
-    d = launch.copy()
-    d["shape"] = [shape_label(int(b), int(n), int(h), int(k)) for b, n, h, k in
-                  zip(d["batch_size"], d["seq_len"], d["num_heads"], d["num_kv_heads"])]
+    d = _with_shape(launch)
     d["backend"] = d["asked"].map(backend)
     t = speed[["shape", "backend", "median_us", "over_baseline"]]
     out = d.merge(t, on=["shape", "backend"], how="left")
@@ -636,8 +639,35 @@ def style_launch_table(table: pd.DataFrame, caption: str | None = None):
     return styler.set_caption(caption) if caption else styler
 
 
-class Plain(str):
-    """Text for `{glue:text}`: myst-nb prints a glued value's repr, and a str's repr has quotes."""
+def plan_cell(plans: pd.DataFrame, shape: str, asked: str, col: str):
+    """One cell of `launch_with_times`: the plan of one shape and version asked."""
+    return frame.one(plans, col, **{"batch × tokens, heads": shape, "asked": asked})
 
-    def __repr__(self) -> str:
-        return str(self)
+
+def speed_targets(speed: pd.DataFrame, blocks: pd.DataFrame | None, gqa: str) -> tuple[pd.DataFrame, dict]:
+    """The chapter's speed targets against the measurements: (the table, the numbers the prose
+    glues). ``blocks`` is the page-table chapter's block-size frame, None where not measured."""
+    from lib.chapters.page_table import analysis as PT
+
+    t = speed.pivot_table(index="shape", columns="backend", values="median_us")
+    mha = [sh for sh in t.index if "GQA" not in sh]
+    own_sdpa, own_vllm = t["own-auto-paged"] / t["sdpa_dense"], t["own-auto-paged"] / t["vllm"]
+    own_contig = t["own-auto-paged"] / t["own-auto-contiguous"]
+    pc_text, pc_max, pc_mha = "not measured", float("nan"), float("nan")
+    if blocks is not None:
+        b16 = blocks[blocks["block_size"] >= 16]
+        pc = b16[PT.PAGED] / b16[PT.CONTIGUOUS]
+        worst = b16.loc[pc.idxmax()]
+        pc_max = float(pc.max())
+        pc_mha = float(pc[b16["shape"] == PT.SHAPE_PARAM["llama"]].max())
+        pc_text = (f"{pc_max:.3f} (worst: {worst['shape']}, batch {int(worst['batch_size'])}, "
+                   f"block {int(worst['block_size'])})")
+    rows = [("own paged within 10% of SDPA dense, every MHA shape", f"{own_sdpa[mha].max():.3f} (worst)",
+             own_sdpa[mha].max() <= 1.10),
+            ("own paged faster than vLLM's kernel, every shape", f"{own_vllm.max():.3f} (worst)", own_vllm.max() < 1.0),
+            ("own paged within 5% of own contiguous, block 16 (this run)", f"{own_contig.max():.3f} (worst)",
+             own_contig.max() <= 1.05),
+            ("own paged within 5% of own contiguous, blocks 16-256", pc_text, pc_max <= 1.05),
+            ("GQA 32:8 within 15% of SDPA dense", f"{own_sdpa[gqa]:.3f}", own_sdpa[gqa] <= 1.15)]
+    table = pd.DataFrame([{"target": a, "measured": b, "met": "yes" if met else "no"} for a, b, met in rows])
+    return table, {"tg_gqa": float(own_sdpa[gqa]), "tg_pc_max": pc_max, "tg_pc_mha_max": pc_mha}

@@ -27,3 +27,16 @@ def metrics(path: str | Path) -> dict[str, float]:
     if not out:
         raise ValueError(f"{path}: no ncu metric rows found")
     return out
+
+
+#: What the chapter quotes of one report: its name -> (ncu metric, how it is rounded).
+HEADLINE = {"dram_pct": ("DRAM Throughput", round), "occupancy_pct": ("Theoretical Occupancy", round),
+            "registers": ("Registers Per Thread", int), "blocks_per_sm": ("Block Limit Registers", int),
+            "issue_cycles": ("Warp Cycles Per Issued Instruction", round),
+            "sm_pct": ("Compute (SM) Throughput", round)}
+
+
+def headline(path: str | Path) -> dict[str, int]:
+    """The :data:`HEADLINE` numbers of one report."""
+    m = metrics(path)
+    return {key: how(m[name]) for key, (name, how) in HEADLINE.items()}

@@ -28,6 +28,7 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 from lib.chapters.kv_offload import measure as K
 from lib.harness import results as R
+from lib.book import frame
 from lib.book.plots import diagram_canvas, set_house_style
 from lib.book.plots import require_columns as _need
 
@@ -84,6 +85,17 @@ def load_rows(gpu=None, root=None) -> pd.DataFrame:
             "data/results/kv_offload/ before building the book.") from None
     if rows.empty:
         raise FileNotFoundError(f"data/results/{EXPERIMENT} holds no rows")
+    return _with_pool(rows)
+
+
+def _with_pool(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows written before ``extra["pool"]`` existed named the pool in ``memory_kind``
+    (``vmm_host_split``, ``device+pinned``): give them the memory kind and pool of their variant."""
+    if "pool" not in rows:
+        rows["pool"] = None
+    old = rows["variant"].isin(list(K.POOL)) & rows["pool"].isna()
+    rows.loc[old, "memory_kind"] = [K.POOL[v][0] for v in rows.loc[old, "variant"]]
+    rows.loc[old, "pool"] = [K.POOL[v][1] for v in rows.loc[old, "variant"]]
     return rows
 
 
@@ -95,10 +107,7 @@ def decode_frame(rows: pd.DataFrame) -> pd.DataFrame:
     d = rows[(rows["measurement"] == "decode") & (rows["status"] == "ok")].copy()
     if d.empty:
         raise ValueError("no ok decode rows")
-    bad = d[~d["check_passed"].astype(bool)]
-    if len(bad):
-        raise ValueError(f"{len(bad)} kv_offload rows failed their correctness check: "
-                         f"{bad[['backend', 'variant', 'fraction']].head().to_dict('records')}")
+    frame.refuse_failed(d, EXPERIMENT, show=("backend", "variant", "fraction"))
     unknown = sorted(set(d["variant"]) - set(VARIANT_ORDER))
     if unknown:
         raise ValueError(f"unknown variants {unknown} (known: {VARIANT_ORDER})")

@@ -2,26 +2,13 @@
 
 The experiment ``kv_offload`` keeps a fraction ``f`` of every sequence's KV blocks in host memory
 and times one decode step (our ``own-auto-paged`` kernel, and vLLM's) while those blocks are
-reached in one of five ways (the *modes*; each row names its *variant*):
-
-=================  =====================  ====================================================
-mode               variant(s)             how the kernel reaches the host blocks
-=================  =====================  ====================================================
-managed_remote     remote                 managed pool; host blocks PreferredLocation CPU +
-                                          AccessedBy GPU: every call reads them over the bus
-pinned_zero_copy   zero_copy              one VA range from the VMM driver API: pinned host
-                                          chunks for the host blocks, device chunks for the rest
-                   zero_copy_hostalloc    f = 1 only: the whole pool in ``cudaHostAlloc`` memory
-managed_migrate    migrate_first          managed, no advice; host blocks sent to the host
-                                          before every sample: the timed call faults them over
-                   migrate_resident       the same pool after that migration (all on the GPU)
-prefetch_overlap   overlap                host blocks on the host before every sample; the step
-                                          prefetches them on a second stream and launches the
-                                          kernel at once (late pages fault in)
-                   prefetch_serial        the same, prefetch first, kernel after, one stream
-explicit_copy      explicit_copy          device pool; host blocks copied from pinned memory
-                                          (``cudaMemcpyAsync``) into it, then the kernel
-=================  =====================  ====================================================
+reached in one of five ways, the *modes* (:data:`MODES`); each row names its *variant*
+(:data:`VARIANTS`: variant -> mode and what it measures). In short: ``managed_remote`` reads
+host blocks in place (PreferredLocation CPU + AccessedBy GPU); ``pinned_zero_copy`` reads them
+from pinned host chunks mapped into the pool's own VMM range (and, at f = 1, from a whole
+``cudaHostAlloc`` pool); ``managed_migrate`` lets the timed call fault them over (and then times
+the resident pool); ``prefetch_overlap`` prefetches them on a second stream while the kernel runs
+(or first, on one stream); ``explicit_copy`` copies them from pinned memory into a device pool.
 
 Which blocks go to the host (:class:`OffloadPlan`): the oldest ``ceil(f * n)`` blocks of each
 sequence (n blocks per sequence). Oldest, because an offloading server evicts by recency (the
@@ -33,12 +20,13 @@ oldest blocks into the host region: the same tables and bytes in every mode, onl
 differs.
 
 The bus yardstick (``measurement=yardstick``): pinned ``cudaMemcpy`` and managed prefetch
-bandwidth, host to GPU and back, 1 GiB, from :func:`lib.chapters.uvm.measure.measure_transfer`.
+bandwidth, host to GPU and back, 1 GiB (:func:`lib.engine.transfer.measure_transfer`).
 
-Every decode row is checked against the float64 reference (output poisoned with NaN first), in
-the variant's own state. Managed memory passes :mod:`lib.engine.memory`'s guard. True oversubscription
-(a managed cache larger than the GPU) is :func:`run_oversubscribed`, behind an explicit opt-in
-and never run by the experiment.
+Rows: ``memory_kind`` is the memory kind (:data:`lib.engine.memory.KINDS`) that holds the host
+blocks; ``extra["pool"]`` says how the pool is assembled (:data:`POOL`). Every decode row is
+checked against the float64 reference (output poisoned with NaN first), in the variant's own
+state. True oversubscription is :func:`run_oversubscribed`, behind an explicit opt-in and never
+run by the experiment.
 
 CuPy, torch and the CUDA driver bindings are imported inside functions: this module imports on
 a CPU.
@@ -48,14 +36,14 @@ from __future__ import annotations
 
 import gc
 import math
-import weakref
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
-from lib.engine import memory
+from lib.engine import memory, transfer, vmm
+from lib.chapters.kv_offload.residency import apply_block_residency
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -77,11 +65,11 @@ VARIANTS = {
     "prefetch_serial": ("prefetch_overlap", "prefetch, then the kernel, one stream"),
     "explicit_copy": ("explicit_copy", "cudaMemcpy of the host blocks, then the kernel"),
 }
-#: What each variant's ``memory_kind`` column says.
-MEMORY_KIND = {"remote": "managed_host_mapped", "zero_copy": "vmm_host_split",
-               "zero_copy_hostalloc": "pinned", "migrate_first": "managed",
-               "migrate_resident": "managed", "overlap": "managed", "prefetch_serial": "managed",
-               "explicit_copy": "device+pinned"}
+#: variant -> (memory kind of the host blocks, how the pool is assembled: ``extra["pool"]``).
+POOL = {"remote": ("managed_host_mapped", "managed"), "zero_copy": ("pinned", "vmm_host_split"),
+        "zero_copy_hostalloc": ("pinned", "pinned"), "migrate_first": ("managed", "managed"),
+        "migrate_resident": ("managed", "managed"), "overlap": ("managed", "managed"),
+        "prefetch_serial": ("managed", "managed"), "explicit_copy": ("pinned", "device+pinned")}
 BACKENDS = "own-auto-paged+vllm"
 #: (query heads, KV heads): Llama-like MHA and a GQA 4:1 layout.
 HEADS = ((32, 32), (32, 8))
@@ -271,120 +259,6 @@ class OffloadPlan:
                 "pool_blocks": self.num_blocks}
 
 
-# ----------------------------------------------------------------------------- the split pool
-
-class SplitMapping:
-    """One virtual range: pinned host memory for its first ``host_bytes``, device memory after.
-
-    Made with the CUDA virtual-memory driver API (:mod:`lib.engine.vmm`): ``reserve_va``, one
-    host-located handle (``create_host_handle``) and one device handle mapped back to back, read
-    and write access for the GPU on both. A kernel given the base pointer reads the host part
-    over the bus and the rest from device memory, with no idea which is which. Released (unmap,
-    release, free) by :meth:`close` or when garbage-collected; a failed construction undoes
-    what it did.
-    """
-
-    def __init__(self, driver: Any, host_bytes: int, device_bytes: int, *, device: int = 0):
-        for name, v in (("host_bytes", host_bytes), ("device_bytes", device_bytes)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
-        host_bytes, device_bytes = int(host_bytes), int(device_bytes)
-        if host_bytes + device_bytes == 0:
-            raise ValueError("a split mapping needs at least one byte")
-        gran = int(driver.granularity(device))
-        if host_bytes:
-            gran = math.lcm(gran, int(driver.host_granularity()))
-        for name, v in (("host_bytes", host_bytes), ("device_bytes", device_bytes)):
-            if v % gran:
-                raise ValueError(f"{name}={v} is not a multiple of the allocation granularity "
-                                 f"({gran} bytes)")
-        self.driver, self.device = driver, device
-        self.host_bytes, self.device_bytes = host_bytes, device_bytes
-        self.nbytes = host_bytes + device_bytes
-        self.va = int(driver.reserve_va(self.nbytes, 0))
-        done: list[tuple[int, int, Any]] = []  # (va, size, handle) mapped so far
-        try:
-            for offset, size, make in ((0, host_bytes, lambda: driver.create_host_handle(host_bytes)),
-                                       (host_bytes, device_bytes,
-                                        lambda: driver.create_handle(device_bytes, device))):
-                if not size:
-                    continue
-                handle = make()
-                try:
-                    driver.map(self.va + offset, size, handle)
-                except BaseException:
-                    driver.release_handle(handle)
-                    raise
-                done.append((self.va + offset, size, handle))
-                driver.set_access(self.va + offset, size, device)
-        except BaseException:
-            _unmap_all(driver, self.va, self.nbytes, done)
-            raise
-        self._finalizer = weakref.finalize(self, _unmap_all, driver, self.va, self.nbytes, done)
-        self._finalizer.atexit = False  # the process's exit frees it; CUDA may be shutting down
-
-    def close(self) -> None:
-        """Unmap, release and free now (idempotent). Arrays over the range must be gone."""
-        self._finalizer()
-
-    @property
-    def closed(self) -> bool:
-        return not self._finalizer.alive
-
-
-def _unmap_all(driver, va: int, nbytes: int, done: list) -> None:
-    for mva, size, handle in reversed(done):
-        driver.unmap(mva, size)
-        driver.release_handle(handle)
-    done.clear()
-    driver.free_va(va, nbytes)
-
-
-def split_allocator(driver: Any, host_blocks: int, *, device: int = 0) -> Callable:
-    """``alloc(shape, dtype)`` for :meth:`lib.engine.backends.DecodeCase`: arrays whose first
-    ``host_blocks`` blocks (leading axis) are pinned host memory, the rest device memory."""
-    from lib.engine import vmm
-
-    if isinstance(host_blocks, bool) or not isinstance(host_blocks, (int, np.integer)) or host_blocks < 0:
-        raise ValueError(f"host_blocks must be an integer >= 0, got {host_blocks!r}")
-
-    def alloc(shape, dtype):
-        shape = tuple(int(s) for s in shape)
-        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-        if not shape or shape[0] < host_blocks or nbytes % shape[0]:
-            raise ValueError(f"shape {shape} has fewer than {host_blocks} blocks on its leading axis")
-        host = host_blocks * (nbytes // shape[0])
-        mapping = SplitMapping(driver, host, nbytes - host, device=device)
-        return vmm.cupy_view(mapping.va, nbytes, dtype, shape, owner=mapping, device=device)
-
-    return alloc
-
-
-_DRIVER: dict[int, Any] = {}
-
-
-def vmm_driver(device: int | None = None):
-    """One :class:`lib.engine.vmm.CudaVmmDriver` per device for this process (kept open: mappings'
-    finalizers use it)."""
-    import cupy
-
-    from lib.engine import vmm
-
-    dev = int(cupy.cuda.runtime.getDevice()) if device is None else int(device)
-    if dev not in _DRIVER:
-        _DRIVER[dev] = vmm.CudaVmmDriver(dev)
-    return _DRIVER[dev]
-
-
-def host_memory_unavailable(device: int | None = None) -> str | None:
-    """None when pinned host memory can back a VMM mapping here, else why not (one line)."""
-    try:
-        vmm_driver(device).host_location()
-    except Exception as exc:
-        return f"pinned host memory for cuMemMap is not available here ({type(exc).__name__}: {exc})"
-    return None
-
-
 # ----------------------------------------------------------------------------- measuring
 
 def _source_case(problem, plan: OffloadPlan):
@@ -449,37 +323,19 @@ def _poison(out) -> None:
 
 def _row_base(backend, problem, variant: str, plan: OffloadPlan) -> dict:
     return {"backend": backend.name, "version": str(backend.version or ""),
-            "addressing": backend.addressing or "paged", "memory_kind": MEMORY_KIND[variant],
-            "bytes_moved": problem.bytes_moved, "extra": {"variant": variant, **plan.describe()}}
+            "addressing": backend.addressing or "paged", "memory_kind": POOL[variant][0],
+            "bytes_moved": problem.bytes_moved,
+            "extra": {"variant": variant, "pool": POOL[variant][1], **plan.describe()}}
 
 
 def _measure(base: dict, problem, out, ref, step: Callable, *, protocol: str = "rigorous",
              state: Callable | None = None, max_seconds: float = MAX_SECONDS, extra: dict | None = None) -> dict:
-    """Poison, put the memory in its state, run ``step`` once and check it, then time it.
+    """:func:`lib.engine.measure.check_then_time` with the variant's ``state`` as ``before``."""
+    from lib.engine.measure import check_then_time
 
-    ``state`` (optional) re-makes the variant's memory state; it runs before the checked call
-    and, as the timing harness's ``before`` hook, before every sample (outside the timed region).
-    """
-    import cupy
-
-    from lib.engine import measure as bench
-    from lib.engine import timing
-    from lib.engine.reference import relative_error
-
-    row = {**base, "extra": {**base["extra"], **(extra or {})}}
-    _poison(out)
-    if state is not None:
-        state()
-    step()
-    cupy.cuda.Device().synchronize()
-    err = relative_error(out, ref, dtype_name=problem.dtype)
-    row["rel_error"] = float(err)
-    row["check_passed"] = bool(err <= bench.TOLERANCE[problem.dtype])
-    t = timing.time_fn(step, protocol, before=state,
-                       max_seconds=STATE_MAX_SECONDS if state is not None else max_seconds)
-    row.update(protocol=t.method, median_us=t.median_us, p10_us=t.p10_us, p90_us=t.p90_us,
-               samples=t.samples)
-    return row
+    return check_then_time(step, out, ref, dtype=problem.dtype, protocol=protocol, before=state,
+                           max_seconds=STATE_MAX_SECONDS if state is not None else max_seconds,
+                           row={**base, "extra": {**base["extra"], **(extra or {})}})
 
 
 def _guarded(base: dict, fn: Callable[[], dict]) -> dict:
@@ -501,7 +357,7 @@ def _mode_managed_remote(backend, src, plan, ref, opts) -> list[dict]:
     case, k, v = _mode_case(src, backend, memory.allocator("managed"))
     _torch_must_share(backend, (k, v))
     for a in (k, v):
-        memory.apply_block_residency(a, plan.host_mask())
+        apply_block_residency(a, plan.host_mask())
     extra = {}
     if plan.host_region_bytes:
         info = memory.range_info(k, nbytes=plan.host_region_bytes)
@@ -515,29 +371,27 @@ def _mode_managed_remote(backend, src, plan, ref, opts) -> list[dict]:
 def _mode_pinned_zero_copy(backend, src, plan, ref, opts) -> list[dict]:
     import cupy
 
-    from lib.chapters.uvm import measure as uvm_bench
-
     rows = []
 
     def host_budget(nbytes: int) -> None:
-        avail = uvm_bench.host_available_bytes()
+        avail = memory.host_available_bytes()
         if nbytes > HOST_SHARE * avail:
             raise MemoryError(f"{nbytes / GiB:.2f} GiB of pinned host memory is more than "
                               f"{HOST_SHARE:.0%} of the {avail / GiB:.1f} GiB available")
 
     def split() -> dict:
         if plan.host_region_bytes:
-            why = host_memory_unavailable()
+            why = vmm.host_memory_unavailable()
             if why:
                 raise RuntimeError(why)
             host_budget(2 * plan.host_region_bytes)
         dev = int(cupy.cuda.runtime.getDevice())
-        alloc = split_allocator(vmm_driver(dev), plan.host_region_blocks, device=dev)
+        alloc = vmm.split_allocator(vmm.vmm_driver(dev), plan.host_region_blocks, device=dev)
         case, k, v = _mode_case(src, backend, alloc)
         _torch_must_share(backend, (k, v))
         out = case.poisoned_output()
         launch = backend.prepare(case, out, **opts)
-        loc = vmm_driver(dev).host_location() if plan.host_region_bytes else None
+        loc = vmm.vmm_driver(dev).host_location() if plan.host_region_bytes else None
         return _measure(base, src.problem, out, ref, launch, extra={"host_location": loc})
 
     base = _row_base(backend, src.problem, "zero_copy", plan)
@@ -685,14 +539,6 @@ _MODE_FUNCS = {"managed_remote": _mode_managed_remote, "pinned_zero_copy": _mode
                "explicit_copy": _mode_explicit_copy}
 
 
-def _release() -> None:
-    import cupy
-
-    gc.collect()
-    cupy.cuda.Device().synchronize()
-    cupy.get_default_memory_pool().free_all_blocks()
-
-
 def measure_decode(point: dict) -> list[dict]:
     """One decode point: build the plan's cache once, then each backend in the point's mode."""
     from lib.engine import backends as B
@@ -725,17 +571,15 @@ def measure_decode(point: dict) -> list[dict]:
             rows.append({**base, "status": "error", "error": bench.error_text(exc),
                          "extra": {**base["extra"], "stage": "setup"}})
         finally:
-            _release()
+            transfer.release()
     return rows
 
 
 def measure_yardstick(point: dict) -> list[dict]:
     """The bus yardstick: pinned memcpy or managed prefetch bandwidth, both directions."""
-    from lib.chapters.uvm import measure as uvm_bench
-
-    rows = uvm_bench.measure_transfer({"method": point["method"], "nbytes": int(point["nbytes"])})
+    rows = transfer.measure_transfer(point["method"], point["nbytes"])
     for r in rows:
-        r["extra"] = {**r.get("extra", {}), "variant": "yardstick"}
+        r["extra"] = {**r["extra"], "variant": "yardstick"}
     return rows
 
 
@@ -773,18 +617,16 @@ def run_oversubscribed(*, factor: float = 1.25, seq_len: int = 4096, num_heads: 
     import cupy
 
     from lib.engine import backends as B
-    from lib.engine import measure as bench
     from lib.engine import kernels
     from lib.engine import kvcache
     from lib.engine import timing
-    from lib.chapters.uvm import measure as uvm_bench
-    from lib.engine.reference import decode_attention_reference, relative_error
+    from lib.engine.reference import TOLERANCE, decode_attention_reference, relative_error
 
     total = int(cupy.cuda.runtime.memGetInfo()[1])
     token_bytes = num_kv_heads * head_size * 2  # fp16
     batch = math.ceil(factor * total / (2 * seq_len * token_bytes))
     kv_bytes = 2 * batch * seq_len * token_bytes
-    if kv_bytes > HOST_SHARE * uvm_bench.host_available_bytes():  # evicted pages live in host RAM
+    if kv_bytes > HOST_SHARE * memory.host_available_bytes():  # evicted pages live in host RAM
         raise MemoryError(f"a {kv_bytes / GiB:.0f} GiB cache needs more host memory than is available")
     problem = B.DecodeProblem.uniform(batch, seq_len, num_heads=num_heads, num_kv_heads=num_kv_heads,
                                       head_size=head_size, block_size=block_size, dtype="float16")
@@ -823,4 +665,4 @@ def run_oversubscribed(*, factor: float = 1.25, seq_len: int = 4096, num_heads: 
     return {"factor": factor, "batch_size": batch, "kv_bytes": kv_bytes, "gpu_total_bytes": total,
             "median_ms": t.median_us / 1e3, "p10_ms": t.p10_us / 1e3, "p90_ms": t.p90_us / 1e3,
             "kv_gbps": kv_bytes / (t.median_us * 1e3), "rel_error": max(errs),
-            "check_passed": max(errs) <= bench.TOLERANCE["float16"]}
+            "check_passed": max(errs) <= TOLERANCE["float16"]}

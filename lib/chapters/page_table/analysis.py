@@ -1,22 +1,17 @@
-"""The price of the page table: frames of the `page_table` experiment for its chapter.
-
-Two grids (lib/harness/experiments.py): at block 16, batch 1-256 x 512-32768 tokens with our kernel
-paged and contiguous on identity placement (the same bytes, only the addressing differs), paged
-on shuffled placement, vLLM's kernel and dense SDPA; and at 1024 tokens, block sizes 1-256 x
-batch 1-128 with the ``no_offset`` floor (every K/V read goes to block 0, so DRAM traffic mostly
-disappears and what is left is the kernel's arithmetic, its L2 traffic and its fixed costs).
-"""
+"""The `page_table` rows (both grids: lib/chapters/page_table/experiment.py) as its chapter's
+frames; the ``no_offset`` floor reads every K/V from block 0, so what is left of its time is
+arithmetic, L2 traffic and fixed costs."""
 
 from __future__ import annotations
 
 import pandas as pd
 
-from lib.harness import results as R
-from lib.chapters.uvm_decode.analysis import shape_name
+from lib.book import frame
 
 EXPERIMENT = "page_table"
 PAGED, CONTIGUOUS, NO_OFFSET = "own-auto-paged", "own-auto-contiguous", "own-auto-no_offset"
-SHAPE_PARAM = {"llama": "Llama-like (32 heads)", "seed": "seed (64 q / 8 kv heads)"}
+#: The chapter's ``shape`` parameter -> the label of its head layout.
+SHAPE_PARAM = {"llama": frame.shape_label(32, 32), "seed": frame.shape_label(64, 8)}
 #: (name, numerator (backend, placement), denominator (backend, placement)), all on one grid point
 GRID_RATIOS = [
     ("paged / contiguous", (PAGED, "identity"), (CONTIGUOUS, "identity")),
@@ -34,15 +29,16 @@ def shape_of(param: str) -> str:
 
 
 def load(gpu=None, root=None) -> pd.DataFrame:
-    """The ok rows, tagged with ``shape`` and ``subgrid`` (``grid`` or ``blocks``); all checked."""
-    rows = R.load(EXPERIMENT, gpu, root=root)
-    bad = rows[~rows["check_passed"].astype(bool)]
-    if len(bad):
-        raise ValueError(f"{len(bad)} page_table rows failed their correctness check")
-    rows = rows.copy()
-    rows["shape"] = [shape_name(h, k) for h, k in zip(rows["num_heads"], rows["num_kv_heads"])]
+    """The checked ok rows, tagged with ``shape`` and ``subgrid`` (``grid`` or ``blocks``)."""
+    rows = frame.with_shape(frame.load_checked(EXPERIMENT, gpu, root=root))
     rows["subgrid"] = ["blocks" if NO_OFFSET in key else "grid" for key in rows["point_key"]]
     return rows
+
+
+def errors(gpu, root=None) -> pd.DataFrame:
+    """The rows that did not run (status not ok), for the chapter to list."""
+    rows = frame.load_checked(EXPERIMENT, gpu, root=root, include_errors=True)
+    return rows[rows["status"] != "ok"]
 
 
 def grid_ratios(rows: pd.DataFrame) -> pd.DataFrame:

@@ -21,6 +21,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from lib.book import frame
 from lib.chapters.seed import tables as S
 
 EXPERIMENT = "seed_tables"
@@ -118,11 +119,9 @@ def load_ours(gpu: str | Iterable[str] | None = None, root=None, *,
     """Committed rows of the `seed_tables` experiment (every card, or the cards named), for one
     model shape (query heads, KV heads): by default the seed's 64:8; (32, 32) is the
     Llama-2-7B-like shape the experiment also covers."""
-    from lib.harness import results as R
-
     if isinstance(gpu, str):
         gpu = [g.strip() for g in gpu.split(",") if g.strip()] or None
-    df = R.load(EXPERIMENT, gpu, root=root)
+    df = frame.load_checked(EXPERIMENT, gpu, root=root)
     df = df[(df["num_heads"] == heads[0]) & (df["num_kv_heads"] == heads[1])]
     return check_ours(df)
 
@@ -341,6 +340,24 @@ def ratio_summary(derived: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def summary_range(summary: pd.DataFrame, gpu: str, comparison: str, source: str,
+                  series: str | None = None) -> tuple[float, float, float]:
+    """(smallest ratio, largest ratio, largest distance from 1) of one comparison and source on
+    one card, over its series (or the one named)."""
+    s = summary[(summary.gpu_slug == gpu) & (summary.comparison == comparison) & (summary.source == source)]
+    if series is not None:
+        s = s[s.series == series]
+    if s.empty:
+        raise ValueError(f"no {comparison!r} ratios of {source!r} on {gpu!r}")
+    return float(s["min"].min()), float(s["max"].max()), float(s["max_dev"].max())
+
+
+def b32_over_b16(times: pd.DataFrame, gpu: str, source: str, **where) -> float:
+    """time(block 32) / time(block 16) of one series: how much the largest block loses."""
+    at = dict(gpu_slug=gpu, source=source, **where)
+    return float(frame.one(times, "time_us", block_size=32, **at) / frame.one(times, "time_us", block_size=16, **at))
+
+
 # ----------------------------------------------------------------------------- block-size pattern
 
 def block_penalty(times: pd.DataFrame, *, small: int = 1, reference: int = 16) -> pd.DataFrame:
@@ -445,8 +462,8 @@ def seed_protocol_cache_mib(block_size: int) -> float:
     return S.likely_cache_bytes(int(block_size)) / 2**20
 
 
-#: The model shapes `seed_tables` measures: (query heads, KV heads) -> label.
-SHAPES = {(64, 8): "64:8 (vLLM's 2024 benchmark default)", (32, 32): "32:32 (Llama-2-7B-like MHA)"}
+#: The model shapes (query heads, KV heads) `seed_tables` measures.
+SHAPES = ((64, 8), (32, 32))
 
 
 def shape_comparison(seed: pd.DataFrame, gpu: str, root=None) -> pd.DataFrame:
@@ -457,7 +474,7 @@ def shape_comparison(seed: pd.DataFrame, gpu: str, root=None) -> pd.DataFrame:
     rows are left out.
     """
     rows = []
-    for heads, label in SHAPES.items():
+    for heads in SHAPES:
         try:
             ours = load_ours(gpu, root=root, heads=heads)
         except (FileNotFoundError, ValueError):
@@ -466,7 +483,7 @@ def shape_comparison(seed: pd.DataFrame, gpu: str, root=None) -> pd.DataFrame:
             continue
         f = shape_mismatch(join(seed, ours))
         for (version, protocol), g in f.groupby(["version", "protocol"]):
-            rows.append({"shape": label, "version": version, "protocol": protocol, "series": len(g),
+            rows.append({"shape": frame.shape_label(*heads), "version": version, "protocol": protocol, "series": len(g),
                          "median spread": float(g["spread"].median()),
                          "best spread": float(g["spread"].min()),
                          "median level": float(g["scale"].median())})

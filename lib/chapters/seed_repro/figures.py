@@ -276,6 +276,13 @@ def _ratio_shade(values: pd.DataFrame) -> pd.DataFrame:
     return values.map(css)
 
 
+def reproduction_tables(seed: pd.DataFrame, joined: pd.DataFrame, table: int, cards, versions) -> list:
+    """One styled reproduction table per card: seed table ``table`` beside ours."""
+    title = seed.loc[seed["table"] == table, "table_title"].iloc[0]
+    return [style_reproduction_table(SR.reproduction_table(joined, table, c, versions),
+                                     caption=f"Seed table {table} ({title}) beside ours on {c}") for c in cards]
+
+
 def style_reproduction_table(wide: pd.DataFrame, caption: str | None = None):
     """A reproduction table (:func:`lib.chapters.seed_repro.analysis.reproduction_table`) for reading: times with
     one decimal, ratios with two, ratio cells shaded blue below 1 and red above, gaps as a dash."""

@@ -2,7 +2,7 @@
 
 The diagrams are drawn with matplotlib patches (no data): how one managed range maps onto two
 memories, what happens on a GPU page fault, and what each placement tool does. The data figures
-take the tables of :mod:`lib.chapters.uvm.measure` (tidy rows) and return a closed ``Figure``, like
+take the tables of :mod:`lib.chapters.uvm.analysis` (tidy rows) and return a closed ``Figure``, like
 :mod:`lib.book.plots`, so a notebook shows each once, where it glues it.
 """
 
@@ -16,8 +16,10 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 
+from lib.book.frame import Plain
 from lib.book.plots import set_house_style
 from lib.book.plots import require_columns as _need, diagram_canvas as _canvas
+from lib.chapters.uvm.measure import READ_LABELS
 
 HOST_C = "#0173b2"  # colour-blind palette: host memory blue, GPU memory orange, links grey
 GPU_C = "#de8f05"
@@ -188,7 +190,7 @@ def read_bandwidth_figure(table: pd.DataFrame) -> Figure:
     _need(table, ["label", "phase", "size_mib", "bandwidth_gbps", "gpu_slug"], "read_bandwidth_figure")
     set_house_style()
     slugs = sorted(table["gpu_slug"].unique())
-    order = [lab for lab in _label_order(table) if lab in set(table["label"])]
+    order = [lab for lab in READ_LABELS.values() if lab in set(table["label"])]
     fig, axes = plt.subplots(1, len(slugs), figsize=(6.6 * len(slugs) ** 0.6, 4.2), squeeze=False, sharey=True)
     pal = dict(zip(order, sns.color_palette("colorblind", len(order))))
     for ax, slug in zip(axes[0], slugs):
@@ -211,12 +213,6 @@ def read_bandwidth_figure(table: pd.DataFrame) -> Figure:
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=2, frameon=False, fontsize=8)
     plt.close(fig)
     return fig
-
-
-def _label_order(table: pd.DataFrame) -> list[str]:
-    from lib.chapters.uvm.measure import READ_LABELS
-
-    return list(READ_LABELS.values())
 
 
 def cpu_read_figure(table: pd.DataFrame) -> Figure:
@@ -301,31 +297,15 @@ def transfer_figure(table: pd.DataFrame) -> Figure:
     return fig
 
 
-def numbers_ok(values) -> bool:
-    """True when every value is a finite number (used to decide what a chapter may claim)."""
-    arr = np.asarray(list(values), dtype=float)
-    return bool(arr.size) and bool(np.isfinite(arr).all())
-
-
 # ----------------------------------------------------------------------------- for the chapter
 
-class Shown:
-    """A number already formatted for prose: myst-nb's ``{glue:text}`` prints its repr as is."""
-
-    def __init__(self, text: str):
-        self.text = text
-
-    def __repr__(self) -> str:
-        return self.text
-
-
-def shown(value, spec: str = ".0f", missing: str = "—") -> Shown:
-    """``value`` formatted with ``spec``, or a dash when it was not measured (None or NaN)."""
+def shown(value, spec: str = ".0f", missing: str = "—") -> Plain:
+    """``value`` formatted with ``spec`` for ``{glue:text}``, or a dash when it was not measured."""
     try:
         v = float(value)
     except (TypeError, ValueError):
-        return Shown(missing)
-    return Shown(format(v, spec) if np.isfinite(v) else missing)
+        return Plain(missing)
+    return Plain(format(v, spec) if np.isfinite(v) else missing)
 
 
 def no_data_figure(what: str) -> Figure:
@@ -334,7 +314,7 @@ def no_data_figure(what: str) -> Figure:
     fig, ax = plt.subplots(figsize=(6.0, 1.3))
     ax.axis("off")
     ax.text(0.5, 0.5, f"No measurements committed yet: {what}\n"
-                      "(run scripts/uvm_run.py --out data/results on a GPU)",
+                      "(run python -m lib sweep uvm on a GPU)",
             ha="center", va="center", fontsize=9, color="0.35", style="italic", transform=ax.transAxes)
     plt.close(fig)
     return fig
@@ -361,7 +341,7 @@ KEY_NUMBERS = [
 
 
 def key_numbers_table(heads: dict[str, dict[str, float]]):
-    """Key numbers, one column per GPU (``heads``: slug -> :func:`lib.chapters.uvm.measure.headline`)."""
+    """Key numbers, one column per GPU (``heads``: slug -> :func:`lib.chapters.uvm.analysis.headline`)."""
     if not heads:
         raise ValueError("key_numbers_table needs at least one GPU's numbers")
     rows = []

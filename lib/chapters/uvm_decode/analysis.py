@@ -1,25 +1,12 @@
-"""Table 1 extended: what managed memory costs a decode kernel, state by state.
-
-The seed's table 1 compared a KV cache in device memory with one in managed memory and found no
-difference. That holds only while the managed pages sit on the GPU. The `uvm_decode` experiment
-times our v1/v2 kernels and vLLM's on four placements of the same cache (block sizes 1-256):
-
-* ``device``: ``cudaMalloc``;
-* ``managed``: ``cudaMallocManaged``, written by the GPU, so resident (the seed's case);
-* ``managed_cold``: the same pages sent to the host before every sample, so the timed call is the
-  first touch after an eviction and migrates them on demand (page faults inside the kernel);
-* ``managed_prefetched``: sent to the host and back with ``cudaMemPrefetchAsync`` before every
-  sample, so the timed call reads pages an explicit prefetch placed.
-
-This module turns the rows into the chapter's frames: one row per point and backend with the
-four times side by side, ratios to device memory, and the bandwidth the cold call achieved.
-"""
+"""The `uvm_decode` rows as its chapter's frames: per point and backend the four placements'
+times side by side (:data:`KIND_LABELS`), their ratios to device memory, and what the cold call
+achieved. The seed's table 1 found managed memory free; that holds only while its pages are on the GPU."""
 
 from __future__ import annotations
 
 import pandas as pd
 
-from lib.harness import results as R
+from lib.book import frame
 
 EXPERIMENT = "uvm_decode"
 KINDS = ("device", "managed", "managed_cold", "managed_prefetched")
@@ -29,24 +16,13 @@ KIND_LABELS = {"device": "device (cudaMalloc)", "managed": "managed, resident",
 SHORT = {"device": "device", "managed": "managed", "managed_cold": "cold",
          "managed_prefetched": "prefetched"}
 BACKENDS = ("own-v1-paged", "own-v2-paged", "vllm")
-SHAPES = {(64, 8): "seed (64 q / 8 kv heads)", (32, 32): "Llama-like (32 heads)"}
 POINT = ["gpu_slug", "shape", "seq_len", "batch_size", "block_size", "backend"]
 
 
-def shape_name(num_heads: int, num_kv_heads: int) -> str:
-    return SHAPES.get((int(num_heads), int(num_kv_heads)), f"{num_heads} q / {num_kv_heads} kv heads")
-
-
 def load(gpu=None, root=None) -> pd.DataFrame:
-    """The experiment's ok rows with a ``shape`` column; every row must have passed its check."""
-    rows = R.load(EXPERIMENT, gpu, root=root)
-    bad = rows[~rows["check_passed"].astype(bool)]
-    if len(bad):
-        raise ValueError(f"{len(bad)} uvm_decode rows failed their correctness check: "
-                         f"{bad[['backend', 'memory_kind', 'block_size']].head().to_dict('records')}")
-    rows = rows.copy()
-    rows["shape"] = [shape_name(h, k) for h, k in zip(rows["num_heads"], rows["num_kv_heads"])]
-    return rows
+    """The experiment's checked ok rows with a ``shape`` column."""
+    return frame.with_shape(frame.load_checked(EXPERIMENT, gpu, root=root,
+                                               show=("backend", "memory_kind", "block_size")))
 
 
 def wide(rows: pd.DataFrame) -> pd.DataFrame:
@@ -101,7 +77,7 @@ def table1(w: pd.DataFrame, seed: pd.DataFrame, backend: str, *, gpu: str) -> pd
     """
     if backend not in set(w["backend"]):
         raise ValueError(f"no rows for backend {backend!r} (have {sorted(set(w['backend']))})")
-    ours = w[(w["gpu_slug"] == gpu) & (w["backend"] == backend) & (w["shape"] == SHAPES[(64, 8)])
+    ours = w[(w["gpu_slug"] == gpu) & (w["backend"] == backend) & (w["shape"] == frame.shape_label(64, 8))
              & (w["seq_len"] == 4096) & (w["batch_size"] == 1)].set_index("block_size")
     s = seed[seed["table"] == 1].pivot_table(index="block_size", columns="memory", values="time_us")
     out = pd.DataFrame(index=sorted(set(ours.index) | set(s.index)))

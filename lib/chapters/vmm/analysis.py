@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from lib.chapters.vmm import trace as T
-from lib.harness import results as R
+from lib.book import frame
 from lib.chapters.vmm.measure import DEVICE_CONTIGUOUS, EXPERIMENT, MAP_LABELS, MAP_OPERATIONS, PAGED, VMM_CONTIGUOUS
 
 MiB = 1 << 20
@@ -36,7 +36,6 @@ SERIES = {PAGED[:2]: "paged", DEVICE_CONTIGUOUS[:2]: "device_contiguous", VMM_CO
 SERIES_LABELS = {"paged": "paged, fragmented pool (block table)",
                  "device_contiguous": "contiguous, cudaMalloc pool",
                  "vmm": "contiguous, VMM slots"}
-SHAPES = {(32, 32): "MHA 32:32", (32, 8): "GQA 32:8"}
 POINT = ["gpu_slug", "shape", "num_heads", "num_kv_heads", "head_size", "batch_size", "seq_len", "block_size"]
 
 #: Chunk sizes below the stock driver's 2 MiB: what vAttention's modified driver allows.
@@ -45,34 +44,13 @@ SMALL_PAGES = (64 << 10, 128 << 10, 256 << 10)
 CHUNK_MULTIPLES = (1, 2, 4, 8, 16, 32)
 
 
-class NoData(FileNotFoundError):
-    """No ``vmm_kv`` rows where the chapter looked."""
-
-
-def shape_name(num_heads: int, num_kv_heads: int) -> str:
-    return SHAPES.get((int(num_heads), int(num_kv_heads)), f"{num_heads}:{num_kv_heads}")
+NoData = frame.NoData
 
 
 def load(gpu=None, root=None) -> pd.DataFrame:
-    """Every ok ``vmm_kv`` row, ``extra`` expanded; a clear error when there are none or a check failed."""
-    hint = ("run this chapter with mode = \"run\" on a GPU (or `python -m lib sweep vmm_kv`) and "
-            "commit data/results/vmm_kv/")
-    try:
-        rows = R.load(EXPERIMENT, gpu, root=root, expand_extra=True)
-    except FileNotFoundError as exc:
-        raise NoData(f"No vmm_kv measurements in {R.results_root(root)}: {hint} ({exc})") from None
-    if rows.empty:
-        raise NoData(f"The vmm_kv results in {R.results_root(root)} hold no ok rows: {hint}")
-    bad = rows[~rows["check_passed"].fillna(False).astype(bool)]
-    if len(bad):
-        raise ValueError(f"{len(bad)} vmm_kv rows failed their check: "
-                         f"{bad[['backend', 'memory_kind', 'point_key']].head().to_dict('records')}")
-    rows = rows.copy()
-    kernel = rows["measurement"] == "kernel"
-    rows["shape"] = None
-    rows.loc[kernel, "shape"] = [shape_name(h, k) for h, k in
-                                 zip(rows.loc[kernel, "num_heads"], rows.loc[kernel, "num_kv_heads"])]
-    return rows
+    """Every checked ok ``vmm_kv`` row, ``extra`` expanded; kernel rows carry a ``shape``."""
+    return frame.with_shape(frame.load_checked(EXPERIMENT, gpu, root=root, expand_extra=True, what="check",
+                                               show=("backend", "memory_kind", "point_key")), model=False)
 
 
 def cards(rows: pd.DataFrame) -> list[str]:

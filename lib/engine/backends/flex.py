@@ -1,43 +1,33 @@
 """PyTorch FlexAttention decode over the paged (vLLM-layout) KV cache: the `flex_paged` backend.
 
-FlexAttention has no page table of its own; it has a *block mask*: for each query row, a list of
-KV blocks to visit. With the block mask's KV block size set to the page size, that list is the
-page table. Three pieces, all built once in :func:`prepare_decode`:
+FlexAttention has no page table; it has a *block mask*: per query row, a list of KV blocks to
+visit. With the mask's KV block size set to the page size, that list is the page table. Three
+pieces, all built once in :func:`prepare_decode`:
 
 * **K/V, no copy.** The pool ``[num_blocks, block_size, kv_heads, D]`` is viewed as one physical
-  sequence per KV head, ``[1, kv_heads, num_blocks * block_size, D]`` (a strided view of the same
-  memory). Its batch of 1 is broadcast over the query batch, which FlexAttention allows when a
-  block mask is given.
-* **The page table as block lists** (:func:`plan_pages`, pure NumPy). Row ``s`` of the block mask
-  lists sequence ``s``'s physical pages in logical order (``kv_indices`` = its block-table row,
-  ``kv_num_blocks`` = the pages it uses), so the kernel walks exactly those pages.
-* **The tail as a mask_mod.** Lists cannot express the unused end of a last page, so a mask_mod
-  does: physical token ``p`` of page ``p // block_size`` is kept for sequence ``s`` iff
-  ``owner[page] == s`` and ``p % block_size < valid[page]`` (the page's used tokens). The mask is
-  exact on its own, which matters twice: eager ``flex_attention`` ignores the lists and applies the
-  mask to the whole pool (the slow reference gives the right answer), and the lists may safely
-  be split into "partial" (mask applied) and "full" (mask skipped) blocks (``full_blocks=True``).
-  It needs each physical page used at most once: the seed protocol's random tables (pages drawn
-  with replacement) are refused.
+  sequence per KV head, ``[1, kv_heads, num_blocks * block_size, D]``; its batch of 1 is
+  broadcast over the query batch, which FlexAttention allows when a block mask is given.
+* **The page table as block lists** (:func:`plan_pages`, NumPy). Row ``s`` lists sequence ``s``'s
+  physical pages in logical order (``kv_indices`` = its block-table row, ``kv_num_blocks`` = the
+  pages it uses), so the kernel walks exactly those pages.
+* **The tail as a mask_mod.** Physical token ``p`` of page ``p // block_size`` is kept for
+  sequence ``s`` iff ``owner[page] == s`` and ``p % block_size < valid[page]``. The mask is exact
+  on its own: eager ``flex_attention`` ignores the lists and masks the whole pool (the slow
+  reference is right), and the lists may be split into "partial" (masked) and "full" (unmasked)
+  blocks (``full_blocks=True``). It needs each physical page used at most once: the seed
+  protocol's random tables (pages drawn with replacement) are refused.
 
-Block sizes: FlexAttention's decode kernel walks a sparse block in tiles of ``BLOCK_N`` tokens,
-``BLOCK_N`` divides the sparse block and is a power of two, and its ``P @ V`` product has
-``BLOCK_N`` as the reduction dimension of a ``tl.dot``, which Triton needs to be at least 16 for
-16-bit inputs. So a page (= sparse block) must be a power of two of at least 16 tokens:
-16, 32, 64, 128, 256 of the study's sizes; 1-8 are refused with a ValueError before any launch.
+Block sizes: the decode kernel walks a sparse block in power-of-two tiles of ``BLOCK_N`` tokens
+that divide it, and ``BLOCK_N`` is the reduction dimension of a ``tl.dot``, which Triton needs
+to be at least 16 for 16-bit inputs: pages of 16-256 tokens; 1-8 raise ValueError before launch.
 
-The call is ``torch.compile``-d once (in `prepare_decode`, outside any timed region) into
-FlexAttention's decode kernel (split along the KV axis) and the reduction that writes `out`;
-eager ``flex_attention`` is only a slow reference (``compiled=False``). The call allocates its
-split-K scratch through torch's caching allocator (FlexAttention has no ``out=``) and then writes
-`out`; it does not synchronize with the host, so it is meant to be CUDA-graph capturable the way
-the ``sdpa_dense`` backend is (the blocks freed by the compile-time call are reused during
-capture), which the GPU tests check. Were capture to fail, :func:`lib.engine.timing.time_graph` raises
-``CaptureError`` and the sweep records the row as an error; the ``eager`` protocol still times it.
-
-Recompilation: each distinct shape compiles once (dynamo's entry per shape; the same shape with
-new data reuses it). Preparing lifts dynamo's recompile limit, which would otherwise fall back to
-eager execution after 8 shapes in one process; a prepared call that would recompile raises.
+The call is ``torch.compile``-d once (in `prepare_decode`, outside any timed region); eager
+``flex_attention`` is only a slow reference (``compiled=False``). The call allocates its split-K
+scratch through torch's caching allocator (FlexAttention has no ``out=``) and does not sync with
+the host, so it is CUDA-graph capturable like ``sdpa_dense`` (the GPU tests check); were capture
+to fail, :func:`lib.engine.timing.time_graph` raises ``CaptureError`` and the sweep records an
+error row. Each distinct shape compiles once; preparing lifts dynamo's recompile limit (it would
+fall back to eager after 8 shapes), and a prepared call that would recompile raises.
 """
 
 from __future__ import annotations

@@ -8,4 +8,3 @@ and *how* it is launched is plain Python, importable and testable without a GPU.
 
 from lib.engine.kernels.launch import OwnDecode, get_module, precompile  # noqa: F401
 from lib.engine.kernels.plan import *  # noqa: F401,F403
-from lib.engine.kernels.plan import _round_up  # noqa: F401

@@ -196,7 +196,7 @@ def nvcc_flags() -> tuple[str, ...]:
 
 
 def _compile(nvcc: str, src: Path, arch: str, flags: tuple[str, ...]) -> tuple[int, str]:
-    cmd = [nvcc, *nvcc_flags(), "-cubin", f"-arch={arch}", "-Xptxas", "-v", *flags,
+    cmd = [nvcc, *kernels.compile_options(), "-cubin", f"-arch={arch}", "-Xptxas", "-v", *flags,
            "-o", str(src.with_suffix(f".{arch}.cubin")), str(src)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     return r.returncode, r.stdout + r.stderr

@@ -1,0 +1,106 @@
+"""Wheels for an offline GPU node: ``python -m lib wheelhouse`` (see README, Offline GPU nodes)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+# What a GPU node needs beyond a stock CUDA PyTorch image with CuPy (torch, triton, cupy, numpy,
+# pandas, matplotlib, seaborn, nvidia-ml-py come with it): running chapters through papermill.
+RUN_PACKAGES = ["papermill>=2.6", "jupytext>=1.16", "nbclient", "nbformat", "ipykernel>=6.29", "tqdm>=4.66"]
+# ... and rebuilding the book there (`reproduce` ends with a build unless --no-build).
+BOOK_PACKAGES = ["jupyter-book==1.0.4.post1"]
+
+INSTALL_SH = """#!/usr/bin/env sh
+# Installs this wheelhouse into the Python environment of an offline GPU node (no index needed).
+#   sh {dest}/install.sh            # uses python3, or set PYTHON=/path/to/python
+set -eu
+here="$(cd "$(dirname "$0")" && pwd)"
+PY="${{PYTHON:-python3}}"
+"$PY" -m pip install --no-index --find-links "$here" -r "$here/requirements.txt"
+if [ -d "$here/vllm-kernel" ]; then
+  echo "vLLM kernel-only install: export UVM_STUDY_VLLM_DIR=$here/vllm-kernel"
+  echo "  (or copy it to <repo>/.vllm-kernel)"
+fi
+"$PY" -m lib env 2>/dev/null || echo "now run: $PY -m lib env (from the repository) to check"
+"""
+
+
+def platform_tags(platform: str) -> list[str]:
+    """pip's --platform values for a target: a manylinux_2_Y tag also accepts every older glibc
+    (pip does not expand these itself)."""
+    m = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", platform)
+    if not m:
+        return [platform]
+    y, arch = int(m.group(1)), m.group(2)
+    tags = [f"manylinux_2_{v}_{arch}" for v in range(y, 16, -1)]
+    if y >= 17 and arch in ("x86_64", "i686", "aarch64", "ppc64le", "s390x", "armv7l"):
+        tags.append(f"manylinux2014_{arch}")
+    if arch in ("x86_64", "i686"):
+        tags += [f"manylinux2010_{arch}"] * (y >= 12) + [f"manylinux1_{arch}"] * (y >= 5)
+    return tags
+
+
+def _target_python(version: str) -> str:
+    """An interpreter of the target version with pip, else this one: pip evaluates dependency
+    markers (python_version < "3.11", ...) with the interpreter that runs it."""
+    if ".".join(map(str, sys.version_info[:2])) == version:
+        return sys.executable
+    exe = shutil.which(f"python{version}")
+    if exe:
+        try:
+            if subprocess.run([exe, "-m", "pip", "--version"], capture_output=True, timeout=60).returncode == 0:
+                return exe
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return sys.executable
+
+
+def build(dest: Path, *, python_version: str, platform: str, book: bool = True, extra=(),
+          vllm_wheel: str | None = None, vllm_python: str | None = None, dry_run: bool = False) -> int:
+    """Download the wheels (and make the kernel-only vLLM install) into `dest`; an exit code."""
+    dest = Path(dest).resolve()
+    packages = RUN_PACKAGES + (BOOK_PACKAGES if book else []) + list(extra)
+    notes = []
+    if vllm_wheel and not dry_run:
+        from lib.tools import vllm_install
+
+        rep = vllm_install.install_kernel_only(Path(vllm_wheel), dest / "vllm-kernel",
+                                               **({"python": vllm_python} if vllm_python else {}))
+        packages += [p for p in rep.third_party if p not in packages]
+        notes.append(f"vLLM {rep.version} kernel-only install: {len(rep.files)} files in {rep.dest}")
+    py = _target_python(python_version)
+    host = ".".join(map(str, sys.version_info[:2])) if py == sys.executable else python_version
+    if host != python_version:
+        notes.append(f"note: pip ran under Python {host}; dependencies behind python_version markers "
+                     f"follow {host}, not {python_version} (install python{python_version} to avoid this)")
+    cmd = [py, "-m", "pip", "download", "--only-binary=:all:", "--dest", str(dest),
+           "--python-version", python_version, "--implementation", "cp"]
+    for tag in platform_tags(platform):
+        cmd += ["--platform", tag]
+    cmd += packages
+    if dry_run:
+        print(" ".join(cmd))
+        for n in notes:
+            print(n, file=sys.stderr)
+        return 0
+    dest.mkdir(parents=True, exist_ok=True)
+    rc = subprocess.run(cmd).returncode
+    if rc != 0:
+        print(f"error: pip download failed (exit {rc})", file=sys.stderr)
+        return rc
+    (dest / "requirements.txt").write_text(
+        "# top-level packages; pip takes their dependencies from this directory or the environment\n"
+        + "\n".join(packages) + "\n")
+    (dest / "install.sh").write_text(INSTALL_SH.format(dest=dest.name))
+    (dest / "install.sh").chmod(0o755)
+    wheels = sorted(dest.glob("*.whl"))
+    size = sum(w.stat().st_size for w in wheels) / 1e6
+    print(f"{len(wheels)} wheels ({size:.1f} MB) for CPython {python_version} on {platform} in {dest}")
+    for n in notes:
+        print(n)
+    print(f"copy {dest.name}/ and this repository to the node, then: sh {dest.name}/install.sh")
+    return 0
