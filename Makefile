@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-$(EXTRAS)
 EXTRAS ?= book,test
 
-.PHONY: book test reproduce wheelhouse clean venv
+.PHONY: book test gpu-test reproduce wheelhouse clean venv
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -30,6 +30,10 @@ book: venv
 test: venv
 	bash scripts/ensure-chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+## gpu-test: the GPU tests alone, on a GPU node with the node's own python (no venv, no book)
+gpu-test:
+	$(PYTHON) -m pytest -q -m gpu -p no:cacheprovider $(PYTEST_ARGS)
 
 ## reproduce: rerun every experiment chapter on a GPU (mode=run), then rebuild the book
 reproduce:

@@ -10,6 +10,28 @@ from lib.engine.gpu import gpu_available
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def no_capture_left_open(request):
+    """A GPU test must end every CUDA-graph capture it begins: a stream left capturing makes every
+    later allocation fail ("operation not permitted when stream is capturing") in some other test.
+    This fails the test that left it, where the cause is."""
+    yield
+    if "gpu" not in request.keywords or not gpu_available():
+        return
+    import sys
+
+    import cupy
+
+    try:
+        cupy.cuda.runtime.free(cupy.cuda.runtime.malloc(256))
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            # a kernel launch makes torch read the runtime's pending error, if one was left
+            (torch.ones(1, device="cuda") + 1).item()
+    except Exception as exc:  # pragma: no cover - only on a GPU
+        pytest.fail(f"{request.node.nodeid} left a CUDA stream capturing or an error pending: {exc}")
+
+
 def pytest_collection_modifyitems(config, items):
     if gpu_available():
         return

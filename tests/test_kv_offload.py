@@ -24,6 +24,7 @@ from lib.engine import vmm
 from lib.engine.vmm import FakeVmmDriver, VmmDriverError
 
 G = 2 << 20
+MiB = 1 << 20
 
 
 # ----------------------------------------------------------------------------- fractions

@@ -358,6 +358,10 @@ class _Api:
         if status == 0:
             return
         if self.flavor == "runtime":
+            # A failed runtime call also leaves its code as the runtime's "last error", which the
+            # next library to check it (torch, after its next kernel launch) would report as its
+            # own failure: it is raised here, so clear it there.
+            self.lib.cudaGetLastError()
             name = self.lib.cudaGetErrorString(status)
             text = name.decode() if name else "unknown error"
         else:
