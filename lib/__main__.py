@@ -1,15 +1,7 @@
 """Command line: ``python -m lib <command>`` (also installed as ``uvm-study``).
 
-    sweep <experiment> [-p k=v ...] [--shard i/n] [--devices 0,1] [--force] [--out DIR]
-    list [experiment]          experiments, their grids and sizes
-    env [--json]               GPU, driver, libraries, and what is missing for what
-    merge <experiment>         fold part files (cluster shards) into the main results file
-    reproduce [chapters...] [-p name value ...] [--mode run|replay]
-    wheelhouse [--python-version 3.12] [--platform manylinux_2_28_x86_64] [--dest wheelhouse]
-    vllm-kernel ...            kernel-only vLLM install (see lib.tools.vllm_install)
-
-Usage errors (unknown experiment or parameter, bad shard) print one line and exit with 2.
-The work lives in lib.harness (sweeps, results) and lib.tools (reproduce, wheelhouse, vLLM).
+Commands: sweep, list, env, merge, reproduce, wheelhouse, vllm-kernel (``<command> --help`` says
+more). Usage errors (unknown experiment or parameter, bad shard) print one line and exit with 2.
 """
 
 from __future__ import annotations
@@ -33,10 +25,9 @@ def cmd_sweep(args) -> int:
 
     exp = catalog.get(args.experiment)
     summary = sweep.run_sweep(exp, E.parse_params(exp, args.param or []),
-                              shard=E.parse_shard(args.shard) if args.shard else None,
-                              devices=args.devices, force=args.force,
-                              workers_per_device=args.workers_per_device,
-                              out_dir=args.out, progress=not args.no_progress)
+                              shard=E.parse_shard(args.shard) if args.shard else None, devices=args.devices,
+                              force=args.force, workers_per_device=args.workers_per_device, out_dir=args.out,
+                              progress=not args.no_progress)
     print(summary.line())
     return 0 if summary.completed else 1
 

@@ -21,7 +21,9 @@ from lib.chapters.kv_offload import residency as KR
 from lib.engine import memory as M
 from lib.harness import results as R
 from lib.engine import vmm
-from lib.engine.vmm import FakeVmmDriver, VmmDriverError
+from lib.engine.vmm import VmmDriverError
+
+from fakes_vmm import FakeVmmDriver
 
 G = 2 << 20
 MiB = 1 << 20

@@ -11,9 +11,6 @@ import pytest
 from lib.engine import vmm
 from lib.engine.vmm import (
     CudaVmmDriver,
-    FakeVmmDriver,
-    FaultInjectingDriver,
-    InjectedFault,
     KVArena,
     VmmDriver,
     VmmDriverError,
@@ -21,6 +18,8 @@ from lib.engine.vmm import (
     cupy_view,
     round_up,
 )
+
+from fakes_vmm import FakeVmmDriver, FaultInjectingDriver, InjectedFault
 
 G = 4096  # fake granularity: small numbers keep the arithmetic readable
 

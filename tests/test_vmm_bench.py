@@ -23,7 +23,8 @@ from lib.harness import sweep
 from lib.chapters.vmm import analysis as A
 from lib.chapters.vmm import measure as V
 from lib.chapters.vmm import figures as F
-from lib.engine.vmm import FakeVmmDriver, InjectedFault
+
+from fakes_vmm import FakeVmmDriver, InjectedFault
 
 MiB, GiB = V.MiB, V.GiB
 GRAN = 2 * MiB

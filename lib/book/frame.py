@@ -1,10 +1,9 @@
 """The chapter frame: what every experiment chapter does before it explains anything.
 
-One call (:func:`open_chapter`) checks the chapter's parameters, measures first when
-``mode = "run"``, loads the rows (refusing any that failed its correctness check), picks the card
-and reads what its provenance says about the machine. The rest are the small tools a chapter's
-prose quotes numbers through (:func:`one`, :func:`value_range`, :class:`Plain`) and the one table
-of model-shape labels every chapter uses.
+:func:`open_chapter` checks the chapter's parameters, measures first when ``mode = "run"``, loads
+the rows (refusing any that failed its correctness check), picks the card and reads its
+provenance. The rest are the tools a chapter's prose quotes numbers through (:func:`one`,
+:func:`value_range`, :class:`Plain`) and the model-shape labels every chapter uses.
 """
 
 from __future__ import annotations
@@ -98,8 +97,7 @@ def card_facts(gpu: str, root=None, experiment: str = "seed_tables") -> dict:
         "sm_count": g.get("sm_count"), "l2_mib": (g.get("l2_cache_bytes") or 0) / 2**20,
         "sm_clock_mhz": snap.get("sm_clock_mhz"), "sm_clock_max_mhz": snap.get("sm_clock_max_mhz"),
         "read_gbps": c.get("read_gbps"), "read_nbytes": c.get("nbytes"), "commit": (p.get("git") or {}).get("commit"),
-        "wall_s": (p.get("end") or {}).get("wall_s"),
-        "torch": (p.get("libraries") or {}).get("torch"),
+        "wall_s": (p.get("end") or {}).get("wall_s"), "torch": (p.get("libraries") or {}).get("torch"),
     }
 
 
@@ -130,15 +128,11 @@ class Frame:
             G.glue(f"{prefix}_{name}", value, display=False)
 
 
-def check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be 'replay' or 'run', got {mode!r}")
-
-
 def measure_if_asked(experiment: Experiment, mode: str, root: str | None,
                      overrides: Mapping[str, Any] | None = None) -> None:
     """With ``mode = "run"``: measure every point of ``experiment`` not yet in the results."""
-    check_mode(mode)
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'replay' or 'run', got {mode!r}")
     if mode == "run":
         from lib.harness import sweep
 
@@ -148,11 +142,9 @@ def measure_if_asked(experiment: Experiment, mode: str, root: str | None,
 def open_chapter(experiment: Experiment, *, mode: str = "replay", gpu: str = "", results_root: str = "",
                  load: Callable[..., pd.DataFrame] | None = None,
                  overrides: Mapping[str, Any] | None = None) -> Frame:
-    """Check the parameters, measure when asked, load the checked rows of one card.
-
-    ``load(gpu, root=...)`` is the chapter's own loader (default :func:`load_checked`); ``gpu``
-    empty takes the first card found.
-    """
+    """Check the parameters, measure when asked, load the checked rows of one card (``gpu`` empty:
+    the first card found); ``load(gpu, root=...)`` is the chapter's own loader (default
+    :func:`load_checked`)."""
     root = results_root or None
     measure_if_asked(experiment, mode, root, overrides)
     rows = (load or (lambda g, root: load_checked(experiment.name, g, root=root)))(gpu or None, root=root)
@@ -162,11 +154,8 @@ def open_chapter(experiment: Experiment, *, mode: str = "replay", gpu: str = "",
 
 
 def one(df: pd.DataFrame, col: str, **where):
-    """The single value of `col` in the row that matches every `column=value` given.
-
-    The chapters quote numbers through this, so a selection that matches no row or several
-    fails the build instead of quoting the wrong cell.
-    """
+    """The single value of `col` in the row that matches every `column=value` given: a selection
+    that matches no row or several fails the build instead of quoting the wrong cell."""
     mask = pd.Series(True, index=df.index)
     for k, v in where.items():
         if k not in df.columns:

@@ -1,9 +1,8 @@
 """``glue`` for the chapters: myst-nb's when it is installed, else a stand-in.
 
-A GPU node often runs a chapter (``mode = "run"``) without the book's tools: the offline
-wheelhouse can leave jupyter-book and myst-nb out (``--no-book``). There the stand-in shows the
-value (when asked to) and keeps it in :data:`GLUED`, so the chapter runs end to end and its data
-lands in ``data/results/``; the book itself is rebuilt where myst-nb is, from that data.
+A GPU node may run a chapter (``mode = "run"``) without myst-nb (the wheelhouse's ``--no-book``):
+there the stand-in shows the value (when asked to) and keeps it in :data:`GLUED`, so the chapter
+runs end to end and its data lands in ``data/results/``; the book is rebuilt where myst-nb is.
 """
 
 from __future__ import annotations

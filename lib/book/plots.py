@@ -1,7 +1,6 @@
-"""Figures and styled tables in one house style, so every chapter's pictures read alike.
+"""The house style and the helpers every chapter's figure module draws with, so pictures read alike.
 
-Each function takes tidy data (a DataFrame from `lib.chapters.seed.tables` or `lib.harness.results`) and returns a
-matplotlib `Figure` (or a pandas `Styler`), closed from pyplot so that notebooks show it once,
+Chapter figure functions return a `Figure` closed from pyplot, so that notebooks show it once,
 where they glue or display it, and never twice.
 """
 
@@ -37,10 +36,8 @@ def _block_axis(ax, sizes) -> None:
 
 
 def panel_grid(n: int, ncols: int, panel_w: float, panel_h: float):
-    """A figure with ``n`` panels in rows of ``ncols`` (unused cells hidden): (fig, 2-D axes).
-
-    ``axes.flat[:n]`` are the panels to draw in; callers that want a flat list take that.
-    """
+    """A figure with ``n`` panels in rows of ``ncols`` (unused cells hidden): (fig, 2-D axes);
+    ``axes.flat[:n]`` are the panels to draw in."""
     if n < 1 or ncols < 1:
         raise ValueError(f"want n >= 1 and ncols >= 1, got n={n}, ncols={ncols}")
     ncols = min(ncols, n)
@@ -58,7 +55,6 @@ def require_columns(df: pd.DataFrame, cols, what: str) -> None:
         raise ValueError(f"{what} needs columns {missing}")
     if df.empty:
         raise ValueError(f"{what} got no rows to draw")
-
 
 
 def diagram_canvas(w: float, h: float, figsize) -> tuple[Figure, plt.Axes]:

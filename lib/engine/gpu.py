@@ -25,3 +25,11 @@ def require_gpu() -> None:
             "this needs a CUDA GPU and CuPy (pip install '.[gpu]'); none is visible here. "
             "On a CPU machine, chapters run in replay mode from committed data."
         )
+
+
+def require_cupy():
+    """The ``cupy`` module, after :func:`require_gpu`."""
+    require_gpu()
+    import cupy
+
+    return cupy

@@ -86,6 +86,11 @@ def as_float64(arr, dtype_name: str | None = None, *, xp=np):
     return xp.asarray(arr).astype(xp.float64)
 
 
+def poison(out) -> None:
+    """Fill ``out`` with NaN (quiet-NaN bits in a bf16 ``uint16`` array): unwritten never passes."""
+    out.fill(0x7FC0 if out.dtype == np.uint16 else np.nan)
+
+
 def _as_rng(rng) -> np.random.Generator:
     if isinstance(rng, np.random.Generator):
         return rng
@@ -95,11 +100,8 @@ def _as_rng(rng) -> np.random.Generator:
 
 
 def random_array(shape, dtype_name: str, rng, *, xp=np, chunk_elements: int = 1 << 26):
-    """Uniform values in [-1, 1] in storage form, never zero (|x| >= 2**-14).
-
-    Drawn on ``xp``'s own generator (seeded from `rng`), so a CuPy cache is filled on the GPU;
-    NumPy and CuPy streams differ. Filled in chunks: float32 temporaries stay bounded.
-    """
+    """Uniform values in [-1, 1] in storage form, never zero (|x| >= 2**-14), drawn in chunks on
+    ``xp``'s own generator (seeded from `rng`: a CuPy cache is filled on the GPU, NumPy's differs)."""
     _check_dtype_name(dtype_name)
     rng = _as_rng(rng)
     shape = tuple(int(s) for s in shape)
@@ -142,12 +144,9 @@ def blocks_needed(seq_lens, block_size: int) -> np.ndarray:  # ceil(seq_len / bl
 
 @dataclass(frozen=True)
 class BlockTables:
-    """Block tables plus what the addressing modes need.
-
-    tables: int32 ``[num_seqs, max_blocks_per_seq]``, row s the physical blocks of sequence s in
-    order (0 past its last). seq_start: each sequence's first block in the *identity* layout
-    (`contiguous` reads ``seq_start[s] + j``; all zeros for seed-protocol random tables).
-    """
+    """Block tables (int32 ``[num_seqs, max_blocks_per_seq]``, 0 past a sequence's last block) plus
+    ``seq_start``, each sequence's first block in the *identity* layout (`contiguous` reads
+    ``seq_start[s] + j``; all zeros for seed-protocol random tables)."""
 
     tables: np.ndarray
     seq_start: np.ndarray

@@ -1,9 +1,9 @@
 """Check-then-time, the one way every decode row is measured, and the kernel experiments' measure.
 
-memory_kind is ``device``, any kind of :mod:`lib.engine.memory`, or a *state* of managed memory
-that the first call changes, so it is re-made before every sample (:data:`MANAGED_STATES`):
-``managed_cold`` sends K/V to the host (the timed call faults them in); ``managed_prefetched``
-sends them to the host and back with ``cudaMemPrefetchAsync`` (the prefetch is not timed).
+memory_kind is ``device``, a kind of :mod:`lib.engine.memory`, or a *state* of managed memory the
+first call changes, re-made before every sample (:data:`MANAGED_STATES`): ``managed_cold`` sends
+K/V to the host (the timed call faults them in); ``managed_prefetched`` sends them to the host and
+back with ``cudaMemPrefetchAsync`` (not timed).
 """
 
 from __future__ import annotations
@@ -13,16 +13,12 @@ from typing import Callable
 import numpy as np
 
 from lib.engine import backends as B
+from lib.engine.kvcache import poison
 
 #: Managed-memory states: name -> where the K/V pages are sent before each sample (in order).
 MANAGED_STATES = {"managed_cold": ("host",), "managed_prefetched": ("host", "gpu")}
 #: A state costs a migration per sample; the sampler stops after this many seconds per backend.
 STATE_MAX_SECONDS = 1.0
-
-
-def poison(out) -> None:
-    """Fill ``out`` with NaN (quiet-NaN bits in a bf16 ``uint16`` array): unwritten never passes."""
-    out.fill(0x7FC0 if out.dtype == np.uint16 else np.nan)
 
 
 def _sync(out) -> None:
@@ -39,9 +35,8 @@ def check_then_time(step: Callable[[], object], out, reference, *, dtype: str,
     """Poison ``out``, run ``step`` once, check it against the float64 ``reference`` within
     ``TOLERANCE[dtype]``, then time ``step`` with ``protocol`` (None: check only).
 
-    ``before`` re-makes a memory state before the checked call and before every timed sample
-    (outside the timed region). Fills ``row`` as each field is known, so a failed timing still
-    leaves the check's verdict in the caller's error row. ``timer``: :func:`lib.engine.timing.time_fn`.
+    ``before`` re-makes a memory state before the checked call and every timed sample. ``row`` is
+    filled as each field is known, so a failed timing still leaves the check's verdict in it.
     """
     from lib.engine.reference import TOLERANCE, relative_error
 
@@ -84,9 +79,8 @@ def reference_for(case: B.DecodeCase, addressing: str, cache: dict):
     tables = effective_tables(case, addressing)
     key = tables.tobytes()
     if key not in cache:
-        cache[key] = decode_attention_reference(
-            case.q, case.kpool, case.vpool, tables, case.problem.seq_lens, scale=case.scale,
-            dtype_name=case.problem.dtype, xp=cupy)
+        cache[key] = decode_attention_reference(case.q, case.kpool, case.vpool, tables, case.problem.seq_lens,
+                                                scale=case.scale, dtype_name=case.problem.dtype, xp=cupy)
     return cache[key]
 
 
@@ -117,11 +111,10 @@ def state_hook(memory_kind: str, arrays) -> "Callable[[], None] | None":
 
 def problem_of(point: dict) -> B.DecodeProblem:
     return B.DecodeProblem.uniform(
-        int(point["batch_size"]), int(point["seq_len"]),
-        num_heads=int(point["num_heads"]), num_kv_heads=int(point["num_kv_heads"]),
-        head_size=int(point["head_size"]), block_size=int(point["block_size"]),
-        dtype=point.get("dtype", "float16"), placement=point.get("placement", "identity"),
-        seed=int(point.get("seed", 0)))
+        int(point["batch_size"]), int(point["seq_len"]), num_heads=int(point["num_heads"]),
+        num_kv_heads=int(point["num_kv_heads"]), head_size=int(point["head_size"]),
+        block_size=int(point["block_size"]), dtype=point.get("dtype", "float16"),
+        placement=point.get("placement", "identity"), seed=int(point.get("seed", 0)))
 
 
 def precompile_points(points: list[dict]) -> None:

@@ -1,23 +1,20 @@
 """Where an array's bytes live: device, managed (Unified Memory) in chosen states, pinned host.
 
-Every *memory kind* is a named :class:`Spec` in :data:`KINDS` (each with a one-line description;
-:func:`kinds_table` lists them). :func:`allocate` returns a ``cupy.ndarray`` over memory of that
-kind, and :func:`as_torch` shares it with torch without a copy.
+Every *memory kind* is a named :class:`Spec` in :data:`KINDS` (:func:`kinds_table` lists them).
+:func:`allocate` returns a ``cupy.ndarray`` over memory of that kind; :func:`as_torch` shares it
+with torch without a copy.
 
-Why a guard. Managed memory can be *oversubscribed*: more of it than the GPU has, with pages
-evicted and faulted back. On a shared GPU a process that does that can hang the GPU itself, not
-only its own program. So :func:`allocate` refuses a managed allocation that would bring this
-process's managed total above ``share`` (default 80%) of the GPU's free memory *now*, unless the
-caller passes ``allow_oversubscription=True``. :func:`check_managed_request` is the arithmetic.
+Why a guard. Managed memory can be *oversubscribed* (more than the GPU has, pages evicted and
+faulted back), and on a shared GPU a process that does that can hang the GPU itself. So
+:func:`allocate` refuses a managed allocation that would bring this process's managed total above
+``share`` (default 80%) of the GPU's free memory *now*, unless ``allow_oversubscription=True``.
 
-CUDA 12 and 13. CUDA 13 changed ``cudaMemPrefetchAsync`` and ``cudaMemAdvise`` to take a
-``cudaMemLocation`` instead of a device ordinal, and CuPy has no binding for
-``cudaMemRangeGetAttribute``. So prefetch, advice and :func:`range_info` go through a small ctypes
-binding (:func:`cuda_api`) to ``libcudart`` when one loads, else to ``libcuda``, with the
-signature picked from the library's version. :func:`range_info` reports the driver's
-*intentions* (ReadMostly, preferred location, AccessedBy, last prefetch), not a page census.
-
-CuPy, torch and NumPy's ctypes views are imported inside functions: this module imports on a CPU.
+CUDA 12 and 13. CUDA 13's ``cudaMemPrefetchAsync`` and ``cudaMemAdvise`` take a
+``cudaMemLocation`` instead of a device ordinal, and CuPy has no ``cudaMemRangeGetAttribute``. So
+prefetch, advice and :func:`range_info` go through a small ctypes binding (:func:`cuda_api`) to
+``libcudart`` when one loads, else ``libcuda``, with the signature picked from the library's
+version. :func:`range_info` reports the driver's *intentions* (ReadMostly, preferred location,
+AccessedBy, last prefetch), not a page census. CuPy and torch are imported inside functions.
 """
 
 from __future__ import annotations
@@ -35,6 +32,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
+
+from lib.engine.gpu import require_cupy as _cupy
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -59,7 +58,6 @@ _ATTR_LAST_PREFETCH_ID = 8
 _LOC_DEVICE = 1
 _LOC_HOST = 2
 _CPU_DEVICE_ID = -1  # cudaCpuDeviceId
-_INVALID_DEVICE_ID = -2  # cudaInvalidDeviceId
 _HOST_ALLOC_PORTABLE = 0x01
 _HOST_ALLOC_MAPPED = 0x02
 _MEM_ATTACH_GLOBAL = 0x01
@@ -189,12 +187,9 @@ def _gib(n: int) -> str:
 
 def check_managed_request(nbytes: int, *, live_bytes: int, free_bytes: int,
                           share: float = DEFAULT_SAFETY_SHARE) -> GuardDecision:
-    """Would ``nbytes`` more managed memory keep this process within ``share`` of free GPU memory?
-
-    Allowed when ``live_bytes + nbytes <= share * free_bytes`` (``live_bytes``: managed memory
-    this process holds now; ``free_bytes``: the GPU's free memory now). Conservative on purpose:
-    live managed pages already on the GPU count twice (in ``live`` and as used memory).
-    """
+    """Would ``nbytes`` more managed memory keep this process within ``share`` of free GPU memory
+    (``live_bytes + nbytes <= share * free_bytes``)? Conservative on purpose: live managed pages
+    already on the GPU count twice (in ``live`` and as used memory)."""
     for name, v in (("nbytes", nbytes), ("live_bytes", live_bytes), ("free_bytes", free_bytes)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise ValueError(f"{name} must be an integer number of bytes, got {v!r}")
@@ -301,11 +296,8 @@ class _Location(ctypes.Structure):
 
 
 def signature_style(flavor: str, version: int, has_v2: bool = False) -> str:
-    """'location' (cudaMemLocation argument) or 'ordinal' (device number) for prefetch/advise.
-
-    runtime: CUDA >= 13.0 takes a location under the plain names; 12.x keeps the ordinal form
-    there. driver: the ``_v2`` entry points (drivers for CUDA >= 12.2) take a location.
-    """
+    """'location' (cudaMemLocation argument) or 'ordinal' (device number) for prefetch/advise: the
+    runtime's plain names take a location from CUDA 13.0, the driver's ``_v2`` entry points (>= 12.2)."""
     if flavor == "runtime":
         if version <= 0:
             raise ValueError(f"runtime version must be positive, got {version}")
@@ -427,11 +419,8 @@ _API: _Api | None = None
 
 
 def cuda_api() -> _Api:
-    """The ctypes binding used for prefetch, advice and range attributes (loaded once).
-
-    A CUDA runtime library if one loads (preferring the major version CuPy was built for), else
-    the driver library. ``cuda_api().info()`` says which, its version and signature style.
-    """
+    """The ctypes binding for prefetch, advice and range attributes (loaded once): a CUDA runtime
+    library if one loads (preferring CuPy's major version), else the driver; ``.info()`` says which."""
     global _API
     if _API is not None:
         return _API
@@ -538,15 +527,6 @@ def _malloc_managed(nbytes: int) -> int:
     return int(_cupy().cuda.runtime.mallocManaged(nbytes, _MEM_ATTACH_GLOBAL))
 
 
-def _cupy():
-    from lib.engine.gpu import require_gpu
-
-    require_gpu()
-    import cupy
-
-    return cupy
-
-
 def _nbytes(shape, dtype) -> tuple[tuple[int, ...], np.dtype, int]:
     shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
     if any(s < 0 for s in shape):
@@ -557,11 +537,10 @@ def _nbytes(shape, dtype) -> tuple[tuple[int, ...], np.dtype, int]:
 
 def allocate(shape, dtype="uint8", kind: str | Spec = "device", *, device: int | None = None,
              allow_oversubscription: bool = False, share: float = DEFAULT_SAFETY_SHARE):
-    """A ``cupy.ndarray`` of ``shape``/``dtype`` in memory of ``kind`` (a name in :data:`KINDS`).
+    """A C-contiguous ``cupy.ndarray`` in memory of ``kind`` (a name in :data:`KINDS`).
 
-    Managed kinds pass the guard first (see the module docstring), then get their advice, CPU
-    touch and prefetch, in that order; the call returns when the placement is done. Contents are
-    unspecified (zero for fresh managed pages in practice). Arrays are C-contiguous.
+    Managed kinds pass the guard first, then get their advice, CPU touch and prefetch, in that
+    order; the call returns when the placement is done. Contents are unspecified.
     """
     spec = spec_of(kind)
     name = kind if isinstance(kind, str) else "custom"
@@ -597,11 +576,8 @@ def allocate(shape, dtype="uint8", kind: str | Spec = "device", *, device: int |
 
 
 def allocator(kind: str | Spec = "device", **kwargs) -> Callable:
-    """``alloc(shape, dtype)`` for :meth:`lib.engine.backends.DecodeCase.build` and the like.
-
-    Builders usually fill the arrays on the GPU after allocating them, which moves managed pages
-    to the GPU: call :func:`settle` on the filled arrays to put them back where the kind says.
-    """
+    """``alloc(shape, dtype)`` for :meth:`lib.engine.backends.DecodeCase.build` and the like. Filling
+    the arrays on the GPU moves managed pages there: :func:`settle` puts them back."""
     spec_of(kind)  # fail early on an unknown kind
 
     def alloc(shape, dtype):
@@ -677,11 +653,8 @@ def _span(target, nbytes: int | None) -> tuple[int, int]:
 
 def prefetch(target, where: Any = "gpu", *, nbytes: int | None = None, offset: int = 0,
              device: int | None = None, stream=None) -> None:
-    """``cudaMemPrefetchAsync`` of a managed range to ``where`` ('gpu', 'gpu:N', N, 'host').
-
-    Asynchronous on ``stream`` (default: CuPy's current stream). ``offset``/``nbytes`` select a
-    sub-range in bytes.
-    """
+    """``cudaMemPrefetchAsync`` of a managed range (``offset``/``nbytes`` in bytes) to ``where``
+    ('gpu', 'gpu:N', N, 'host'), asynchronous on ``stream`` (default: CuPy's current stream)."""
     cp = _cupy()
     dev = _device_id(device)
     loc = parse_location(where, dev)
@@ -702,11 +675,8 @@ def _sub(ptr: int, n: int, offset: int, nbytes: int | None) -> tuple[int, int]:
 
 def advise(target, advice: str, where: Any = "gpu", *, nbytes: int | None = None, offset: int = 0,
            device: int | None = None) -> None:
-    """``cudaMemAdvise`` on a managed range.
-
-    advice: read_mostly, unset_read_mostly, preferred_location, unset_preferred_location,
-    accessed_by, unset_accessed_by. ``where`` names the processor (ignored for read_mostly).
-    """
+    """``cudaMemAdvise`` on a managed range (``advice``: a key of ``_ADVICE``; ``where`` names the
+    processor, ignored for read_mostly)."""
     if advice not in _ADVICE:
         raise ValueError(f"unknown advice {advice!r} (known: {', '.join(_ADVICE)})")
     dev = _device_id(device)
@@ -800,11 +770,8 @@ def host_view(arr) -> np.ndarray:
 
 
 def as_torch(arr):
-    """A torch tensor over the same memory as a CuPy array (no copy; checked).
-
-    Through ``__cuda_array_interface__``: ``torch.from_dlpack`` rejects managed memory (DLPack
-    device type 13, kDLCUDAManaged).
-    """
+    """A torch tensor over the same memory as a CuPy array (no copy; checked), through
+    ``__cuda_array_interface__``: ``torch.from_dlpack`` rejects managed memory (kDLCUDAManaged)."""
     import torch
 
     t = torch.as_tensor(arr, device=f"cuda:{arr.device.id}")

@@ -23,12 +23,8 @@ def _dtype_for(arr, dtype_name):
 
 def decode_attention_reference(q, kpool, vpool, tables, seq_lens, *, scale=None,
                                dtype_name=None, xp=np):
-    """Reference decode attention over a paged cache, float64 ``[num_seqs, num_heads, head_size]``.
-
-    kpool, vpool: pools ``[NB, BS, KVH, D]``; tables: BlockTables or int32 ``[num_seqs, max_blocks]``.
-    `dtype_name` names the storage (``uint16`` is read as bfloat16 bits). Softmax subtracts the
-    row max, so large scores cannot overflow.
-    """
+    """Reference decode attention over a paged cache (pools ``[NB, BS, KVH, D]``), float64
+    ``[num_seqs, num_heads, head_size]``; softmax subtracts the row max, so scores cannot overflow."""
     num_seqs, num_heads, head_size = q.shape
     num_kv_heads = kpool.shape[2]
     if num_heads % num_kv_heads:
@@ -84,11 +80,8 @@ def _to_host_float64(a, dtype_name):
 
 
 def relative_error(out, ref, *, dtype_name=None) -> float:
-    """||out - ref|| / ||ref|| (Frobenius, float64); NumPy, CuPy or torch, any storage dtype.
-
-    NaN or infinity anywhere gives ``inf``: a poisoned or unwritten output never passes. A zero
-    `ref` gives 0.0 if `out` is zero too, else inf.
-    """
+    """||out - ref|| / ||ref|| (Frobenius, float64); NumPy, CuPy or torch, any storage dtype. NaN or
+    infinity anywhere gives ``inf``: a poisoned or unwritten output never passes."""
     o = _to_host_float64(out, dtype_name)
     r = _to_host_float64(ref, None)
     if o.shape != r.shape:

@@ -3,34 +3,23 @@
 ``rigorous`` (the default, :func:`time_graph`): the call is captured once into a CUDA graph and
 replayed; each sample is ``[flush L2] -> event -> graph replay -> event`` on one stream, so the
 CPU's launch cost is out of the number (vLLM decodes under CUDA graphs too) and every sample starts
-with a cold L2. The flush *reads* a buffer twice the L2 size (the size from the device's
-properties), so L2 then holds clean lines of that buffer: a write-based flush would leave dirty
-lines whose write-back the next timed kernel would pay for. Samples are taken in batches until the
-p10-p90 spread is within ``rel_spread`` of the median (after ``min_samples``), or a sample or time
-cap is reached; the result is the median with p10 and p90.
+with a cold L2. The flush *reads* a buffer twice the L2 size: a write-based flush would leave dirty
+lines whose write-back the next timed kernel would pay for. Samples come in batches until the
+p10-p90 spread is within ``rel_spread`` of the median, or a sample or time cap is hit. One call
+per graph (N calls would hide per-call costs and allow no flush between them); the price is a
+floor of a few microseconds, which :func:`graph_floor_us` measures.
 
-One call per graph: a graph of N back-to-back calls would hide per-call costs behind each other
-and make an L2 flush between calls impossible. The price is a floor of a few microseconds (an
-event pair around one graph launch), which :func:`graph_floor_us` measures so chapters can state
-it next to the smallest kernels.
+``hot``: the same without the flush. ``seed``: the 2024 post's protocol
+(:func:`time_seed_protocol`), kept to show how much the method alone moves the numbers.
+Ceilings (:func:`measure_ceilings`): read bandwidth of a read-only reduction over >= 2 GiB and
+device-to-device ``cudaMemcpyAsync`` bandwidth (read + write bytes); rows report bandwidth as a
+percent of the read ceiling.
 
-``hot``: the same without the flush (data that fits in L2 may stay there).
-``seed``: the 2024 post's protocol (:func:`time_seed_protocol`): 3 warm-up launches, then 100
-back-to-back eager launches between two host-clock reads, one device synchronize at the end;
-launch overhead included, L2 never flushed. It is kept to show how much the method alone moves
-the numbers.
-
-Ceilings (:func:`measure_ceilings`): read bandwidth from a read-only reduction over at least
-2 GiB, and copy bandwidth from a device-to-device ``cudaMemcpyAsync`` (read + write bytes), both
-timed like everything else. Rows report their bandwidth as a percent of the read ceiling.
-
-Rules for ``fn``: a zero-argument callable that enqueues GPU work on CuPy's *current* stream and
-does not synchronize with the host. It is called once eagerly (compilation, autotuning, lazy
-buffers) before capture. CuPy allocations made while it is captured come from a private memory
-pool kept alive as long as the graph, so temporaries are safe; other allocators (torch) must not
-allocate inside ``fn``. If ``fn`` cannot be captured, pass ``graph=False`` (protocol ``eager``).
-
-CuPy is imported inside functions: the module imports on machines without a GPU.
+Rules for ``fn``: a zero-argument callable that enqueues GPU work on CuPy's *current* stream
+without synchronizing with the host. It runs once eagerly (compilation, autotuning, lazy buffers)
+before capture. CuPy allocations during capture come from a private pool kept alive with the
+graph; other allocators (torch) must not allocate inside ``fn``. If ``fn`` cannot be captured,
+pass ``graph=False`` (protocol ``eager``). CuPy is imported inside functions.
 """
 
 from __future__ import annotations
@@ -40,6 +29,8 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
+
+from lib.engine.gpu import require_cupy as _cp
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -102,11 +93,8 @@ extern "C" __global__ void empty_kernel() {}
 
 @dataclass(frozen=True)
 class Timing:
-    """One measurement: percentiles of per-call times in microseconds.
-
-    ``method`` is the protocol name stored in the results' ``protocol`` column. For ``seed``,
-    ``samples`` counts repetitions of the whole protocol (each a mean over its launches).
-    """
+    """One measurement: percentiles of per-call times in microseconds; ``method`` is the results'
+    ``protocol``. For ``seed``, ``samples`` counts repetitions of the whole protocol."""
 
     median_us: float
     p10_us: float
@@ -121,13 +109,8 @@ class Timing:
 
     def as_row(self) -> dict:
         """The result-row columns this timing fills."""
-        return {
-            "protocol": self.method,
-            "median_us": self.median_us,
-            "p10_us": self.p10_us,
-            "p90_us": self.p90_us,
-            "samples": self.samples,
-        }
+        return {"protocol": self.method, "median_us": self.median_us, "p10_us": self.p10_us,
+                "p90_us": self.p90_us, "samples": self.samples}
 
     def as_dict(self) -> dict:
         return {**self.as_row(), "method": self.method}
@@ -149,21 +132,11 @@ def summarize(samples_us: Sequence[float], method: str) -> Timing:
     return Timing(_percentile(s, 50), _percentile(s, 10), _percentile(s, 90), len(s), method, tuple(samples_us))
 
 
-def sample_adaptively(
-    take: Callable[[int], list[float]],
-    *,
-    min_samples: int = 10,
-    max_samples: int = 200,
-    rel_spread: float = 0.05,
-    max_seconds: float = 5.0,
-    batch: int = 10,
-    clock: Callable[[], float] = time.perf_counter,
-) -> list[float]:
-    """Call ``take(k)`` (returns k samples) until the spread is small or a cap is hit.
-
-    Stops when at least ``min_samples`` were taken and (p90-p10)/median <= ``rel_spread``, or
-    ``max_seconds`` have passed, or ``max_samples`` were taken.
-    """
+def sample_adaptively(take: Callable[[int], list[float]], *, min_samples: int = 10, max_samples: int = 200,
+                      rel_spread: float = 0.05, max_seconds: float = 5.0, batch: int = 10,
+                      clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Call ``take(k)`` (returns k samples) until, after ``min_samples``, (p90-p10)/median <=
+    ``rel_spread``, or ``max_seconds`` have passed, or ``max_samples`` were taken."""
     if not 1 <= min_samples <= max_samples:
         raise ValueError(f"want 1 <= min_samples <= max_samples, got {min_samples}, {max_samples}")
     if rel_spread < 0 or max_seconds <= 0 or batch < 1:
@@ -185,15 +158,6 @@ class InsufficientMemory(RuntimeError):
 
 
 _STATE: dict[int, "_Device"] = {}
-
-
-def _cp():
-    from lib.engine.gpu import require_gpu
-
-    require_gpu()
-    import cupy
-
-    return cupy
 
 
 class _Device:
@@ -322,23 +286,13 @@ def _capture(fn: Callable[[], object], stream):
     return graph, pool
 
 
-def time_graph(
-    fn: Callable[[], object],
-    *,
-    flush: bool = True,
-    warmup: int = 3,
-    min_samples: int = 10,
-    max_samples: int = 200,
-    rel_spread: float = 0.05,
-    max_seconds: float = 5.0,
-    graph: bool = True,
-    before: Callable[[], object] | None = None,
-) -> Timing:
-    """Time ``fn`` with the study's method (see the module docstring).
+def time_graph(fn: Callable[[], object], *, flush: bool = True, warmup: int = 3, min_samples: int = 10,
+               max_samples: int = 200, rel_spread: float = 0.05, max_seconds: float = 5.0,
+               graph: bool = True, before: Callable[[], object] | None = None) -> Timing:
+    """Time ``fn`` with the study's method (module docstring); ``flush=False`` is ``hot``.
 
-    ``flush=False`` gives the ``hot`` protocol. ``before`` (optional) runs eagerly before every
-    sample, outside the timed region, on the same stream (e.g. to move managed pages back to
-    the host before a first-touch measurement).
+    ``before`` runs eagerly before every sample, outside the timed region, on the same stream
+    (e.g. to move managed pages back to the host before a first-touch measurement).
     """
     cp = _cp()
     st = _device()
@@ -377,10 +331,8 @@ def time_graph(
             for _ in range(warmup):
                 call()
         s.synchronize()
-        samples = sample_adaptively(
-            take, min_samples=min_samples, max_samples=max_samples,
-            rel_spread=rel_spread, max_seconds=max_seconds,
-        )
+        samples = sample_adaptively(take, min_samples=min_samples, max_samples=max_samples,
+                                    rel_spread=rel_spread, max_seconds=max_seconds)
     finally:
         s.synchronize()
         g = None  # release the graph before its memory pool
@@ -391,10 +343,9 @@ def time_graph(
 
 
 def time_seed_protocol(fn: Callable[[], object], *, warmup: int = 3, iters: int = 100, repeats: int = 1) -> Timing:
-    """The 2024 seed's protocol: host clock around ``iters`` eager launches after ``warmup``.
-
-    Each repetition gives one per-launch mean (us); with ``repeats=1`` p10 = median = p90.
-    """
+    """The 2024 seed's protocol: host clock around ``iters`` back-to-back eager launches after
+    ``warmup``, one synchronize at the end, no L2 flush. Each repetition gives one per-launch mean
+    (us); with ``repeats=1`` p10 = median = p90."""
     if iters < 1 or repeats < 1 or warmup < 0:
         raise ValueError("want iters >= 1, repeats >= 1, warmup >= 0")
     cp = _cp()
@@ -493,11 +444,10 @@ def check_read_kernel(buf) -> None:
 def measure_ceilings(nbytes: int = 2 * GiB, **timing_kw) -> dict:
     """Read and copy bandwidth of this GPU in GB/s (10^9 bytes/s), measured now.
 
-    Read: one read-only pass over ``nbytes`` (the kernel checked exactly against ``cupy.sum`` on
-    the first :data:`CHECK_BYTES`). Copy: a
-    device-to-device copy of ``nbytes/2`` into the other half of the buffer, counting the bytes
-    read plus the bytes written. If ``nbytes`` does not fit in free memory it is shrunk (with a
-    warning) down to no less than 16x the L2 size.
+    Read: one read-only pass over ``nbytes`` (the kernel checked against ``cupy.sum`` on the first
+    :data:`CHECK_BYTES`). Copy: ``nbytes/2`` into the other half of the buffer, counting bytes read
+    plus written. ``nbytes`` that do not fit in free memory are shrunk (with a warning), to no
+    less than 16x the L2 size.
     """
     cp = _cp()
     st = _device()
@@ -517,14 +467,9 @@ def measure_ceilings(nbytes: int = 2 * GiB, **timing_kw) -> dict:
             half = nbytes // 2
             ptr = buf.data.ptr
             copy = time_graph(lambda: _memcpy_d2d(ptr + half, ptr, half), **timing_kw)
-            out = {
-                "read_gbps": nbytes / read.median_us / 1e3,
-                "copy_gbps": 2 * half / copy.median_us / 1e3,
-                "nbytes": nbytes,
-                "read": read.as_dict(),
-                "copy": {**copy.as_dict(), "bytes_copied": half},
-                "l2_bytes": st.l2_bytes,
-            }
+            out = {"read_gbps": nbytes / read.median_us / 1e3, "copy_gbps": 2 * half / copy.median_us / 1e3,
+                   "nbytes": nbytes, "read": read.as_dict(), "copy": {**copy.as_dict(), "bytes_copied": half},
+                   "l2_bytes": st.l2_bytes}
         finally:
             s.synchronize()
             buf = total = None
@@ -544,8 +489,8 @@ def _copy_buffers(nbytes: int):
 
 
 def time_memcpy_direct(nbytes: int, *, repeats: int = 20, warmup: int = 3) -> Timing:
-    """A device-to-device ``cudaMemcpyAsync`` of ``nbytes`` (one call) timed with events directly
-    (no graph, no flush): the reference the harness is checked against."""
+    """One device-to-device ``cudaMemcpyAsync`` timed with plain events (no graph, no flush): the
+    reference the harness is checked against."""
     cp = _cp()
     if nbytes < 1 or repeats < 1:
         raise ValueError("want nbytes >= 1 and repeats >= 1")
@@ -583,15 +528,11 @@ def _copy_kernel():
 
 
 def harness_selfcheck(nbytes: int = GiB) -> dict:
-    """The harness against cudaMemcpy timed directly, and against itself.
-
-    Returns medians (us) and relative differences: ``vs_direct`` (the harness's rigorous
-    protocol, a CUDA graph holding the copy as memcpy nodes of at most :data:`MEMCPY_PIECE`
-    bytes, L2 flushed) should be within 5% of events around one plain ``cudaMemcpyAsync``;
-    ``repeat`` (the same point measured twice) within 3%. More views separate the method from the
-    operation: ``one_node`` (the whole copy as a single graph node, which CUDA runs slower from
-    512 MiB on), ``eager`` (the harness without a graph, same flush), and a copy *kernel* timed in
-    a graph and with plain events.
+    """The harness against cudaMemcpy timed directly, and against itself: medians (us) and relative
+    differences. ``vs_direct`` (rigorous protocol, memcpy nodes of at most :data:`MEMCPY_PIECE`)
+    should be within 5% of events around one plain ``cudaMemcpyAsync``, ``repeat`` (the same
+    point twice) within 3%. ``one_node`` (one graph node, slower from 512 MiB on), ``eager`` (no
+    graph) and a copy *kernel* in a graph and with plain events separate method from operation.
     """
     cp = _cp()
     direct = time_memcpy_direct(nbytes)

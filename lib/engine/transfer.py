@@ -1,11 +1,10 @@
 """Host <-> GPU transfers timed with CUDA events: the bus yardstick two chapters share.
 
-:func:`measure_transfer` times ``cudaMemcpyAsync`` between device memory and pinned or pageable
-host memory, or ``cudaMemPrefetchAsync`` of managed memory, each direction ``COPY_REPEATS``
-times, one call between two events per sample (a transfer is not replayed in a graph), and then
-reads the device copy back with :func:`lib.engine.timing.read_sum` to check that every byte
-arrived. Buffers are filled with :data:`FILL_BYTE` and kept far below free memory
-(:func:`budget_problem`). CuPy is imported inside functions: this module imports on a CPU.
+:func:`measure_transfer` times ``cudaMemcpyAsync`` (device <-> pinned or pageable host) or
+``cudaMemPrefetchAsync`` (managed), each direction ``COPY_REPEATS`` times, one call between two
+events per sample (a transfer is not replayed in a graph), then reads the device copy back with
+:func:`lib.engine.timing.read_sum` to check every byte arrived. Buffers stay far below free memory
+(:func:`budget_problem`). CuPy is imported inside functions.
 """
 
 from __future__ import annotations

@@ -1,37 +1,22 @@
 """A contiguous KV region backed on demand by physical chunks: CUDA virtual memory (the vAttention idea).
 
-PagedAttention makes the *kernel* translate addresses: ``block_tables[seq, j]`` names where the
-j-th block of a sequence lives. The CUDA virtual-memory driver API lets the *GPU's page table*
-do that instead: reserve one large virtual-address (VA) range, give every sequence a fixed,
-equal slot of it, and back each slot with physical memory only as far as the sequence has
-grown. A kernel then reads block ``seq_start[s] + j`` from one base pointer, with no table
-lookup, while physical memory is still handed out in chunks, not in maximum-length
-reservations.
+PagedAttention makes the *kernel* translate addresses through ``block_tables``; the CUDA
+virtual-memory driver API lets the *GPU's page table* do it instead: reserve one large VA range,
+give every sequence a fixed slot of it, and back each slot with physical memory only as far as
+the sequence has grown. A kernel reads block ``seq_start[s] + j`` from one base pointer, while
+physical memory is still handed out in chunks, not maximum-length reservations.
 
-Four pieces:
+:class:`VmmDriver` is the driver protocol (:class:`CudaVmmDriver` is the real one, through
+cuda-python; the CPU tests' fakes live in ``tests/fakes_vmm.py``). :class:`KVArena` splits one
+reservation into slots whose chunks :meth:`~KVArena.grow` maps and :meth:`~KVArena.release`
+unmaps onto a free list that later growth reuses; a failed growth is rolled back.
+:func:`cupy_view` wraps a mapped range; :class:`SplitMapping` / :func:`split_allocator` put
+pinned host memory first and device memory after in one range (the KV offload chapter's pool).
 
-* a small **driver protocol** (:class:`VmmDriver`): reserve/free VA, create/release physical
-  handles, map/unmap, set access, granularity. :class:`CudaVmmDriver` calls the real driver
-  through cuda-python (``cuda.bindings.driver``); :class:`FakeVmmDriver` is pure Python for CPU
-  tests and models the rules CUDA enforces (alignment, no double maps, whole-mapping unmaps).
-  :class:`FaultInjectingDriver` wraps either one to make the k-th call of an operation fail.
-* :class:`KVArena`: one reservation split into ``num_slots`` slots of ``slot_bytes``; physical
-  chunks of ``chunk_bytes`` mapped on demand by :meth:`KVArena.grow`, unmapped by
-  :meth:`KVArena.release` onto a free list that later growth reuses (no new ``cuMemCreate``
-  while a freed chunk waits). A failed growth is rolled back: nothing it mapped stays mapped.
-* :func:`cupy_view`: a CuPy array over a mapped range (imported lazily).
-* :class:`SplitMapping` / :func:`split_allocator`: one range, pinned host memory first and device
-  memory after (the KV offload chapter's zero-copy pool).
-
-Chunk size and granularity. ``cuMemMap`` works in units of the allocation granularity
-(2 MiB on H100/H200): ``chunk_bytes`` must be a positive multiple of it. That granularity is the
-VMM analogue of the block size: a sequence wastes at most one partly filled chunk.
-
-Reused chunks are not cleared: a chunk released by one sequence and mapped into another still
-holds the first sequence's bytes (as a freed paged-cache block does). Callers that need zeros
-must write them.
-
-The module imports on a CPU: cuda-python and CuPy are imported inside the functions that use them.
+``chunk_bytes`` must be a multiple of the allocation granularity (2 MiB on H100/H200), the VMM
+analogue of the block size: a sequence wastes at most one partly filled chunk. Reused chunks are
+not cleared (like a freed paged-cache block, they hold the previous sequence's bytes).
+cuda-python and CuPy are imported inside the functions that use them.
 """
 
 from __future__ import annotations
@@ -43,10 +28,6 @@ from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
-#: names of the driver operations (also the keys of fault injection and call counters)
-OPERATIONS = ("granularity", "reserve_va", "free_va", "create_handle", "release_handle", "map",
-              "unmap", "set_access")
-
 
 class VmmDriverError(RuntimeError):
     """A virtual-memory driver call failed; ``call`` names it, ``code`` is the driver's error name."""
@@ -56,10 +37,6 @@ class VmmDriverError(RuntimeError):
         self.code = code
         msg = f"{call} failed: {code}"
         super().__init__(f"{msg} ({detail})" if detail else msg)
-
-
-class InjectedFault(VmmDriverError):
-    """A failure requested by a test (:meth:`FakeVmmDriver.inject_failure`)."""
 
 
 @runtime_checkable
@@ -104,227 +81,6 @@ def _check_int(name: str, value: Any, *, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
-
-
-# ---------------------------------------------------------------------------------------------
-# Fault injection (shared by the fake driver and the wrapper for the real one)
-
-
-class _FaultPlan:
-    """Counts calls per operation and raises :class:`InjectedFault` on the ones armed to fail."""
-
-    def __init__(self) -> None:
-        self.calls: dict[str, int] = {op: 0 for op in OPERATIONS}
-        self._armed: dict[str, set[int]] = {}
-
-    def arm(self, op: str, nth: int = 1) -> None:
-        if op not in OPERATIONS:
-            raise ValueError(f"unknown operation {op!r}; choose from {', '.join(OPERATIONS)}")
-        _check_int("nth", nth, minimum=1)
-        self._armed.setdefault(op, set()).add(self.calls[op] + nth)
-
-    def clear(self) -> None:
-        self._armed.clear()
-
-    def tick(self, op: str) -> None:
-        """Count a call of ``op``; raise if this call was armed to fail (before any effect)."""
-        self.calls[op] += 1
-        due = self._armed.get(op)
-        if due and self.calls[op] in due:
-            due.discard(self.calls[op])
-            raise InjectedFault(op, "INJECTED", f"call #{self.calls[op]} of {op} armed to fail")
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure-Python driver for CPU tests
-
-
-class FakeVmmDriver:
-    """An in-memory model of the VMM driver: tracks reservations, handles and mappings.
-
-    It enforces CUDA's rules (sizes and addresses multiples of the granularity, maps only inside
-    a reservation and never over another mapping, unmaps of whole mappings only, access only on
-    mapped ranges) and is stricter in two places, to catch allocator bugs: releasing a handle that
-    is still mapped and freeing a reservation that still has mappings both raise (CUDA defers the
-    first and leaves the second undefined). Every violation raises :class:`VmmDriverError`, with
-    no change of state. ``inject_failure(op, nth)`` makes the nth next call of ``op`` fail.
-    """
-
-    BASE_VA = 0x7F00_0000_0000
-
-    def __init__(self, granularity: int = 2 << 20, *, num_devices: int = 1):
-        self._gran = _check_int("granularity", granularity, minimum=1)
-        self.num_devices = _check_int("num_devices", num_devices, minimum=1)
-        self._faults = _FaultPlan()
-        self._next_va = self.BASE_VA
-        self._next_handle = 1
-        #: va -> size
-        self.reservations: dict[int, int] = {}
-        #: handle -> (size, device)
-        self.handles: dict[int, tuple[int, int]] = {}
-        #: va -> {"size", "handle", "access": set of devices}
-        self.mappings: dict[int, dict[str, Any]] = {}
-
-    # -- test controls ------------------------------------------------------------------------
-    @property
-    def calls(self) -> dict[str, int]:
-        """How many times each operation was called (failed calls included)."""
-        return dict(self._faults.calls)
-
-    def inject_failure(self, op: str, nth: int = 1) -> None:
-        """Make the ``nth`` next call of ``op`` (an :data:`OPERATIONS` name) raise InjectedFault."""
-        self._faults.arm(op, nth)
-
-    def is_mapped(self, va: int) -> bool:
-        """Is the byte at ``va`` backed by a mapping?"""
-        return self._mapping_at(va) is not None
-
-    def is_accessible(self, va: int, device: int = 0) -> bool:
-        m = self._mapping_at(va)
-        return m is not None and device in self.mappings[m]["access"]
-
-    def leaks(self) -> dict[str, int]:
-        """What is still held: reservations, handles, mappings (all zero after a clean close)."""
-        return {"reservations": len(self.reservations), "handles": len(self.handles),
-                "mappings": len(self.mappings)}
-
-    # -- helpers ------------------------------------------------------------------------------
-    def _fail(self, call: str, detail: str) -> None:
-        raise VmmDriverError(call, "CUDA_ERROR_INVALID_VALUE", detail)
-
-    def _aligned(self, call: str, **values: int) -> None:
-        for name, v in values.items():
-            if v <= 0 and name == "size":
-                self._fail(call, f"size must be positive, got {v}")
-            if v % self._gran:
-                self._fail(call, f"{name}={v:#x} is not a multiple of the granularity {self._gran:#x}")
-
-    def _device(self, call: str, device: int) -> None:
-        if not isinstance(device, int) or not 0 <= device < self.num_devices:
-            raise VmmDriverError(call, "CUDA_ERROR_INVALID_DEVICE", f"device {device!r}")
-
-    def _reservation_of(self, va: int, size: int) -> int | None:
-        for base, rsize in self.reservations.items():
-            if base <= va and va + size <= base + rsize:
-                return base
-        return None
-
-    def _mapping_at(self, va: int) -> int | None:
-        for base, m in self.mappings.items():
-            if base <= va < base + m["size"]:
-                return base
-        return None
-
-    def _overlaps(self, va: int, size: int) -> bool:
-        return any(base < va + size and va < base + m["size"] for base, m in self.mappings.items())
-
-    # -- the protocol -------------------------------------------------------------------------
-    def granularity(self, device: int = 0) -> int:
-        self._faults.tick("granularity")
-        self._device("cuMemGetAllocationGranularity", device)
-        return self._gran
-
-    def reserve_va(self, size: int, alignment: int = 0) -> int:
-        self._faults.tick("reserve_va")
-        self._aligned("cuMemAddressReserve", size=size)
-        align = max(alignment, self._gran)
-        va = round_up(self._next_va, align)
-        self._next_va = va + size
-        self.reservations[va] = size
-        return va
-
-    def free_va(self, va: int, size: int) -> None:
-        self._faults.tick("free_va")
-        if self.reservations.get(va) != size:
-            self._fail("cuMemAddressFree", f"no reservation of {size} bytes at {va:#x}")
-        if self._overlaps(va, size):
-            self._fail("cuMemAddressFree", f"reservation at {va:#x} still has mappings")
-        del self.reservations[va]
-
-    def create_handle(self, size: int, device: int = 0) -> int:
-        self._faults.tick("create_handle")
-        self._aligned("cuMemCreate", size=size)
-        self._device("cuMemCreate", device)
-        h = self._next_handle
-        self._next_handle += 1
-        self.handles[h] = (size, device)
-        return h
-
-    def release_handle(self, handle: int) -> None:
-        self._faults.tick("release_handle")
-        if handle not in self.handles:
-            self._fail("cuMemRelease", f"unknown handle {handle!r}")
-        if any(m["handle"] == handle for m in self.mappings.values()):
-            self._fail("cuMemRelease", f"handle {handle} is still mapped (the fake is strict here)")
-        del self.handles[handle]
-
-    def map(self, va: int, size: int, handle: int) -> None:
-        self._faults.tick("map")
-        self._aligned("cuMemMap", size=size, va=va)
-        if handle not in self.handles:
-            self._fail("cuMemMap", f"unknown handle {handle!r}")
-        if self.handles[handle][0] != size:
-            self._fail("cuMemMap", f"size {size} != handle size {self.handles[handle][0]}")
-        if self._reservation_of(va, size) is None:
-            self._fail("cuMemMap", f"[{va:#x}, +{size:#x}) is not inside a reservation")
-        if self._overlaps(va, size):
-            self._fail("cuMemMap", f"[{va:#x}, +{size:#x}) overlaps an existing mapping")
-        self.mappings[va] = {"size": size, "handle": handle, "access": set()}
-
-    def unmap(self, va: int, size: int) -> None:
-        self._faults.tick("unmap")
-        m = self.mappings.get(va)
-        if m is None or m["size"] != size:
-            self._fail("cuMemUnmap", f"no mapping of exactly {size} bytes at {va:#x}")
-        del self.mappings[va]
-
-    def set_access(self, va: int, size: int, device: int = 0) -> None:
-        self._faults.tick("set_access")
-        self._device("cuMemSetAccess", device)
-        covered, pos = [], va
-        while pos < va + size:
-            base = self._mapping_at(pos)
-            if base is None:
-                self._fail("cuMemSetAccess", f"{pos:#x} in [{va:#x}, +{size:#x}) is not mapped")
-            covered.append(base)
-            pos = base + self.mappings[base]["size"]
-        for base in covered:
-            self.mappings[base]["access"].add(device)
-
-
-class FaultInjectingDriver:
-    """Wraps any driver; ``inject_failure(op, nth)`` makes its nth next ``op`` call raise first.
-
-    For GPU tests: the real driver's state stays exactly what the wrapped calls made it.
-    """
-
-    def __init__(self, inner: Any):
-        self.inner = inner
-        self._faults = _FaultPlan()
-
-    @property
-    def calls(self) -> dict[str, int]:
-        return dict(self._faults.calls)
-
-    def inject_failure(self, op: str, nth: int = 1) -> None:
-        self._faults.arm(op, nth)
-
-    def __getattr__(self, name: str) -> Any:  # is_mapped, context, close, ...
-        return getattr(self.inner, name)
-
-
-def _forward(op: str):
-    """A method of :class:`FaultInjectingDriver`: count (and maybe fail) the call, then delegate."""
-    def call(self, *args: Any) -> Any:
-        self._faults.tick(op)
-        return getattr(self.inner, op)(*args)
-
-    call.__name__ = op
-    return call
-
-
-for _op in OPERATIONS:  # real class attributes: runtime_checkable Protocols look them up statically
-    setattr(FaultInjectingDriver, _op, _forward(_op))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,16 +138,10 @@ def _checked(drv: Any, call: str, result: Any) -> Any:
 class CudaVmmDriver:
     """The VMM driver API through cuda-python, bound to one device's *primary context*.
 
-    Context. At construction it calls ``cuInit`` and retains the device's primary context with
-    ``cuDevicePrimaryCtxRetain``: the same context the CUDA runtime (and so CuPy and torch) uses,
-    whether they created it already or will later. Around every call it makes that context
-    current on the calling thread if it is not already, and restores the previous one afterwards,
-    so a caller's CuPy device selection is never disturbed and mapped memory is usable by CuPy
-    kernels on that device. :meth:`close` releases the retained context: close arenas first.
-
-    Physical memory is ``CU_MEM_ALLOCATION_TYPE_PINNED`` on the device (ordinary device memory);
-    access is read/write for the device. Every ``CUresult`` is checked: a failure raises
-    :class:`VmmDriverError` (a ``RuntimeError``) naming the driver call and error.
+    It retains the primary context (the one the runtime, so CuPy and torch, uses) and makes it
+    current around every call, restoring the caller's afterwards, so mapped memory is usable by
+    CuPy kernels on that device. :meth:`close` releases the context: close arenas first. Every
+    ``CUresult`` is checked: a failure raises :class:`VmmDriverError` naming the call and error.
     """
 
     def __init__(self, device: int = 0):
@@ -492,12 +242,9 @@ class CudaVmmDriver:
         return prop
 
     def host_location(self) -> str:
-        """The host location this driver backs ``cuMemMap`` with ('host_numa' or 'host').
-
-        Probed once by creating and releasing one granularity-sized allocation of each kind in
-        :attr:`HOST_LOCATIONS` order. Raises :class:`VmmDriverError` naming every failure when
-        none works (old driver or bindings): the caller reports that as "not available here".
-        """
+        """The host location this driver backs ``cuMemMap`` with ('host_numa' or 'host'), probed
+        once with one allocation of each kind; :class:`VmmDriverError` naming every failure when
+        none works (old driver or bindings)."""
         found = getattr(self, "_host_found", None)
         if found is not None:
             return found[0]
@@ -523,18 +270,14 @@ class CudaVmmDriver:
         return self._host_found[1]
 
     def create_host_handle(self, size: int) -> Any:
-        """``size`` bytes of pinned *host* memory as a handle that :meth:`map` can map.
-
-        The GPU reads such a mapping over the bus (zero-copy) once :meth:`set_access` grants it.
-        """
+        """``size`` bytes of pinned *host* memory as a handle :meth:`map` can map (the GPU reads it
+        over the bus once :meth:`set_access` grants it)."""
         return self._call("cuMemCreate", size, self._host_prop(self.host_location()), 0)
 
     # -- diagnostics --------------------------------------------------------------------------
     def is_mapped(self, va: int) -> bool:
-        """Does the driver have physical memory mapped at ``va``? (``cuMemRetainAllocationHandle``)
-
-        Any error from the query counts as "not mapped"; tests pair it with positive checks.
-        """
+        """Does the driver have physical memory mapped at ``va``? Any error of
+        ``cuMemRetainAllocationHandle`` counts as "not mapped"; tests pair it with positive checks."""
         drv = self._drv
         with self._current():
             res = drv.cuMemRetainAllocationHandle(va)
@@ -563,14 +306,10 @@ class CudaVmmDriver:
 class KVArena:
     """One VA reservation of ``num_slots`` equal slots, physical chunks mapped on demand.
 
-    Slot ``s`` spans ``[base + s*slot_bytes, base + (s+1)*slot_bytes)``; its mapped part is always
-    a prefix of whole chunks. A kernel given ``base`` and per-sequence slot offsets reads each
-    sequence contiguously. ``slot_bytes`` must be a positive multiple of ``chunk_bytes``, and
-    ``chunk_bytes`` a positive multiple of the driver's granularity.
-
-    Accounting: *used* bytes are what :meth:`grow` was asked for (the largest request since the
-    slot's last release); *mapped* bytes are whole chunks; internal waste = mapped - used.
-    Physical bytes also count chunks parked on the free list (memory held, not mapped).
+    A slot's mapped part is always a prefix of whole chunks. *Used* bytes are what :meth:`grow`
+    was asked for (the largest request since the slot's last release), *mapped* bytes whole
+    chunks, internal waste = mapped - used; physical bytes also count chunks parked on the free
+    list (held, not mapped).
     """
 
     def __init__(self, driver: Any, num_slots: int, slot_bytes: int, chunk_bytes: int, *, device: int = 0):
@@ -646,12 +385,9 @@ class KVArena:
 
     # -- growth and release -------------------------------------------------------------------
     def grow(self, slot: int, nbytes: int) -> int:
-        """Map chunks until ``slot``'s mapped prefix covers ``nbytes``; return how many were mapped.
-
-        Chunks come from the free list first, else from a new physical allocation. If any driver
-        call fails, every chunk this call mapped is unmapped, reused handles go back to the free
-        list and new ones are released, then the error is re-raised: the arena is as before.
-        """
+        """Map chunks (free list first, else new) until ``slot``'s mapped prefix covers ``nbytes``;
+        return how many were mapped. If a driver call fails, this call's chunks are unmapped and
+        given back and the error re-raised: the arena is as before."""
         self._open()
         s = self._slot(slot)
         _check_int("nbytes", nbytes, minimum=0)
@@ -690,11 +426,8 @@ class KVArena:
         return len(done)
 
     def _give_back(self, handle: Any, fresh: bool, err: BaseException) -> None:
-        """Undo taking an unmapped ``handle``: release it if this grow created it, else park it again.
-
-        If the release fails, the handle is parked on the free list (still allocated, still
-        tracked, so close() releases it) and a note is added to ``err``.
-        """
+        """Undo taking an unmapped ``handle``: release it if this grow created it, else park it again
+        (also when the release fails, with a note on ``err``: close() releases it later)."""
         if fresh:
             try:
                 self.driver.release_handle(handle)
@@ -706,8 +439,7 @@ class KVArena:
 
     def _roll_back(self, s: int, start: int, done: list[tuple[Any, bool]], err: BaseException) -> None:
         """Unmap, newest first, what a failed grow mapped. If an unmap fails too, the chunks still
-        mapped stay recorded in the slot (a prefix, so release/close will unmap them) and a note
-        is added to the original error."""
+        mapped stay recorded in the slot (a prefix: release/close unmap them), noted on ``err``."""
         for i in range(len(done) - 1, -1, -1):
             handle, fresh = done[i]
             try:
@@ -726,8 +458,7 @@ class KVArena:
     def release(self, slot: int) -> int:
         """Unmap all of ``slot``'s chunks onto the free list (memory stays allocated); return their count.
 
-        Chunks are unmapped last-to-first onto a LIFO free list, so the next growth takes them
-        back in the slot's original order (a slot released and regrown gets the same chunks).
+        Last-to-first onto a LIFO list: a slot released and regrown gets the same chunks back.
         """
         self._open()
         s = self._slot(slot)
@@ -756,10 +487,8 @@ class KVArena:
         return n
 
     def close(self) -> None:
-        """Unmap every slot, release every handle, free the reservation. Idempotent.
-
-        Carries on past failures so as much as possible is given back, then raises the first.
-        """
+        """Unmap every slot, release every handle, free the reservation (idempotent); carries on past
+        failures so as much as possible is given back, then raises the first."""
         if self._closed:
             return
         errors: list[BaseException] = []
@@ -830,11 +559,8 @@ class KVArena:
         return cupy_view(self.slot_address(slot), nbytes, dtype, shape, owner=self, device=self.device)
 
     def full_view(self, dtype: Any, shape: tuple[int, ...] | None = None):
-        """A CuPy array over the whole reservation, for kernels that take one base pointer.
-
-        Only mapped parts may be touched: a read or write of an unmapped slot region is an
-        illegal address, which ends the CUDA context.
-        """
+        """A CuPy array over the whole reservation, for kernels that take one base pointer. Only
+        mapped parts may be touched: an unmapped address is illegal and ends the CUDA context."""
         self._open()
         return cupy_view(self.base, self.reserved_bytes, dtype, shape, owner=self, device=self.device)
 
@@ -846,11 +572,8 @@ def _add_note(err: BaseException, note: str) -> None:
 
 def cupy_view(ptr: int, nbytes: int, dtype: Any, shape: tuple[int, ...] | None = None, *,
               owner: Any = None, device: int = 0):
-    """Wrap ``nbytes`` of device memory at ``ptr`` as a ``cupy.ndarray`` (no copy, no ownership).
-
-    ``shape`` defaults to 1-D over all of ``nbytes``; a shape needing more bytes is a ValueError.
-    ``owner`` is kept alive by the array (pass whatever must outlive it).
-    """
+    """Wrap ``nbytes`` of device memory at ``ptr`` as a ``cupy.ndarray`` (no copy, no ownership);
+    ``shape`` defaults to 1-D over all of it, ``owner`` is kept alive by the array."""
     _check_int("ptr", ptr, minimum=1)
     _check_int("nbytes", nbytes, minimum=1)
     dt = np.dtype(dtype)
@@ -877,12 +600,9 @@ def cupy_view(ptr: int, nbytes: int, dtype: Any, shape: tuple[int, ...] | None =
 class SplitMapping:
     """One virtual range: pinned host memory for its first ``host_bytes``, device memory after.
 
-    Made with the CUDA virtual-memory driver API: ``reserve_va``, one
-    host-located handle (``create_host_handle``) and one device handle mapped back to back, read
-    and write access for the GPU on both. A kernel given the base pointer reads the host part
-    over the bus and the rest from device memory, with no idea which is which. Released (unmap,
-    release, free) by :meth:`close` or when garbage-collected; a failed construction undoes
-    what it did.
+    A host-located and a device handle mapped back to back: a kernel given the base pointer reads
+    the host part over the bus and the rest from device memory, with no idea which is which.
+    Released by :meth:`close` or when garbage-collected; a failed construction undoes itself.
     """
 
     def __init__(self, driver: Any, host_bytes: int, device_bytes: int, *, device: int = 0):

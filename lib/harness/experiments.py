@@ -1,23 +1,18 @@
 """Named experiment grids: what a sweep measures, point by point.
 
-An :class:`Experiment` names a grid of parameters and the function that measures one point; each
-chapter package declares its own in ``lib/chapters/<chapter>/experiment.py`` and
-:mod:`lib.catalog` lists them all by name. ``grid`` is a dict ``param -> list of values`` (a
-Cartesian product; the first key varies slowest) or a list of such dicts (their union: the seed's
-tables are not one product). Every parameter a measure function reads belongs in the grid, fixed
-ones as one-value lists, so a user can change any of them (``-p seq_len=1024,2048``); ``where``
-drops points (a predicate).
+An :class:`Experiment` names a grid and the function that measures one point; each chapter package
+declares its own (``lib/chapters/<chapter>/experiment.py``) and :mod:`lib.catalog` lists them.
+``grid`` is a dict ``param -> values`` (a Cartesian product, first key slowest) or a list of such
+dicts (their union: the seed's tables are not one product). Every parameter a measure function
+reads belongs in the grid, fixed ones as one-value lists, so a user can change any of them
+(``-p seq_len=1024,2048``); ``where`` drops points.
 
-The measure contract: ``measure(point) -> dict`` (or a list of dicts, one per thing timed) whose
-keys are columns of the results schema (:mod:`lib.harness.results`). The sweep fills the rest
-(identity, time, status, wall time, the run's read ceiling, derived bandwidth); point parameters
-that are schema columns fill those columns, the others go into ``extra``. An exception becomes an
-``error`` row (retried by the next run) and the sweep moves on.
-
-:func:`point_key` turns a point (a plain dict) into the stable string that identifies it in the
-results (``k=v;k=v``, keys sorted). :func:`shard` splits a sweep's points for a cluster array
-job: indices are **0-based** (as Kubernetes' ``JOB_COMPLETION_INDEX`` and Slurm's
-``--array=0-<n-1>``) and shard ``i`` takes points ``i, i+n, ...`` so expensive points spread evenly.
+The measure contract: ``measure(point)`` returns a dict (or a list of dicts, one per thing timed)
+keyed by results-schema columns (:mod:`lib.harness.results`). The sweep fills identity, time,
+status, wall time, read ceiling and derived bandwidth; point parameters that are schema columns
+fill those columns, the others go into ``extra``. An exception becomes an ``error`` row, retried
+by the next run. Shards are **0-based** (as Kubernetes' ``JOB_COMPLETION_INDEX`` and Slurm's
+``--array=0-<n-1>``); shard ``i`` takes points ``i, i+n, ...`` so expensive points spread evenly.
 """
 
 from __future__ import annotations
@@ -42,7 +37,7 @@ class Experiment:
     gpu: bool = True  # False: runs anywhere, rows are filed under gpu_slug "cpu"
     where: Callable[[dict], bool] | None = field(default=None, compare=False)
     # "pkg.module:function" called with the points about to be measured, before the first one
-    # (e.g. compile every kernel they need in parallel); its time counts as setup.
+    # (e.g. compile every kernel they need in parallel); its time is reported apart (prepare_s).
     prepare: str | None = None
     # True for experiments that time nothing: several processes may share one GPU.
     concurrent_ok: bool = False
@@ -252,18 +247,9 @@ def _selftest_measure(point: dict) -> dict:
     if point["fail_n"] == n:
         raise RuntimeError(f"selftest: planned failure at n={n}")
     median = 10.0 * n + (0.5 if variant == "b" else 0.0)
-    return {
-        "backend": f"selftest-{variant}",
-        "protocol": "rigorous",
-        "median_us": median,
-        "p10_us": 0.95 * median,
-        "p90_us": 1.05 * median,
-        "samples": 10,
-        "bytes_moved": 1000 * n,
-        "rel_error": 0.0,
-        "check_passed": True,
-        "extra": {"square": n * n},
-    }
+    return {"backend": f"selftest-{variant}", "protocol": "rigorous", "median_us": median,
+            "p10_us": 0.95 * median, "p90_us": 1.05 * median, "samples": 10, "bytes_moved": 1000 * n,
+            "rel_error": 0.0, "check_passed": True, "extra": {"square": n * n}}
 
 
 SELFTEST = check(Experiment(

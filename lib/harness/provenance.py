@@ -20,22 +20,13 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-#: distribution names to report; for CuPy the first installed wheel name wins
+#: distribution names to report; where several are given, the first installed one wins
 LIBRARIES = {
-    "torch": ("torch",),
-    "cupy": ("cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x", "cupy"),
-    "triton": ("triton",),
-    "vllm": ("vllm",),
-    "numpy": ("numpy",),
-    "pandas": ("pandas",),
-    "nvidia-ml-py": ("nvidia-ml-py", "pynvml"),
-    "cuda-python": ("cuda-python", "cuda-bindings"),
-    "papermill": ("papermill",),
-    "jupytext": ("jupytext",),
-    "nbclient": ("nbclient",),
-    "ipykernel": ("ipykernel",),
-    "jupyter-book": ("jupyter-book",),
-    "tqdm": ("tqdm",),
+    "torch": ("torch",), "cupy": ("cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x", "cupy"),
+    "triton": ("triton",), "vllm": ("vllm",), "numpy": ("numpy",), "pandas": ("pandas",),
+    "nvidia-ml-py": ("nvidia-ml-py", "pynvml"), "cuda-python": ("cuda-python", "cuda-bindings"),
+    "papermill": ("papermill",), "jupytext": ("jupytext",), "nbclient": ("nbclient",),
+    "ipykernel": ("ipykernel",), "jupyter-book": ("jupyter-book",), "tqdm": ("tqdm",),
 }
 
 
@@ -47,13 +38,8 @@ def library_versions() -> dict[str, str | None]:
     """Installed versions from package metadata (no imports, so no torch start-up cost)."""
     out: dict[str, str | None] = {}
     for key, dists in LIBRARIES.items():
-        out[key] = None
-        for d in dists:
-            try:
-                out[key] = md.version(d)
-                break
-            except md.PackageNotFoundError:
-                continue
+        found = (_try(md.version, d) for d in dists)  # None where not installed
+        out[key] = next((v for v in found if v is not None), None)
     return out
 
 
@@ -132,21 +118,14 @@ def snapshot(device: int | None = None) -> dict[str, Any] | None:
     ``None`` without a GPU or nvidia-ml-py; single fields are ``None`` where NVML cannot say.
     """
     dev = _current_device(device)
-    if dev is None:
-        return None
-    nv = _nvml()
-    if nv is None:
-        return None
-    h = _nvml_handle(nv, dev)
+    nv = None if dev is None else _nvml()
+    h = None if nv is None else _nvml_handle(nv, dev)
     if h is None:
         return None
 
     def q(fn, *args, scale=1.0):
-        try:
-            v = getattr(nv, fn)(h, *args)
-        except Exception:
-            return None
-        return v * scale if scale != 1.0 else v
+        v = _try(lambda: getattr(nv, fn)(h, *args))
+        return v * scale if v is not None and scale != 1.0 else v
 
     reasons = "nvmlDeviceGetCurrentClocksEventReasons"
     if not hasattr(nv, reasons):
@@ -162,15 +141,8 @@ def snapshot(device: int | None = None) -> dict[str, Any] | None:
         "power_limit_w": q("nvmlDeviceGetEnforcedPowerLimit", scale=1e-3),
         "pstate": q("nvmlDeviceGetPerformanceState"),
         "clock_event_reasons": q(reasons),
-        "memory_used_bytes": _nvml_mem_used(nv, h),
+        "memory_used_bytes": _try(lambda: int(nv.nvmlDeviceGetMemoryInfo(h).used)),
     }
-
-
-def _nvml_mem_used(nv, h):
-    try:
-        return int(nv.nvmlDeviceGetMemoryInfo(h).used)
-    except Exception:
-        return None
 
 
 def gpu_info(device: int | None = None) -> dict[str, Any] | None:
@@ -194,9 +166,7 @@ def gpu_info(device: int | None = None) -> dict[str, Any] | None:
         "memory_bus_width_bits": props.get("memoryBusWidth"),
         "cuda_runtime_version": _fmt_cuda_version(_try(rt.runtimeGetVersion)),
         "cuda_driver_version": _fmt_cuda_version(_try(rt.driverGetVersion)),
-        "driver_version": None,
-        "uuid_sha16": None,
-        "pci_bus_id": None,
+        "driver_version": None, "uuid_sha16": None, "pci_bus_id": None,  # filled in below
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
     raw_uuid = props.get("uuid")
@@ -236,19 +206,10 @@ def collect(params: dict | None = None, *, device: int | None = None) -> dict[st
     """Everything a reader needs to trust or repeat a run (see the module docstring)."""
     from lib import __version__
 
-    return {
-        "time_utc": _utc_now(),
-        "host_sha16": short_hash(socket.gethostname()),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "argv": list(sys.argv),
-        "lib_version": __version__,
-        "git": git_state(),
-        "libraries": library_versions(),
-        "gpu": gpu_info(device),
-        "snapshot_before": snapshot(device),
-        "params": dict(params or {}),
-    }
+    return {"time_utc": _utc_now(), "host_sha16": short_hash(socket.gethostname()),
+            "python": sys.version.split()[0], "platform": platform.platform(), "argv": list(sys.argv),
+            "lib_version": __version__, "git": git_state(), "libraries": library_versions(),
+            "gpu": gpu_info(device), "snapshot_before": snapshot(device), "params": dict(params or {})}
 
 
 #: What each use of the study needs installed (``python -m lib env`` lists what is missing).

@@ -1,78 +1,19 @@
 """The results store: one tidy row schema, crash-safe appends, resume keys, validated loading.
 
-Every measured number in the book is one row of one CSV file::
+Every measured number in the book is one row of one CSV file,
+``data/results/<experiment>/<gpu-slug>.csv``, with the run's provenance beside it in
+``<gpu-slug>.json`` (a JSON object keyed by run_id). Each process of a multi-process sweep writes
+``<gpu-slug>.part-<tag>.csv`` / ``.json`` instead, since appends to one file from several NFS
+clients are not atomic; :func:`merge_parts` folds them into the main file, and until then every
+reader here reads the main file and its parts together.
 
-    data/results/<experiment>/<gpu-slug>.csv     rows, appended as they are measured
-    data/results/<experiment>/<gpu-slug>.json    provenance, a JSON object keyed by run_id
-
-Each process of a multi-process sweep (one per GPU, or one cluster shard each) writes
-``<gpu-slug>.part-<tag>.csv`` / ``.json`` beside them, since appends to one file from several
-NFS clients are not atomic; :func:`merge_parts` concatenates them into the main file, and until
-then every reader here reads the main file and its parts together.
-
-Row schema
-----------
-One table, in file order. ``dtype`` is what :func:`load` returns; every column may be empty
-(missing) unless marked *required*. Units are fixed: times in microseconds, bandwidth in
-GB/s = 10^9 bytes per second, sizes in bytes or tokens, percentages 0-100.
-
-=====================  ========  ==========  ====================================================
-column                 dtype     unit        meaning
-=====================  ========  ==========  ====================================================
-experiment             str       -           registry name (``lib.harness.experiments``); *required*
-point_key              str       -           the point's parameters, ``k=v;k=v`` sorted by key;
-                                             the resume key; *required*
-run_id                 str       -           one sweep process; keys the provenance JSON;
-                                             *required*
-time_utc               datetime  UTC         when the row was written; *required*
-gpu_slug               str       -           GPU model, e.g. ``h100-80gb-hbm3``; ``cpu`` for
-                                             experiments that use no GPU; *required*
-status                 str       -           ``ok`` or ``error`` (measure raised); *required*
-backend                str       -           what was timed (an own kernel, ``vllm-triton``,
-                                             ``sdpa``, ``memcpy``, ...)
-version                str       -           kernel version (``v1``/``v2``) or backend version
-addressing             str       -           ``paged`` | ``contiguous`` | ``no_offset``
-placement              str       -           physical block placement (``shuffled``,
-                                             ``identity``, ``contiguous``, ``seed_random``)
-memory_kind            str       -           where the KV cache lives (``device``, ``managed``,
-                                             ...)
-block_size             int       tokens      KV-cache block size
-seq_len                int       tokens      context length per sequence
-batch_size             int       sequences   sequences decoded together
-num_heads              int       heads       query heads
-num_kv_heads           int       heads       key/value heads
-head_size              int       elements    per head
-dtype                  str       -           element type of K/V/Q (``float16``, ...)
-protocol               str       -           timing method: ``rigorous`` (CUDA graph, L2
-                                             flushed), ``hot`` (graph, no flush), ``seed`` (the
-                                             2024 post's host-clock loop), ``eager`` /
-                                             ``eager-hot`` (events around eager calls, with /
-                                             without flush), ``direct`` (events around one API
-                                             call, no graph)
-median_us              float     us          median time of one call
-p10_us                 float     us          10th percentile
-p90_us                 float     us          90th percentile
-samples                int       count       timed samples behind the percentiles
-bytes_moved            int       bytes       bytes that must move (K, V, Q, output)
-bandwidth_gbps         float     GB/s        bytes_moved / median (filled in if absent)
-read_ceiling_gbps      float     GB/s        read-bandwidth ceiling measured in the same run
-pct_of_read_ceiling    float     %           100 * bandwidth / ceiling (filled in if absent)
-rel_error              float     1           error of the output against the float64
-                                             reference (as defined by ``lib.engine.validation``)
-check_passed           bool      -           did that check pass
-wall_s                 float     s           host wall time of the point's measure call (shared
-                                             by the rows one point produced)
-error                  str       -           the exception, for ``status == "error"``
-extra                  json      -           a JSON object of experiment-specific values: point
-                                             parameters that are not columns here, and anything
-                                             else a measure function reports
-=====================  ========  ==========  ====================================================
-
-The file stores one more, last column, ``crc``: the CRC-32 (8 hex digits) of the line up to it.
-Every reader skips a line whose CRC does not match (a write torn by a power loss).
-
-Why one fixed column set plus a JSON column: every file has the same header, so merging is
-concatenation and one validator covers all of them; experiment-specific values go in ``extra``.
+:data:`SCHEMA` is the row schema: one fixed column set (so every file has the same header, merging
+is concatenation and one validator covers all) plus a JSON column ``extra`` for experiment-specific
+values. Units are fixed: times in microseconds, bandwidth in GB/s = 10^9 bytes/s, sizes in bytes
+or tokens, percentages 0-100. The file stores one more, last column, ``crc``: the CRC-32 (8 hex
+digits) of the line up to it; readers skip a line whose CRC does not match (a torn write). The
+column table (name, dtype as :func:`load` returns it, unit, meaning; a cell may be empty unless
+its column is required) is appended below from :data:`SCHEMA`.
 
 Crash safety: :func:`append_rows` writes all rows of one point with a single ``os.write`` on an
 ``O_APPEND`` descriptor, then ``fsync``: a killed sweep loses at most the point in flight, and a
@@ -109,17 +50,17 @@ class Column:
 
 
 SCHEMA: tuple[Column, ...] = (
-    Column("experiment", "str", "-", "registry name", True),
-    Column("point_key", "str", "-", "the point's parameters, k=v;k=v sorted by key", True),
+    Column("experiment", "str", "-", "registry name (lib.catalog)", True),
+    Column("point_key", "str", "-", "the point's parameters, k=v;k=v sorted by key; the resume key", True),
     Column("run_id", "str", "-", "one sweep process; keys the provenance JSON", True),
     Column("time_utc", "datetime", "UTC", "when the row was written", True),
-    Column("gpu_slug", "str", "-", "GPU model slug, or 'cpu'", True),
-    Column("status", "str", "-", "ok | error", True),
-    Column("backend", "str", "-", "what was timed"),
+    Column("gpu_slug", "str", "-", "GPU model slug (e.g. h100-80gb-hbm3), or 'cpu'", True),
+    Column("status", "str", "-", "ok | error (measure raised)", True),
+    Column("backend", "str", "-", "what was timed (an own kernel, vllm-triton, sdpa, memcpy, ...)"),
     Column("version", "str", "-", "kernel version (v1/v2) or backend version"),
     Column("addressing", "str", "-", "paged | contiguous | no_offset"),
-    Column("placement", "str", "-", "physical block placement"),
-    Column("memory_kind", "str", "-", "where the KV cache lives"),
+    Column("placement", "str", "-", "physical block placement (shuffled, identity, contiguous, seed_random)"),
+    Column("memory_kind", "str", "-", "where the KV cache lives (device, managed, ...)"),
     Column("block_size", "int", "tokens", "KV-cache block size"),
     Column("seq_len", "int", "tokens", "context length per sequence"),
     Column("batch_size", "int", "sequences", "sequences decoded together"),
@@ -127,21 +68,27 @@ SCHEMA: tuple[Column, ...] = (
     Column("num_kv_heads", "int", "heads", "key/value heads"),
     Column("head_size", "int", "elements", "per head"),
     Column("dtype", "str", "-", "element type of K/V/Q"),
-    Column("protocol", "str", "-", "rigorous | hot | seed | eager | eager-hot | direct"),
+    Column("protocol", "str", "-", "rigorous (CUDA graph, L2 flushed) | hot (graph, no flush) | seed (the "
+           "2024 post's host-clock loop) | eager / eager-hot (events around eager calls, with / without "
+           "flush) | direct (events around one API call)"),
     Column("median_us", "float", "us", "median time of one call"),
     Column("p10_us", "float", "us", "10th percentile"),
     Column("p90_us", "float", "us", "90th percentile"),
     Column("samples", "int", "count", "timed samples"),
-    Column("bytes_moved", "int", "bytes", "bytes that must move"),
-    Column("bandwidth_gbps", "float", "GB/s", "bytes_moved / median"),
+    Column("bytes_moved", "int", "bytes", "bytes that must move (K, V, Q, output)"),
+    Column("bandwidth_gbps", "float", "GB/s", "bytes_moved / median (filled in if absent)"),
     Column("read_ceiling_gbps", "float", "GB/s", "read ceiling measured in the same run"),
-    Column("pct_of_read_ceiling", "float", "%", "100 * bandwidth / read ceiling"),
-    Column("rel_error", "float", "1", "error against the float64 reference"),
+    Column("pct_of_read_ceiling", "float", "%", "100 * bandwidth / read ceiling (filled in if absent)"),
+    Column("rel_error", "float", "1", "error against the float64 reference (lib.engine.validation)"),
     Column("check_passed", "bool", "-", "did the correctness check pass"),
-    Column("wall_s", "float", "s", "host wall time of the point's measure call"),
+    Column("wall_s", "float", "s", "host wall time of the point's measure call (shared by its rows)"),
     Column("error", "str", "-", "exception text for status == error"),
-    Column("extra", "json", "-", "experiment-specific values (JSON object)"),
+    Column("extra", "json", "-", "experiment-specific values (JSON object): point parameters that are "
+           "not columns, anything else measure reports"),
 )
+if __doc__:  # None under python -OO
+    __doc__ += "\n" + "\n".join(f"{c.name:<21}  {c.dtype:<8}  {c.unit:<10}  {c.meaning}"
+                                + (" (required)" if c.required else "") for c in SCHEMA) + "\n"
 COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA)
 BY_NAME: dict[str, Column] = {c.name: c for c in SCHEMA}
 HEADER = ",".join(COLUMNS) + ",crc"
@@ -268,7 +215,7 @@ def _present(row: Mapping, key: str) -> bool:
 
 
 def finalize_row(row: Mapping[str, Any]) -> dict:
-    """Check a row against the schema and fill the derived columns.
+    """Check a row against the schema and fill the derived columns and ``time_utc``.
 
     Unknown keys are an error (with a suggestion), so that a typo never silently lands in
     ``extra``. ``bandwidth_gbps`` and ``pct_of_read_ceiling`` are computed when absent and
@@ -280,13 +227,17 @@ def finalize_row(row: Mapping[str, Any]) -> dict:
         for k in unknown:
             close = difflib.get_close_matches(k, COLUMNS, n=1)
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(
-            "unknown result column(s): " + ", ".join(hints)
-            + "; put experiment-specific values in row['extra'] (a dict)"
-        )
+        raise ValueError("unknown result column(s): " + ", ".join(hints)
+                         + "; put experiment-specific values in row['extra'] (a dict)")
     r = dict(row)
     if not _present(r, "time_utc"):
         r["time_utc"] = datetime.now(timezone.utc)
+    _check_row(r)
+    return r
+
+
+def _check_row(r: dict) -> None:
+    """Required columns, categories and, for ok rows, timing order and units (fills derived columns)."""
     for col in SCHEMA:
         if col.required and not _present(r, col.name):
             raise ValueError(f"result row lacks required column {col.name!r}")
@@ -297,7 +248,6 @@ def finalize_row(row: Mapping[str, Any]) -> dict:
     if r["status"] == "ok":
         _check_timing(r)
         _derive(r)
-    return r
 
 
 def _check_timing(r: dict) -> None:
@@ -327,10 +277,8 @@ def _derive(r: dict) -> None:
         if not _present(r, "bandwidth_gbps"):
             r["bandwidth_gbps"] = bw
         elif not _close(float(r["bandwidth_gbps"]), bw):
-            raise ValueError(
-                f"bandwidth_gbps={r['bandwidth_gbps']} disagrees with bytes_moved/median_us "
-                f"= {bw:.6g} GB/s (units: bytes, microseconds, 1e9 bytes/s)"
-            )
+            raise ValueError(f"bandwidth_gbps={r['bandwidth_gbps']} disagrees with bytes_moved/median_us "
+                             f"= {bw:.6g} GB/s (units: bytes, microseconds, 1e9 bytes/s)")
     if _present(r, "read_ceiling_gbps") and not float(r["read_ceiling_gbps"]) > 0:
         raise ValueError(f"read_ceiling_gbps must be > 0, got {r['read_ceiling_gbps']}")
     if _present(r, "bandwidth_gbps") and _present(r, "read_ceiling_gbps"):
@@ -338,10 +286,8 @@ def _derive(r: dict) -> None:
         if not _present(r, "pct_of_read_ceiling"):
             r["pct_of_read_ceiling"] = pct
         elif not _close(float(r["pct_of_read_ceiling"]), pct):
-            raise ValueError(
-                f"pct_of_read_ceiling={r['pct_of_read_ceiling']} disagrees with "
-                f"100*bandwidth/ceiling = {pct:.6g} (a percentage, 0-100)"
-            )
+            raise ValueError(f"pct_of_read_ceiling={r['pct_of_read_ceiling']} disagrees with "
+                             f"100*bandwidth/ceiling = {pct:.6g} (a percentage, 0-100)")
 
 
 def format_line(row: Mapping[str, Any]) -> str:
@@ -388,10 +334,7 @@ def _ends_with_newline(path: Path) -> bool:
 
 
 def append_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> list[dict]:
-    """Validate rows and append them to ``path`` atomically (all or none, one write).
-
-    Returns the finalized rows (with derived columns and time filled in).
-    """
+    """Validate rows and append them to ``path`` atomically (all or none, one write); the finalized rows."""
     done = [finalize_row(r) for r in rows]
     if done:
         _append_bytes(Path(path), "".join(format_line(r) for r in done).encode())
@@ -431,20 +374,15 @@ def read_raw(path: str | os.PathLike) -> _Read:
     lines = text.split("\n")
     if not lines or lines[0] != HEADER:
         got = lines[0][:200] if lines else ""
-        raise ValueError(
-            f"{path}: header does not match results schema v{SCHEMA_VERSION}.\n"
-            f"  want: {HEADER}\n  got:  {got}"
-        )
+        raise ValueError(f"{path}: header does not match results schema v{SCHEMA_VERSION}.\n"
+                         f"  want: {HEADER}\n  got:  {got}")
     rows, skipped = [], 0
     for line in lines[1:]:
         if not line:
             continue
         body = _check_line(line)
-        if body is None:
-            skipped += 1
-            continue
-        fields = next(csv.reader([body]))
-        if len(fields) != len(COLUMNS):
+        fields = None if body is None else next(csv.reader([body]))
+        if fields is None or len(fields) != len(COLUMNS):
             skipped += 1
             continue
         rows.append(fields)
@@ -452,10 +390,9 @@ def read_raw(path: str | os.PathLike) -> _Read:
 
 
 def iter_raw(paths: Iterable[Path]) -> Iterator[dict[str, str]]:
-    idx = {c: i for i, c in enumerate(COLUMNS)}
     for p in paths:
         for fields in read_raw(p).rows:
-            yield {c: fields[i] for c, i in idx.items()}
+            yield dict(zip(COLUMNS, fields))
 
 
 def done_keys(path: str | os.PathLike) -> set[str]:
@@ -498,15 +435,19 @@ def load(experiment: str, gpu: str | Iterable[str] | None = None, *, root: str |
 
 
 def _typed_frame(raw: list[dict[str, str]], pd):
+    """The rows as typed columns; each row then passes the checks :func:`finalize_row` made."""
     cols = {}
     for col in SCHEMA:
-        vals = [r[col.name] for r in raw]
         try:
-            cols[col.name] = _convert(col, vals, pd)
+            cols[col.name] = _convert(col, [r[col.name] for r in raw], pd)
         except (ValueError, TypeError) as e:
             raise ValueError(f"results column {col.name!r} ({col.dtype}, {col.unit}): {e}") from None
     df = pd.DataFrame(cols)
-    _validate_frame(df)
+    for rec in df.astype(object).where(df.notna(), None).to_dict("records"):
+        try:
+            _check_row(rec)
+        except ValueError as e:
+            raise ValueError(f"results row {rec['point_key']!r} of run {rec['run_id']!r}: {e}") from None
     return df
 
 
@@ -534,38 +475,6 @@ def _convert(col: Column, vals: list[str], pd):
             out.append(d)
         return pd.Series(out, dtype="object")
     raise AssertionError(col.dtype)
-
-
-def _validate_frame(df) -> None:
-    """Types were checked by conversion; check categories, required columns and units."""
-    for col in SCHEMA:
-        if col.required and df[col.name].isna().any():
-            raise ValueError(f"required results column {col.name!r} has empty cells")
-    bad = set(df["status"]) - set(STATUSES)
-    if bad:
-        raise ValueError(f"unknown status values {sorted(bad)}")
-    bad = set(df["protocol"].dropna()) - set(PROTOCOLS)
-    if bad:
-        raise ValueError(f"unknown protocol values {sorted(bad)} (known: {PROTOCOLS})")
-    ok = df[df["status"] == "ok"]
-    t = ok.dropna(subset=["median_us"])
-    if (t["median_us"] <= 0).any():
-        raise ValueError("median_us must be > 0 (microseconds)")
-    lo = t["p10_us"].fillna(t["median_us"])
-    hi = t["p90_us"].fillna(t["median_us"])
-    slack = 1e-9 * t["median_us"]
-    if ((lo > t["median_us"] + slack) | (t["median_us"] > hi + slack)).any():
-        raise ValueError("rows with p10_us <= median_us <= p90_us violated")
-    b = ok.dropna(subset=["bytes_moved", "median_us", "bandwidth_gbps"])
-    if len(b):
-        want = b["bytes_moved"].astype("float64") / b["median_us"] / 1e3
-        if ((b["bandwidth_gbps"] - want).abs() > _DERIVED_RTOL * want.abs()).any():
-            raise ValueError("bandwidth_gbps disagrees with bytes_moved / median_us (GB/s = 1e9 B/s)")
-    c = ok.dropna(subset=["bandwidth_gbps", "read_ceiling_gbps", "pct_of_read_ceiling"])
-    if len(c):
-        want = 100.0 * c["bandwidth_gbps"] / c["read_ceiling_gbps"]
-        if ((c["pct_of_read_ceiling"] - want).abs() > _DERIVED_RTOL * want.abs()).any():
-            raise ValueError("pct_of_read_ceiling disagrees with 100 * bandwidth / ceiling")
 
 
 def _dedupe(df):
@@ -678,7 +587,7 @@ def merge_parts(main_csv: str | os.PathLike, parts: Iterable[str | os.PathLike] 
 
 
 def schema_markdown() -> str:
-    """The schema as a Markdown table (for the book's method chapter)."""
+    """The schema as a Markdown table."""
     lines = ["| column | dtype | unit | meaning |", "| --- | --- | --- | --- |"]
     for c in SCHEMA:
         lines.append(f"| `{c.name}` | {c.dtype} | {c.unit} | {c.meaning}{' (required)' if c.required else ''} |")

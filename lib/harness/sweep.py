@@ -1,22 +1,17 @@
 """Run an experiment's grid point by point, crash-safe and resumable.
 
-Each point's rows are appended to the results file as soon as they exist, so a killed sweep loses
-at most the point in flight and the same command again measures only what is missing
-(``force=True`` measures everything again; the loader keeps the newest rows).
-
-One process writes ``<exp>/<gpu-slug>.csv`` (:mod:`lib.harness.results`). Each process of a
-multi-process sweep writes its own part file, tagged ``d<dev>`` (one worker per GPU) and/or
-``s<i>of<n>`` (a cluster shard): appends from several hosts to one NFS file are not atomic. A
-multi-GPU sweep merges its parts when all workers are done; cluster shards are merged afterwards
-(``python -m lib merge <experiment>``); readers see the main file and its parts together.
-
-Each process records its provenance (:mod:`lib.harness.provenance`) under its own run_id, with
-the ceilings it measured and, at the end, a second GPU snapshot, its times and whether it completed.
+Each point's rows are appended as soon as they exist, so a killed sweep loses at most the point in
+flight and the same command again measures only what is missing (``force=True`` measures
+everything again; the loader keeps the newest rows). Each process of a multi-process sweep writes
+its own part file (:mod:`lib.harness.results`), tagged ``d<dev>`` (one worker per GPU) and/or
+``s<i>of<n>`` (a cluster shard); a multi-GPU sweep merges its parts when all workers are done,
+cluster shards are merged afterwards (``python -m lib merge <experiment>``). Each process records
+its provenance under its own run_id: the ceilings it measured and, at the end, a second GPU
+snapshot, its times and whether it completed.
 """
 
 from __future__ import annotations
 
-import math
 import multiprocessing as mp
 import os
 import queue
@@ -57,11 +52,10 @@ class SweepSummary:
 
     @property
     def overhead_frac(self) -> float:
-        """Share of worker time spent neither measuring, nor preparing (compiling the experiment's
-        kernels), nor starting the GPU: provenance, ceilings, appends, progress, process start-up.
-        GPU start-up (the CUDA context, and compiling the harness's own kernels once per machine:
-        on a fresh H100 node the ceilings took 3.9 s with that compile inside, 0.3 s without) is
-        reported apart, on the line."""
+        """Share of worker time spent neither measuring, nor preparing, nor starting the GPU:
+        provenance, ceilings, appends, progress, process start-up. GPU start-up is reported apart
+        (on a fresh H100 node the ceilings took 3.9 s with the harness's kernel compile inside, 0.3 s
+        without)."""
         busy = self.wall_s * self.workers
         work = self.measure_s + self.prepare_s + self.init_s
         return 0.0 if busy <= 0 else max(0.0, 1.0 - work / busy)
@@ -90,10 +84,8 @@ def _slug(exp: E.Experiment, devices: Sequence[int] | None) -> str:
     from lib.engine.gpu import gpu_available
 
     if not gpu_available():
-        raise NeedsGPU(
-            f"experiment {exp.name!r} needs a CUDA GPU and CuPy; none is visible here "
-            "(chapters replay committed data on CPU machines)"
-        )
+        raise NeedsGPU(f"experiment {exp.name!r} needs a CUDA GPU and CuPy; none is visible here "
+                       "(chapters replay committed data on CPU machines)")
     import cupy
 
     count = cupy.cuda.runtime.getDeviceCount()
@@ -221,7 +213,7 @@ def _complete(row: dict, base: dict, point: dict) -> dict:
         else:
             extra.setdefault(k, v)
     for k, v in base.items():
-        if row.get(k) is None or (isinstance(row.get(k), float) and math.isnan(row[k])):
+        if not R._present(row, k):
             row[k] = v
     row["extra"] = extra
     return row
@@ -235,10 +227,9 @@ def measure_points(exp: E.Experiment, points: Sequence[dict], path: str | os.Pat
     t0 = time.perf_counter()
     init_s = _start_gpu() if exp.gpu else 0.0
     t_prov = time.perf_counter()
-    prov = provenance.collect({**params, "csv": str(path)})
+    prov = {**provenance.collect({**params, "csv": str(path)}), "schema_version": R.SCHEMA_VERSION,
+            "status": "running"}
     provenance_s = time.perf_counter() - t_prov
-    prov["schema_version"] = R.SCHEMA_VERSION
-    prov["status"] = "running"
     ceiling = None
     if exp.gpu:
         from lib.engine import timing
@@ -254,7 +245,7 @@ def measure_points(exp: E.Experiment, points: Sequence[dict], path: str | os.Pat
     if prepare is not None and points:
         prepare([dict(p) for p in points])
     prepare_s = time.perf_counter() - t_prep
-    slug = Path(R._main_of(Path(path))).stem
+    slug = R._main_of(Path(path)).stem
     setup_s = time.perf_counter() - t0 - prepare_s - init_s  # provenance + ceilings
     base = {"experiment": exp.name, "run_id": run_id, "gpu_slug": slug, "status": "ok"}
     if ceiling is not None:
@@ -273,18 +264,16 @@ def measure_points(exp: E.Experiment, points: Sequence[dict], path: str | os.Pat
                 rows[0]["error"] = failed[:2000]
             dt = time.perf_counter() - t1
             counts["measure_s"] += dt
-            done = []
-            for row in rows:
-                row = _complete(row, {**base, "point_key": key, "wall_s": dt}, point)
-                if failed:
+            ident = {**base, "point_key": key, "wall_s": dt}
+            done = [_complete(row, ident, point) for row in rows]
+            if failed:
+                for row in done:
                     row["status"] = "error"
-                done.append(row)
             try:
                 R.append_rows(path, done)
             except ValueError as e:  # a measure function returned a bad row: record why, go on
                 failed = f"bad row from measure: {e}"
-                done = [_complete({"status": "error", "error": failed[:2000]},
-                                  {**base, "point_key": key, "wall_s": dt}, point)]
+                done = [_complete({"status": "error", "error": failed[:2000]}, ident, point)]
                 R.append_rows(path, done)
             counts["points"] += 1
             counts["rows"] += len(done)
@@ -360,8 +349,7 @@ def _run_workers(exp, todo, slug, devices, shard_tag, params, out_dir, progress,
     q = ctx.Queue()
     parent_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     visible_list = parent_visible.split(",") if parent_visible else None
-    procs = {}
-    paths = []
+    procs, paths = {}, []
     plan_ = _assignments(todo, devices, per_device)
     # workers compile kernels too: share the CPU among them rather than each taking all of it
     os.environ.setdefault("UVM_STUDY_COMPILE_JOBS", str(max(1, (os.cpu_count() or 1) // len(plan_))))

@@ -1,19 +1,17 @@
 """Kernel-only vLLM install: the few files of a vLLM wheel that its decode kernel imports.
 
 vLLM 0.33's wheel is 336 MB and pins its own torch, yet its Triton decode kernel
-(``lib.engine.backends.vllm.KERNEL_MODULE``) needs a few dozen pure-Python files. They are found
-by importing the kernel from the unpacked wheel in a subprocess and keeping every ``vllm`` module
-that ended up in ``sys.modules``; the result runs beside another torch and on offline GPU nodes.
-Two silent traps shape it (the engine module's loader checks both again):
+(``lib.engine.backends.vllm.KERNEL_MODULE``) needs a few dozen pure-Python files: those a
+subprocess imports from the unpacked wheel. The result runs beside another torch and on offline
+GPU nodes. Two silent traps shape it (the engine's loader checks both again):
 
 * vLLM asks ``importlib.metadata.version("vllm")`` to decide whether Triton is usable and swaps
   in a no-op stand-in when it does not resolve: ``METADATA`` is copied beside the modules.
 * ``vllm/third_party/pynvml.py`` makes vLLM pick its CUDA platform, which imports a compiled
   library built for the wheel's torch: never copied, and deleted before the probe imports.
 
-The probe runs with ``CUDA_VISIBLE_DEVICES=""``: vLLM then keeps real Triton without a GPU (it
-takes an empty device list for a worker not yet bound to its GPU), so a CPU-only builder finds
-the module set a GPU node imports.
+The probe runs with ``CUDA_VISIBLE_DEVICES=""``: vLLM then keeps real Triton without a GPU, so a
+CPU-only builder finds the module set a GPU node imports.
 """
 
 from __future__ import annotations
@@ -119,16 +117,13 @@ else:
             outside.append(f)
         else:
             mods[name] = os.path.relpath(f, root)
-    result["modules"] = mods
-    result["outside"] = outside
+    result["modules"], result["outside"] = mods, outside
     pkg_root = os.path.join(root, top) + os.sep
-    result["data_files"] = sorted(
-        os.path.relpath(p, root) for p in opened
-        if p.startswith(pkg_root) and "__pycache__" not in p and os.path.isfile(p)
-    )
+    result["data_files"] = sorted(os.path.relpath(p, root) for p in opened
+                                  if p.startswith(pkg_root) and "__pycache__" not in p and os.path.isfile(p))
     try:
         result["version"] = importlib.metadata.version(top)
-    except Exception as exc:
+    except Exception:
         result["version"] = None
     tu = sys.modules.get(top + ".triton_utils")
     result["has_triton"] = getattr(tu, "HAS_TRITON", None) if tu else None
@@ -191,30 +186,28 @@ def _check_probe(result: dict[str, Any], python: str, module: str) -> None:
     if not result["ok"]:
         missing = (result.get("missing") or "").split(".")[0]
         if missing in ("torch", "triton"):
-            raise RuntimeError(
-                f"{python} lacks {missing}: importing {module} needs torch and triton "
-                f"in the python that runs the install (pass python=... / --python). "
-                f"({result['error']})")
+            raise RuntimeError(f"{python} lacks {missing}: importing {module} needs torch and triton "
+                               f"in the python that runs the install (pass python=... / --python). "
+                               f"({result['error']})")
         raise RuntimeError(f"importing {module} from the wheel failed in {python}: {result['error']}")
     if result["outside"]:
         raise RuntimeError(f"{top} modules were imported from outside the wheel: {result['outside'][:3]}")
     if result.get("has_triton") is False:
         why = "it has no triton" if result.get("triton") is None else "Triton looked unusable to it"
-        raise RuntimeError(
-            f"vLLM replaced Triton by its no-op stand-in during the import in {python} ({why}); "
-            "the module set would not be the one a GPU run imports. Install triton there.")
+        raise RuntimeError(f"vLLM replaced Triton by its no-op stand-in during the import in {python} "
+                           f"({why}); the module set would not be the one a GPU run imports. Install triton there.")
     if not result.get("version"):
         raise RuntimeError(f"importlib.metadata.version({top!r}) did not resolve during the probe")
 
 
 def install_kernel_only(wheel: Path, dest: Path, *, python: str = sys.executable,
                         module: str = KERNEL_MODULE) -> InstallReport:
-    """Make a kernel-only install of `module` in `dest` from the wheel file `wheel`.
+    """Make a kernel-only install of `module` in `dest` from `wheel` (its member names all checked first).
 
-    Every member is checked before anything is written; `python` (with torch and triton, for the
-    real kernel) imports `module` from the unpacked wheel; the files it imported, their packages'
-    ``__init__.py``, package data they opened and the ``METADATA`` go to `dest` with a manifest.
-    An earlier install in `dest` is replaced atomically; any other non-empty `dest` is refused.
+    `python` (with torch and triton) imports `module` from the unpacked wheel; the files it
+    imported, their packages' ``__init__.py``, package data they opened and the ``METADATA`` go to
+    `dest` with a manifest. An earlier install in `dest` is replaced atomically; any other
+    non-empty `dest` is refused.
     """
     wheel, dest = Path(wheel), Path(dest)
     top = module.split(".")[0]
@@ -245,8 +238,8 @@ def install_kernel_only(wheel: Path, dest: Path, *, python: str = sys.executable
             (tree / top / PYNVML_SHIM).unlink(missing_ok=True)
             result = _probe_imports(python, tree, module)
             _check_probe(result, python, module)
-            return _copy_install(tree, dest, wheel, meta_member, meta.get("Version") or result["version"],
-                                 module, result)
+            version = meta.get("Version") or result["version"]
+            return _copy_install(tree, dest, wheel, meta_member, version, module, result)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 

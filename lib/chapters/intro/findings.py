@@ -38,8 +38,7 @@ def key_numbers(gpu: str | None = None) -> dict[str, object]:
             out["own_over_vllm"] = round(float(t["own-auto-paged"] / t["vllm"]), 3)
             out["own_pct_ceiling"] = round(float(
                 big.set_index("backend").pct_of_read_ceiling["own-auto-paged"]), 1)
-            out["paged_over_contiguous"] = round(float(
-                t["own-auto-paged"] / t["own-auto-contiguous"]), 3)
+            out["paged_over_contiguous"] = round(float(t["own-auto-paged"] / t["own-auto-contiguous"]), 3)
         gqa = _pick(ks, batch_size=32, seq_len=4096, num_heads=32, num_kv_heads=8)
         g = gqa.set_index("backend").median_us
         if {"own-auto-paged", "sdpa_dense"} <= set(g.index):

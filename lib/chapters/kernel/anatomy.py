@@ -1,14 +1,8 @@
 """How our decode kernel maps work to threads, computed in Python from the kernel's own rules.
 
-`lib/engine/kernels/paged_attention.cu` fixes its thread mapping at compile time with a handful of
-`constexpr`s that depend only on the element size, the block size, the head size and the head
-tile. This module restates them one for one (`KERNEL_CONSTEXPRS` holds the C++ text it mirrors;
-a test checks that the source still says exactly that), so the book can tabulate the mapping for
-every block size without a GPU and explain why blocks of 1-4 tokens were slow in the v1/v2
-design: narrow loads, many reduction shuffles per token, many block-table entries per token.
-
-It also turns a kernel's register count into resident blocks per SM (occupancy), with the
-register-file rules of sm_80/sm_90, to read the ptxas table in `data/kernels/resources.csv`.
+The `constexpr`s of `lib/engine/kernels/paged_attention.cu` are restated one for one
+(`KERNEL_CONSTEXPRS` holds the C++ text; a test keeps them in step), so the book can tabulate the
+mapping for every block size without a GPU. Also: register count -> resident blocks per SM.
 """
 
 from __future__ import annotations
@@ -21,8 +15,7 @@ NUM_WARPS = NUM_THREADS // WARP
 VECTOR_BYTES = 16  # the classic key layout packs keys in 16-byte vectors
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 
-#: The kernel's compile-time mapping, as written in `paged_attention.cu` (the test keeps them in
-#: step): the functions below compute exactly these.
+#: The kernel's compile-time mapping, as written in `paged_attention.cu`: the functions below compute these.
 KERNEL_CONSTEXPRS = {
     "X": "16 / sizeof(T)",
     "TG": "BS < WARP ? WARP / BS : 1",
@@ -72,20 +65,13 @@ def _check_block_size(bs: int) -> int:
     return bs
 
 
-def _log2(n: int) -> int:
-    return n.bit_length() - 1
-
-
 @dataclass(frozen=True)
 class ThreadMapping:
     """One instantiation's mapping of work to threads (names as in the kernel, lower case).
 
-    Phase 1 (q.k): a warp takes `tok_per_step` tokens per step; `tg` threads share one token,
-    each loading `vec` elements (`key_load_bytes`) per load, `slots` loads per token, then a
-    `shuffle_levels`-round butterfly sums their partial dot products. Phase 2 (p.v): each thread
-    loads `v_vec` consecutive tokens of one value row (`value_load_bytes`) for
-    `rows_per_thread` rows. The `*_per_token` fields count warp-wide instructions per token of
-    one KV head (both phases read every token once); `table_entries_per_token` is 1 / block size.
+    Phase 1 (q.k): `tg` threads share a token, each loading `vec` elements per load, then a
+    `shuffle_levels`-round butterfly sums their dot products. Phase 2 (p.v): each thread loads `v_vec`
+    consecutive tokens of a value row. `*_per_token`: warp-wide instructions per token of one KV head.
     """
 
     dtype: str
@@ -112,16 +98,10 @@ class ThreadMapping:
     shuffles_per_token: float
     table_entries_per_token: float
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def min_blocks(dtype: str, block_size: int, head_size: int, tile: int) -> int:
-    """The kernel's `min_blocks<T, BS, D, GT>()` (with the default UPA_MIN_BLOCKS=0).
-
-    4 resident blocks per SM (a cap of 128 registers per thread) where phase 2's per-thread
-    state fits in about 96 registers; otherwise 1 (the compiler may use up to 255).
-    """
+    """The kernel's `min_blocks<T, BS, D, GT>()` (default UPA_MIN_BLOCKS=0): 4 (a cap of 128 registers
+    per thread) where phase 2's per-thread state fits in about 96 registers, else 1 (up to 255)."""
     size = _itemsize(dtype)
     _check_block_size(block_size)
     _positive("head_size", head_size)
@@ -136,10 +116,8 @@ def min_blocks(dtype: str, block_size: int, head_size: int, tile: int) -> int:
 
 def thread_mapping(block_size: int, *, head_size: int = 128, dtype: str = "float16",
                    tile: int = 1) -> ThreadMapping:
-    """The kernel's compile-time mapping for one (dtype, block size, head size, head tile).
-
-    Raises ValueError where the kernel would not compile (its static_asserts) or cannot run.
-    """
+    """The kernel's compile-time mapping for one (dtype, block size, head size, head tile); ValueError
+    where the kernel would not compile (its static_asserts) or cannot run."""
     size = _itemsize(dtype)
     bs = _check_block_size(block_size)
     d = _positive("head_size", head_size)
@@ -161,7 +139,7 @@ def thread_mapping(block_size: int, *, head_size: int = 128, dtype: str = "float
     vecs_per_row = tok_per_step // v_vec
     rows_per_iter = WARP // vecs_per_row
     rows_per_thread = -(-d // rows_per_iter)
-    levels = _log2(tg)
+    levels = tg.bit_length() - 1  # log2: tg divides the warp, a power of two
     return ThreadMapping(
         dtype=dtype, block_size=bs, head_size=d, tile=gt, x=x, tg=tg, tok_per_step=tok_per_step,
         steps_per_block=steps_per_block, vec=vec, key_load_bytes=vec * size, nvec=nvec,
@@ -183,17 +161,13 @@ def mapping_table(block_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256), *, head_size: 
     sizes = list(block_sizes)
     if not sizes:
         raise ValueError("mapping_table needs at least one block size")
-    return pd.DataFrame([thread_mapping(bs, head_size=head_size, dtype=dtype, tile=tile).as_dict()
+    return pd.DataFrame([asdict(thread_mapping(bs, head_size=head_size, dtype=dtype, tile=tile))
                          for bs in sizes])
 
 
 def blocks_per_sm(registers: int, *, threads: int = NUM_THREADS, smem_bytes: int = 0,
                   arch: str = "sm_90") -> int:
-    """Thread blocks one SM can hold at once, given registers per thread and shared memory.
-
-    Registers are allocated per warp in units of 256; the SM has 64 K of them, 64 warps and
-    32 block slots; each block also takes its shared memory plus 1 KiB the runtime reserves.
-    """
+    """Thread blocks one SM can hold at once, given registers per thread and shared memory."""
     _positive("registers", registers)
     _positive("threads", threads)
     if arch not in SMEM_PER_SM:
@@ -218,12 +192,8 @@ def occupancy(registers: int, *, threads: int = NUM_THREADS, smem_bytes: int = 0
 
 
 def launch_table(shapes, *, num_sms: int = 132, versions=("auto", 1, 2)):
-    """How `lib.engine.kernels.plan_launch` maps each shape to a grid, per kernel version asked.
-
-    `shapes`: dicts with batch_size, seq_len, num_heads, num_kv_heads, head_size, block_size,
-    dtype. One row per (shape, version): the version it runs, head tile, partition length,
-    partitions per sequence, thread blocks in the grid (KV heads x tiles x sequences x
-    partitions) and those blocks per SM. A v1 request that cannot run raises ValueError.
+    """How `lib.engine.kernels.plan_launch` maps each shape (a dict) to a grid, per kernel version
+    asked: one row per (shape, version). A v1 request that cannot run raises ValueError.
     """
     import pandas as pd
 
@@ -233,8 +203,7 @@ def launch_table(shapes, *, num_sms: int = 132, versions=("auto", 1, 2)):
     rows = []
     for shape in shapes:
         s = dict(shape)
-        need = ("batch_size", "seq_len", "num_heads", "num_kv_heads", "head_size", "block_size",
-                "dtype")
+        need = ("batch_size", "seq_len", "num_heads", "num_kv_heads", "head_size", "block_size", "dtype")
         missing = [k for k in need if k not in s]
         if missing:
             raise ValueError(f"launch_table: shape {s} lacks {missing}")
@@ -246,9 +215,8 @@ def launch_table(shapes, *, num_sms: int = 132, versions=("auto", 1, 2)):
                 num_sms=num_sms)
             tiles = int(s["num_heads"]) // int(s["num_kv_heads"]) // plan.tile
             grid = int(s["num_kv_heads"]) * tiles * int(s["batch_size"]) * plan.max_partitions
-            rows.append({**{k: s[k] for k in need}, "asked": str(asked),
-                         "version": plan.version, "tile": plan.tile,
-                         "partition_size": plan.partition_size,
+            rows.append({**{k: s[k] for k in need}, "asked": str(asked), "version": plan.version,
+                         "tile": plan.tile, "partition_size": plan.partition_size,
                          "partitions": plan.max_partitions, "grid_blocks": grid,
                          "blocks_per_sm": grid / num_sms})
     return pd.DataFrame(rows)

@@ -46,9 +46,8 @@ class MatrixCase:
 
         nh, nkv = HEAD_LAYOUTS[self.heads]
         return DecodeProblem(num_seqs=len(self.seq_lens), num_heads=nh, num_kv_heads=nkv,
-                             head_size=self.head_size, block_size=self.block_size,
-                             dtype=self.dtype, seq_lens=self.seq_lens, placement=self.placement,
-                             seed=seed)
+                             head_size=self.head_size, block_size=self.block_size, dtype=self.dtype,
+                             seq_lens=self.seq_lens, placement=self.placement, seed=seed)
 
     @property
     def backends(self) -> tuple[str, ...]:
@@ -98,8 +97,7 @@ def run_case(case: MatrixCase, seed: int, *, backends=None) -> list[dict]:
             continue
         try:
             out = data.poisoned_output()
-            check = check_then_time(backend.prepare(data, out), out, ref, dtype=problem.dtype,
-                                    protocol=None)
+            check = check_then_time(backend.prepare(data, out), out, ref, dtype=problem.dtype, protocol=None)
             row["rel_error"], row["passed"] = check["rel_error"], check["check_passed"]
             outs[name] = out
             partner = BIT_IDENTICAL.get(name)

@@ -1,11 +1,7 @@
 """Figures and tables of the chapter "How the decode kernel works".
 
-Two diagrams are drawn from real `lib.engine.kvcache` objects, not by hand: the block table of a small
-paged cache (`paged_cache_figure`) and the memory order of the pool and classic layouts
-(`layout_figure`, which reads the order back from `kvcache.to_classic` itself). The rest take
-tidy data (the thread-mapping table of `lib.chapters.kernel.anatomy`, the committed correctness matrix,
-the ptxas resource table, the kernel-speed rows) and return a closed matplotlib `Figure` or a
-pandas `Styler`, like `lib.book.plots`, so a notebook shows each once, where it glues it.
+The two diagrams are drawn from real `lib.engine.kvcache` objects, not by hand (the layout order is
+read back from `kvcache.to_classic` itself). Each function returns a closed `Figure` or a `Styler`.
 """
 
 from __future__ import annotations
@@ -33,6 +29,16 @@ DTYPE_ORDER = ("float16", "bfloat16", "float32")
 FREE_C = "0.93"
 #: relative errors below this are drawn at it (log axis; exact outputs have errors near 1e-16)
 ERROR_FLOOR = 1e-9
+#: the table style of every styled table of the chapter
+_COMPACT = [
+    {"selector": "th", "props": [("text-align", "center"), ("font-size", "0.75em"),
+                                 ("padding", "2px 5px"), ("vertical-align", "bottom")]},
+    {"selector": "td", "props": [("text-align", "right"), ("font-size", "0.78em"),
+                                 ("padding", "2px 6px"), ("font-variant-numeric", "tabular-nums"),
+                                 ("white-space", "nowrap")]},
+    {"selector": "th.row_heading", "props": [("white-space", "nowrap"), ("text-align", "left")]},
+    {"selector": "caption", "props": [("caption-side", "top"), ("font-size", "0.9em")]},
+]
 
 
 def _ordered(values, order) -> list:
@@ -40,8 +46,7 @@ def _ordered(values, order) -> list:
     return [v for v in order if v in present] + sorted(v for v in present if v not in order)
 
 
-def _cell(ax, x, y, w, h, color, text="", *, hatch=None, fontsize=6.5, lw=0.6, tc="0.1",
-          zorder=2):
+def _cell(ax, x, y, w, h, color, text="", *, hatch=None, fontsize=6.5, lw=0.6, tc="0.1", zorder=2):
     ax.add_patch(Rectangle((x, y), w, h, facecolor=color, edgecolor="0.3", linewidth=lw,
                            hatch=hatch, zorder=zorder))
     if text:
@@ -49,15 +54,29 @@ def _cell(ax, x, y, w, h, color, text="", *, hatch=None, fontsize=6.5, lw=0.6, t
                 zorder=zorder + 1)
 
 
+def _token_cells(ax, x0, y, c, block: int, bs: int, n_tokens: int, color) -> None:
+    """The `bs` slots of logical block `block`: numbered tokens, hatched where no token is yet."""
+    for t in range(bs):
+        tok = block * bs + t
+        if tok < n_tokens:
+            _cell(ax, x0 + t * c, y, c, c, color, str(tok), tc="white", fontsize=6.5)
+        else:
+            _cell(ax, x0 + t * c, y, c, c, "white", hatch="////")
+
+
+def _compact(styler, caption: str | None, extra=()):
+    """`styler` in the chapter's compact table style (`_COMPACT`), captioned if a caption is given."""
+    styler = styler.set_table_styles(_COMPACT + list(extra))
+    return styler.set_caption(caption) if caption else styler
+
+
 # ----------------------------------------------------------------------------- diagrams
 
 def paged_cache_figure(tables: kvcache.BlockTables) -> Figure:
     """Logical tokens of each sequence -> its block-table row -> blocks of the physical pool.
 
-    `tables` is a real `kvcache.BlockTables` (with `seq_lens` and `block_size`); table rows sit
-    beside the sequences they map, and an arrow runs from every used table entry to the pool
-    block it names. Tokens are numbered within their sequence; hatched slots are block tails no
-    token uses yet; grey pool blocks are free.
+    `tables` is a real `kvcache.BlockTables`; hatched slots are block tails no token uses yet, grey
+    pool blocks are free.
     """
     if tables.seq_lens is None or not tables.block_size:
         raise ValueError("paged_cache_figure needs BlockTables made by kvcache (seq_lens, block_size)")
@@ -81,15 +100,11 @@ def paged_cache_figure(tables: kvcache.BlockTables) -> Figure:
     W = x_pool + blk_w + 1.6
     fig, ax = _canvas(W, top + 0.1, (0.5 * W, 0.5 * (top + 0.1)))
 
-    ax.text(1.7 + logical_w / 2, top - 0.05, "logical view\n(tokens in order)", ha="center",
-            va="top", fontsize=8.5, weight="bold", color="0.15")
-    ax.text(x_tab + width * tab_w / 2, top - 0.05, "block table\n(one row per sequence)",
-            ha="center", va="top", fontsize=8.5, weight="bold", color="0.15")
-    ax.text(x_pool + blk_w / 2, top - 0.05, "physical pool\n(block id: tokens)", ha="center",
-            va="top", fontsize=8.5, weight="bold", color="0.15")
+    for x_mid, title in ((1.7 + logical_w / 2, "logical view\n(tokens in order)"),
+                         (x_tab + width * tab_w / 2, "block table\n(one row per sequence)"),
+                         (x_pool + blk_w / 2, "physical pool\n(block id: tokens)")):
+        ax.text(x_mid, top - 0.05, title, ha="center", va="top", fontsize=8.5, weight="bold", color="0.15")
 
-    # where each physical block is drawn, and who owns it
-    pool_y = {b: top - 1.35 - b * pool_step for b in range(tables.num_blocks)}
     owner = {}
     for s in range(nseq):
         for j in range(int(nblocks[s])):
@@ -97,25 +112,15 @@ def paged_cache_figure(tables: kvcache.BlockTables) -> Figure:
 
     for s, n in enumerate(lens):
         y = top - 1.6 - s * row_h
-        ax.text(1.55, y + c / 2, f"seq {s}\n{n} tokens", ha="right", va="center", fontsize=7.5,
-                color="0.15")
+        ax.text(1.55, y + c / 2, f"seq {s}\n{n} tokens", ha="right", va="center", fontsize=7.5, color="0.15")
         for j in range(width):
             x0 = 1.7 + j * (blk_w + gap)
-            used_block = j < nblocks[s]
-            for t in range(bs):
-                tok = j * bs + t
-                if used_block and tok < n:
-                    _cell(ax, x0 + t * c, y, c, c, colors[s], str(tok), tc="white", fontsize=6.5)
-                elif used_block:
-                    _cell(ax, x0 + t * c, y, c, c, "white", hatch="////")
-            if used_block:
+            tx = x_tab + j * tab_w  # the table row: logical block j -> physical id
+            if j < nblocks[s]:
+                _token_cells(ax, x0, y, c, j, bs, n, colors[s])
                 ax.text(x0 + blk_w / 2, y - 0.08, f"logical {j}", ha="center", va="top",
                         fontsize=6, color="0.35")
-            # the table row: logical block j -> physical id
-            tx = x_tab + j * tab_w
-            if used_block:
-                _cell(ax, tx, y - 0.05, tab_w, c + 0.1, "white", str(int(tab[s, j])),
-                      fontsize=8, lw=0.9)
+                _cell(ax, tx, y - 0.05, tab_w, c + 0.1, "white", str(int(tab[s, j])), fontsize=8, lw=0.9)
                 ax.text(tx + tab_w / 2, y + c + 0.1, f"[{s},{j}]", ha="center", va="bottom",
                         fontsize=5.5, color="0.45")
             else:  # the real table holds 0 here; the kernel never reads it
@@ -125,7 +130,7 @@ def paged_cache_figure(tables: kvcache.BlockTables) -> Figure:
                                      arrowstyle="-|>", mutation_scale=9, color="0.55", lw=0.9))
 
     for b in range(tables.num_blocks):
-        y = pool_y[b]
+        y = top - 1.35 - b * pool_step
         ax.text(x_pool - 0.12, y + c / 2, f"{b}", ha="right", va="center", fontsize=7.5,
                 weight="bold", color="0.2")
         if b not in owner:
@@ -135,14 +140,9 @@ def paged_cache_figure(tables: kvcache.BlockTables) -> Figure:
                     color="0.45")
             continue
         s, j = owner[b]
-        for t in range(bs):
-            tok = j * bs + t
-            if tok < lens[s]:
-                _cell(ax, x_pool + t * c, y, c, c, colors[s], str(tok), tc="white", fontsize=6.5)
-            else:
-                _cell(ax, x_pool + t * c, y, c, c, "white", hatch="////")
-        ax.text(x_pool + blk_w + 0.1, y + c / 2, f"seq {s}, logical {j}", ha="left",
-                va="center", fontsize=6.5, color="0.3")
+        _token_cells(ax, x_pool, y, c, j, bs, lens[s], colors[s])
+        ax.text(x_pool + blk_w + 0.1, y + c / 2, f"seq {s}, logical {j}", ha="left", va="center",
+                fontsize=6.5, color="0.3")
         # from the entry (a dot right of its number) to the block; drawn under the table cells
         ty = top - 1.6 - s * row_h
         start = (x_tab + j * tab_w + 0.78 * tab_w, ty + c / 2)
@@ -157,9 +157,9 @@ def paged_cache_figure(tables: kvcache.BlockTables) -> Figure:
 def layout_order(block_size: int = 4, head_size: int = 16, dtype: str = "float16") -> dict:
     """Memory order of one (block, KV head) of K and V in the pool and classic layouts.
 
-    Builds a one-block pool whose element (token t, dim d) holds the code t * D + d, runs it
-    through `kvcache.to_classic`, and reads the codes back in address order: returns
-    {layout name: (tokens, dims)} as two int arrays each, plus "x" (elements per 16 bytes).
+    A one-block pool whose element (token t, dim d) holds the code t * D + d goes through
+    `kvcache.to_classic`; returns {layout name: (tokens, dims) in address order} plus "x"
+    (elements per 16 bytes).
     """
     if dtype not in ("float16", "float32"):
         raise ValueError("layout_order draws float16 or float32 caches")
@@ -219,18 +219,16 @@ def layout_figure(block_size: int = 4, head_size: int = 16, dtype: str = "float1
         for e in range(n):
             r, col = divmod(e, per_row)
             xx, yy = 1.0 + col * c, y0 - 0.7 - (r + 1) * c
-            _cell(ax, xx, yy, c, c, colors[int(tok[e])], str(int(dim[e])), fontsize=6,
-                  tc="white", lw=0.3)
+            _cell(ax, xx, yy, c, c, colors[int(tok[e])], str(int(dim[e])), fontsize=6, tc="white", lw=0.3)
             if col % x == 0 or col == per_row - 1 or e == n - 1:
                 edge = xx if col % x == 0 else xx + c
                 ax.plot([edge, edge], [yy - 0.06, yy + c + 0.06], color="0.1", lw=1.4, zorder=4)
         for r in range(rows):
-            ax.text(0.9, y0 - 0.7 - (r + 0.5) * c, f"+{r * per_row * size} B",
-                    ha="right", va="center", fontsize=7, color="0.4")
+            ax.text(0.9, y0 - 0.7 - (r + 0.5) * c, f"+{r * per_row * size} B", ha="right", va="center",
+                    fontsize=7, color="0.4")
         ax.text(1.0, y0 - 0.8 - rows * c, notes[name][1], ha="left", va="top", fontsize=7.5,
                 color="0.25", style="italic")
-    handles = [Rectangle((0, 0), 1, 1, facecolor=colors[t], edgecolor="0.3")
-               for t in range(block_size)]
+    handles = [Rectangle((0, 0), 1, 1, facecolor=colors[t], edgecolor="0.3") for t in range(block_size)]
     ax.legend(handles, [f"token {t}" for t in range(block_size)], loc="lower center",
               bbox_to_anchor=(0.5, -0.06), ncol=block_size, fontsize=8, handlelength=1.2)
     plt.close(fig)
@@ -242,16 +240,14 @@ def layout_figure(block_size: int = 4, head_size: int = 16, dtype: str = "float1
 def mapping_figure(table: pd.DataFrame) -> Figure:
     """Load width and per-token warp instructions against block size (`lib.chapters.kernel.anatomy`)."""
     _need(table, ["block_size", "key_load_bytes", "value_load_bytes", "key_loads_per_token",
-                  "value_loads_per_token", "shuffles_per_token", "table_entries_per_token"],
-          "mapping_figure")
+                  "value_loads_per_token", "shuffles_per_token", "table_entries_per_token"], "mapping_figure")
     set_house_style()
     fig, (left, right) = plt.subplots(1, 2, figsize=(8.6, 2.9))
     pal = sns.color_palette("colorblind", 4)
     t = table.sort_values("block_size")
     bs = t["block_size"]
     left.plot(bs, t["key_load_bytes"], marker="o", color=pal[0], label="key (phase 1)")
-    left.plot(bs, t["value_load_bytes"], marker="s", color=pal[1], label="value (phase 2)",
-              linestyle="--")
+    left.plot(bs, t["value_load_bytes"], marker="s", color=pal[1], label="value (phase 2)", linestyle="--")
     left.set_yscale("log", base=2)
     left.yaxis.set_major_locator(mticker.FixedLocator([1, 2, 4, 8, 16]))
     left.yaxis.set_major_formatter(mticker.FixedFormatter(["1", "2", "4", "8", "16"]))
@@ -294,34 +290,16 @@ def style_mapping_table(table: pd.DataFrame, caption: str | None = None):
     }
     _need(table, list(cols), "style_mapping_table")
     shown = table[list(cols)].rename(columns=cols)
-    styler = (
-        shown.style.hide(axis="index")
-        .background_gradient(cmap="Oranges_r", subset=["key bytes per load", "value bytes per load"],
-                             vmin=0, vmax=24)
-        .set_table_styles(_COMPACT)
-    )
-    return styler.set_caption(caption) if caption else styler
-
-
-_COMPACT = [
-    {"selector": "th", "props": [("text-align", "center"), ("font-size", "0.75em"),
-                                 ("padding", "2px 5px"), ("vertical-align", "bottom")]},
-    {"selector": "td", "props": [("text-align", "right"), ("font-size", "0.78em"),
-                                 ("padding", "2px 6px"), ("font-variant-numeric", "tabular-nums"),
-                                 ("white-space", "nowrap")]},
-    {"selector": "th.row_heading", "props": [("white-space", "nowrap"), ("text-align", "left")]},
-    {"selector": "caption", "props": [("caption-side", "top"), ("font-size", "0.9em")]},
-]
+    styler = shown.style.hide(axis="index").background_gradient(
+        cmap="Oranges_r", subset=["key bytes per load", "value bytes per load"], vmin=0, vmax=24)
+    return _compact(styler, caption)
 
 
 # ----------------------------------------------------------------------------- correctness
 
 def correctness_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Passed / total and the worst error over tolerance, by backend (rows) and dtype.
-
-    Returns a frame indexed by backend with, per dtype, `passed`, `total` and `worst` (the
-    largest rel_error / tolerance); rows in `BACKEND_ORDER`.
-    """
+    """Per backend (rows, in `BACKEND_ORDER`) and dtype: `passed`, `total` and `worst` (the largest
+    rel_error / tolerance)."""
     _need(df, ["backend", "dtype", "rel_error", "check_passed", "tolerance"], "correctness_summary")
     d = df.assign(passed=df["check_passed"].fillna(False).astype(bool),
                   over=df["rel_error"] / df["tolerance"].astype(float))
@@ -350,11 +328,8 @@ def style_correctness_summary(summary: pd.DataFrame, caption: str | None = None)
     out.columns = pd.MultiIndex.from_tuples(out.columns)
     fail.columns = out.columns
     out.index.name = "backend"
-    styler = (
-        out.style.apply(lambda _: np.where(fail, "color: #c0392b; font-weight: bold", ""), axis=None)
-        .set_table_styles(_COMPACT)
-    )
-    return styler.set_caption(caption) if caption else styler
+    styler = out.style.apply(lambda _: np.where(fail, "color: #c0392b; font-weight: bold", ""), axis=None)
+    return _compact(styler, caption)
 
 
 def bit_identity(df: pd.DataFrame) -> pd.DataFrame:
@@ -387,8 +362,7 @@ def correctness_figure(df: pd.DataFrame) -> Figure:
         tol = float(sub["tolerance"].max())
         # fixed limits before drawing: autoscaling a first group of one point warns
         ax.set_xscale("log")
-        ax.set_xlim(float(sub["shown_error"].min()) / 3,
-                    max(float(sub["shown_error"].max()) * 3, tol * 4))
+        ax.set_xlim(float(sub["shown_error"].min()) / 3, max(float(sub["shown_error"].max()) * 3, tol * 4))
         ax.set_autoscalex_on(False)
         sns.stripplot(data=sub, x="shown_error", y="backend", order=order, hue="placement",
                       hue_order=places, palette=pal, size=2.2, alpha=0.5, jitter=0.28,
@@ -396,16 +370,15 @@ def correctness_figure(df: pd.DataFrame) -> Figure:
         ax.axvline(tol, color="#c0392b", linestyle="--", linewidth=1.2)
         ax.axvspan(tol, ax.get_xlim()[1], color="#c0392b", alpha=0.07, zorder=0)
         ax.set_title(dt, loc="left")
-        ax.set_title(f"tolerance {tol:g}", loc="right", color="#c0392b", fontsize=8,
-                     fontweight="normal")
+        ax.set_title(f"tolerance {tol:g}", loc="right", color="#c0392b", fontsize=8, fontweight="normal")
         ax.set_xlabel("relative error")
         ax.set_ylabel("")
     leg = axes[0][-1].get_legend()
     if leg is not None:
         handles, labels = axes[0][-1].get_legend_handles_labels()
         leg.remove()
-        fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.0),
-                   ncol=len(labels), title="placement", markerscale=3)
+        fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=len(labels),
+                   title="placement", markerscale=3)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     plt.close(fig)
     return fig
@@ -415,11 +388,8 @@ def correctness_figure(df: pd.DataFrame) -> Figure:
 
 def register_pivot(res: pd.DataFrame, *, dtype: str = "float16", head_size: int = 128,
                    addressing: str = "paged", archs=("sm_80", "sm_90")) -> pd.DataFrame:
-    """Registers per thread of the decode kernel: block size (rows) x (arch, tile) columns.
-
-    Returns (registers, spills): two frames of the same shape, the second True where the
-    kernel spills (ptxas reported spill stores or loads).
-    """
+    """Registers per thread of the decode kernel, block size (rows) x (arch, tile): returns
+    (registers, spills), the second True where ptxas reported spill stores or loads."""
     _need(res, ["arch", "kernel", "dtype", "block_size", "head_size", "tile", "addressing",
                 "registers", "spill_stores", "spill_loads"], "register_pivot")
     d = res[(res["kernel"] == "decode") & (res["dtype"] == dtype) & (res["head_size"] == head_size)
@@ -429,15 +399,13 @@ def register_pivot(res: pd.DataFrame, *, dtype: str = "float16", head_size: int 
     d["block_size"] = d["block_size"].astype(int)
     d["tile"] = d["tile"].astype(int)
     d["spills"] = (d["spill_stores"] > 0) | (d["spill_loads"] > 0)
-    regs = d.pivot_table(index="block_size", columns=["arch", "tile"], values="registers",
-                         aggfunc="max")
+    regs = d.pivot_table(index="block_size", columns=["arch", "tile"], values="registers", aggfunc="max")
     spills = d.pivot_table(index="block_size", columns=["arch", "tile"], values="spills",
                            aggfunc="max").astype(bool)
     return regs, spills
 
 
-def style_register_pivot(regs: pd.DataFrame, spills: pd.DataFrame | None = None,
-                         caption: str | None = None):
+def style_register_pivot(regs: pd.DataFrame, spills: pd.DataFrame | None = None, caption: str | None = None):
     """Registers shaded from few (light) to 255 (dark); spilling kernels boxed in red with '*'."""
     if spills is None:
         spills = pd.DataFrame(False, index=regs.index, columns=regs.columns)
@@ -449,13 +417,10 @@ def style_register_pivot(regs: pd.DataFrame, spills: pd.DataFrame | None = None,
     spills.columns = shown.columns
     shown.index.name = "block size"
     text = shown.astype(object).where(~spills, shown.astype(str) + "*")
-    styler = (
-        text.style.background_gradient(cmap="Purples", vmin=32, vmax=300, gmap=shown, axis=None)
-        .apply(lambda _: np.where(spills, "outline: 2px solid #c0392b; outline-offset: -2px;", ""),
-               axis=None)
-        .set_table_styles(_COMPACT)
-    )
-    return styler.set_caption(caption) if caption else styler
+    outline = "outline: 2px solid #c0392b; outline-offset: -2px;"
+    styler = (text.style.background_gradient(cmap="Purples", vmin=32, vmax=300, gmap=shown, axis=None)
+              .apply(lambda _: np.where(spills, outline, ""), axis=None))
+    return _compact(styler, caption)
 
 
 def spill_list(res: pd.DataFrame, arch: str = "sm_90") -> pd.DataFrame:
@@ -490,8 +455,7 @@ def _span(values) -> str:
 
 def style_compact(df: pd.DataFrame, caption: str | None = None):
     """Any small table in the chapter's compact style, without the index."""
-    styler = df.style.hide(axis="index").set_table_styles(_COMPACT)
-    return styler.set_caption(caption) if caption else styler
+    return _compact(df.style.hide(axis="index"), caption)
 
 
 # ----------------------------------------------------------------------------- speed
@@ -577,8 +541,7 @@ def speed_figure(table: pd.DataFrame, baseline: str = "sdpa_dense") -> Figure:
     return fig
 
 
-def style_speed_ratios(table: pd.DataFrame, baseline: str = "sdpa_dense",
-                       caption: str | None = None):
+def style_speed_ratios(table: pd.DataFrame, baseline: str = "sdpa_dense", caption: str | None = None):
     """The baseline's median time (µs), then every other backend's time over it, per shape."""
     _need(table, ["shape", "backend", "median_us", "over_baseline"], "style_speed_ratios")
     backs = [b for b in _ordered(table["backend"], SPEED_BACKENDS) if b != baseline]
@@ -591,52 +554,38 @@ def style_speed_ratios(table: pd.DataFrame, baseline: str = "sdpa_dense",
     shown.insert(0, f"{baseline} (µs)", t[baseline])
     shown.index.name = "batch × tokens, heads"
     shown.columns.name = None
-    styler = (
-        shown.style.format("{:.2f}×", subset=backs, na_rep="–")
-        .format("{:.1f}", subset=[f"{baseline} (µs)"])
-        .background_gradient(cmap="RdYlGn_r", subset=backs, axis=None, vmin=0.7, vmax=1.3)
-        .highlight_null(color="white", subset=backs)
-        .set_table_styles(_COMPACT)
-    )
-    return styler.set_caption(caption) if caption else styler
+    styler = (shown.style.format("{:.2f}×", subset=backs, na_rep="–")
+              .format("{:.1f}", subset=[f"{baseline} (µs)"])
+              .background_gradient(cmap="RdYlGn_r", subset=backs, axis=None, vmin=0.7, vmax=1.3)
+              .highlight_null(color="white", subset=backs))
+    return _compact(styler, caption)
 
 
 def launch_with_times(launch: pd.DataFrame, speed: pd.DataFrame) -> pd.DataFrame:
-    """`anatomy.launch_table` rows beside the measured time of the backend they launch.
-
-    Asked "1" -> own-v1-paged, "2" -> own-v2-paged, "auto" -> own-auto-paged.
-    """
-    _need(launch, ["batch_size", "seq_len", "num_heads", "num_kv_heads", "asked", "version",
-                   "tile", "partition_size", "partitions", "grid_blocks", "blocks_per_sm"],
-          "launch_with_times")
+    """`anatomy.launch_table` rows beside the measured time of the backend they launch (own-*-paged)."""
+    _need(launch, ["batch_size", "seq_len", "num_heads", "num_kv_heads", "asked", "version", "tile",
+                   "partition_size", "partitions", "grid_blocks", "blocks_per_sm"], "launch_with_times")
     _need(speed, ["shape", "backend", "median_us", "over_baseline"], "launch_with_times")
-    backend = {"1": "own-v1-paged", "2": "own-v2-paged", "auto": "own-auto-paged"}
     d = _with_shape(launch)
-    d["backend"] = d["asked"].map(backend)
+    d["backend"] = d["asked"].map({"1": "own-v1-paged", "2": "own-v2-paged", "auto": "own-auto-paged"})
     t = speed[["shape", "backend", "median_us", "over_baseline"]]
     out = d.merge(t, on=["shape", "backend"], how="left")
     out = out[["shape", "asked", "version", "tile", "partition_size", "partitions", "grid_blocks",
                "blocks_per_sm", "median_us", "over_baseline"]]
     return out.rename(columns={
-        "shape": "batch × tokens, heads", "asked": "asked", "version": "runs",
-        "partition_size": "partition (tokens)", "grid_blocks": "thread blocks",
-        "blocks_per_sm": "blocks per SM", "median_us": "time (µs)",
+        "shape": "batch × tokens, heads", "version": "runs", "partition_size": "partition (tokens)",
+        "grid_blocks": "thread blocks", "blocks_per_sm": "blocks per SM", "median_us": "time (µs)",
         "over_baseline": "time / SDPA"})
 
 
 def style_launch_table(table: pd.DataFrame, caption: str | None = None):
     """`launch_with_times` with one row group per shape (the shape label shown once)."""
     _need(table, ["batch × tokens, heads", "asked"], "style_launch_table")
-    shown = table.set_index(["batch × tokens, heads", "asked"])
-    styler = (
-        shown.style.format({"blocks per SM": "{:.2f}", "time (µs)": "{:.1f}",
-                            "time / SDPA": "{:.2f}"}, na_rep="—")
-        .set_table_styles(_COMPACT + [
-            {"selector": "th.row_heading.level0",
-             "props": [("vertical-align", "top"), ("border-top", "1px solid #bbb")]},
-        ])
-    )
-    return styler.set_caption(caption) if caption else styler
+    styler = table.set_index(["batch × tokens, heads", "asked"]).style.format(
+        {"blocks per SM": "{:.2f}", "time (µs)": "{:.1f}", "time / SDPA": "{:.2f}"}, na_rep="—")
+    group_rule = {"selector": "th.row_heading.level0",
+                  "props": [("vertical-align", "top"), ("border-top", "1px solid #bbb")]}
+    return _compact(styler, caption, [group_rule])
 
 
 def plan_cell(plans: pd.DataFrame, shape: str, asked: str, col: str):

@@ -1,11 +1,7 @@
 """Analysis frames and figures of the chapter "When the KV cache leaves the GPU".
 
-Input: the ``kv_offload`` rows (:func:`load_rows`, ``extra`` expanded into columns). Decode rows
-carry ``variant`` (see :data:`lib.chapters.kv_offload.measure.VARIANTS`), ``fraction`` (asked) and
-``host_fraction`` (after rounding to whole blocks), ``host_kv_bytes`` (K + V bytes the step reads
-from host memory); yardstick rows carry ``method`` and ``direction``.
-
-Derived columns (:func:`with_baselines`), per card, head layout and backend:
+Input: the ``kv_offload`` rows (:func:`load_rows`, ``extra`` expanded). Derived columns
+(:func:`with_baselines`), per card, head layout and backend:
 
 * ``device_us``: the all-GPU step, the ``explicit_copy`` variant at f = 0 (plain device memory,
   nothing to copy); ``slowdown`` = time / device_us.
@@ -68,10 +64,6 @@ VARIANT_STYLE = {
 }
 
 
-def heads_label(num_heads, num_kv_heads) -> str:
-    return HEAD_LABELS.get((int(num_heads), int(num_kv_heads)), f"{int(num_heads)}:{int(num_kv_heads)}")
-
-
 # ----------------------------------------------------------------------------- frames
 
 def load_rows(gpu=None, root=None) -> pd.DataFrame:
@@ -111,7 +103,7 @@ def decode_frame(rows: pd.DataFrame) -> pd.DataFrame:
     unknown = sorted(set(d["variant"]) - set(VARIANT_ORDER))
     if unknown:
         raise ValueError(f"unknown variants {unknown} (known: {VARIANT_ORDER})")
-    d["heads"] = [heads_label(h, k) for h, k in zip(d["num_heads"], d["num_kv_heads"])]
+    d["heads"] = [frame.shape_label(h, k, model=False) for h, k in zip(d["num_heads"], d["num_kv_heads"])]
     d["fraction"] = d["fraction"].astype(float)
     d["host_fraction"] = d["host_fraction"].astype(float)
     d["host_kv_bytes"] = d["host_kv_bytes"].astype(float)
@@ -147,10 +139,7 @@ def yardsticks(rows: pd.DataFrame) -> dict[str, float]:
     out = {}
     for key, backend in (("pinned", "memcpy"), ("prefetch", "prefetch")):
         for direction in ("h2d", "d2h"):
-            if y.empty:
-                out[f"{key}_{direction}"] = float("nan")
-                continue
-            s = y[(y["backend"] == backend) & (y["direction"] == direction)]
+            s = y[(y["backend"] == backend) & (y["direction"] == direction)] if len(y) else y
             out[f"{key}_{direction}"] = float((s["bytes_moved"] / (s["median_us"] * 1e3)).median()) \
                 if len(s) else float("nan")
     return out
@@ -165,7 +154,7 @@ def unavailable(rows: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=cols)
     e = e.copy()
     e["reason"] = e["error"].fillna("").str.slice(0, 240)
-    e["heads"] = [heads_label(h, k) for h, k in zip(e["num_heads"], e["num_kv_heads"])]
+    e["heads"] = [frame.shape_label(h, k, model=False) for h, k in zip(e["num_heads"], e["num_kv_heads"])]
     out = []
     for (v, b, why), g in e.groupby(["variant", "backend", "reason"], sort=True):
         fr = sorted(set(g["fraction"].astype(float)))
@@ -350,15 +339,34 @@ def _fraction_axis(ax, fractions) -> dict[float, int]:
     return pos
 
 
-def _panels(n: int):
-    fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.8), squeeze=False, sharey=False)
-    return fig, list(axes.flat)
-
-
 def _layouts(s: pd.DataFrame) -> list[str]:
     """The head layouts present, the known ones first in their usual order."""
     have = set(s["heads"])
     return [h for h in HEAD_LABELS.values() if h in have] + sorted(have - set(HEAD_LABELS.values()))
+
+
+def _variant_panels(s: pd.DataFrame, backend: str, *, draw, finish, ylabel: str, bottom: float) -> Figure:
+    """One panel per head layout, the host fraction across; ``draw(ax, x, k, variant, style)``
+    draws one variant's rows ``k``, ``finish(ax, g)`` adds a panel's references."""
+    set_house_style()
+    layouts = _layouts(s)
+    fig, axes = plt.subplots(1, len(layouts), figsize=(4.4 * len(layouts), 3.8), squeeze=False, sharey=False)
+    axes = list(axes.flat)
+    for ax, heads in zip(axes, layouts):
+        g = s[s["heads"] == heads]
+        pos = _fraction_axis(ax, g["fraction"])
+        for v in VARIANT_ORDER:
+            k = g[g["variant"] == v].sort_values("fraction")
+            if len(k):
+                draw(ax, [pos[f] for f in k["fraction"]], k, v, {"lw": 1.5, "ms": 5, **VARIANT_STYLE[v]})
+        finish(ax, g)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{heads}, {backend}", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=3, bbox_to_anchor=(0.5, 0.0))
+    plt.close(fig)
+    return fig
 
 
 def time_figure(d: pd.DataFrame, *, backend: str) -> Figure:
@@ -368,29 +376,16 @@ def time_figure(d: pd.DataFrame, *, backend: str) -> Figure:
     s = d[d["backend"] == backend]
     if s.empty:
         raise ValueError(f"no rows for backend {backend!r} (have {sorted(set(d['backend']))})")
-    set_house_style()
-    layouts = _layouts(s)
-    fig, axes = _panels(len(layouts))
-    for ax, heads in zip(axes, layouts):
-        g = s[s["heads"] == heads]
-        pos = _fraction_axis(ax, g["fraction"])
-        for v in VARIANT_ORDER:
-            k = g[g["variant"] == v].sort_values("fraction")
-            if k.empty:
-                continue
-            x = [pos[f] for f in k["fraction"]]
-            style = {"lw": 1.5, "ms": 5, **VARIANT_STYLE[v]}
-            ax.plot(x, k["median_us"] / 1e3, label=VARIANT_LABELS[v], **style)
-            ax.fill_between(x, k["p10_us"] / 1e3, k["p90_us"] / 1e3, color=style["color"], alpha=0.15, lw=0)
+
+    def draw(ax, x, k, v, style):
+        ax.plot(x, k["median_us"] / 1e3, label=VARIANT_LABELS[v], **style)
+        ax.fill_between(x, k["p10_us"] / 1e3, k["p90_us"] / 1e3, color=style["color"], alpha=0.15, lw=0)
+
+    def finish(ax, g):
         ax.axhline(float(g["device_us"].iloc[0]) / 1e3, color="grey", lw=0.8, ls="--")
         ax.set_yscale("log")
-        ax.set_ylabel("decode step (ms, log)")
-        ax.set_title(f"{heads}, {backend}", fontsize=10)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.tight_layout(rect=(0, 0.16, 1, 1))
-    fig.legend(handles, labels, loc="lower center", ncol=3, bbox_to_anchor=(0.5, 0.0))
-    plt.close(fig)
-    return fig
+
+    return _variant_panels(s, backend, draw=draw, finish=finish, ylabel="decode step (ms, log)", bottom=0.16)
 
 
 def bus_figure(d: pd.DataFrame, ys: dict[str, float], *, backend: str) -> Figure:
@@ -399,30 +394,20 @@ def bus_figure(d: pd.DataFrame, ys: dict[str, float], *, backend: str) -> Figure
     s = d[(d["backend"] == backend) & (d["fraction"] > 0) & d["bus_gbps"].notna()]
     if s.empty:
         raise ValueError(f"no bus rates for backend {backend!r}")
-    set_house_style()
-    layouts = _layouts(s)
-    fig, axes = _panels(len(layouts))
-    for ax, heads in zip(axes, layouts):
-        g = s[s["heads"] == heads]
-        pos = _fraction_axis(ax, g["fraction"])
-        for v in VARIANT_ORDER:
-            k = g[g["variant"] == v].sort_values("fraction")
-            if len(k):
-                ax.plot([pos[f] for f in k["fraction"]], k["bus_gbps"], label=VARIANT_LABELS[v],
-                        **{"lw": 1.5, "ms": 5, **VARIANT_STYLE[v]})
+
+    def draw(ax, x, k, v, style):
+        ax.plot(x, k["bus_gbps"], label=VARIANT_LABELS[v], **style)
+
+    def finish(ax, g):
         for key, label, ls in (("pinned_h2d", "pinned cudaMemcpy H→D (yardstick)", "--"),
                                ("prefetch_h2d", "cudaMemPrefetchAsync H→D (yardstick)", ":")):
             val = ys.get(key, float("nan"))
             if math.isfinite(val):
                 ax.axhline(val, color="black", lw=1.0, ls=ls, label=label)
         ax.set_ylim(bottom=0)
-        ax.set_ylabel("host bytes / extra time (GB/s)")
-        ax.set_title(f"{heads}, {backend}", fontsize=10)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.tight_layout(rect=(0, 0.18, 1, 1))
-    fig.legend(handles, labels, loc="lower center", ncol=3, bbox_to_anchor=(0.5, 0.0))
-    plt.close(fig)
-    return fig
+
+    return _variant_panels(s, backend, draw=draw, finish=finish, ylabel="host bytes / extra time (GB/s)",
+                           bottom=0.18)
 
 
 #: What the diagram says about each mode: (title, what crosses the bus, when).

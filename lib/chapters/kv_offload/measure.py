@@ -1,32 +1,17 @@
 """When the KV cache leaves the GPU: decode time with a fraction of the cache in host memory.
 
-The experiment ``kv_offload`` keeps a fraction ``f`` of every sequence's KV blocks in host memory
-and times one decode step (our ``own-auto-paged`` kernel, and vLLM's) while those blocks are
-reached in one of five ways, the *modes* (:data:`MODES`); each row names its *variant*
-(:data:`VARIANTS`: variant -> mode and what it measures). In short: ``managed_remote`` reads
-host blocks in place (PreferredLocation CPU + AccessedBy GPU); ``pinned_zero_copy`` reads them
-from pinned host chunks mapped into the pool's own VMM range (and, at f = 1, from a whole
-``cudaHostAlloc`` pool); ``managed_migrate`` lets the timed call fault them over (and then times
-the resident pool); ``prefetch_overlap`` prefetches them on a second stream while the kernel runs
-(or first, on one stream); ``explicit_copy`` copies them from pinned memory into a device pool.
+Experiment ``kv_offload``: a fraction ``f`` of every sequence's KV blocks lives in host memory and
+one decode step (our ``own-auto-paged`` kernel, and vLLM's) is timed while those blocks are
+reached in one of five ways (:data:`MODES`; each row names its *variant*, :data:`VARIANTS`).
 
-Which blocks go to the host (:class:`OffloadPlan`): the oldest ``ceil(f * n)`` blocks of each
-sequence (n blocks per sequence). Oldest, because an offloading server evicts by recency (the
-newest block is the one the step appends to, and recent tokens are re-read the most), and the
-same share of every sequence, so no sequence's thread blocks carry the whole bus cost. The pool
-is laid out as ``[host region | device region]``, each a multiple of 2 MiB (the VMM granularity
-and the large-page size managed memory migrates in), and the block tables point each sequence's
-oldest blocks into the host region: the same tables and bytes in every mode, only the memory
-differs.
-
-The bus yardstick (``measurement=yardstick``): pinned ``cudaMemcpy`` and managed prefetch
-bandwidth, host to GPU and back, 1 GiB (:func:`lib.engine.transfer.measure_transfer`).
-
-Rows: ``memory_kind`` is the memory kind (:data:`lib.engine.memory.KINDS`) that holds the host
-blocks; ``extra["pool"]`` says how the pool is assembled (:data:`POOL`). Every decode row is
-checked against the float64 reference (output poisoned with NaN first), in the variant's own
-state. True oversubscription is :func:`run_oversubscribed`, behind an explicit opt-in and never
-run by the experiment.
+Which blocks go to the host (:class:`OffloadPlan`): the oldest ``ceil(f * n)`` of each sequence,
+because an offloading server evicts by recency (recent tokens are re-read the most), and the same
+share of every sequence, so no sequence's thread blocks carry the whole bus cost. The pool is
+``[host region | device region]``, each a multiple of 2 MiB: the same tables and bytes in every
+mode, only the memory differs. Every decode row is checked against the float64 reference in the
+variant's own state; ``measurement=yardstick`` is the bus yardstick
+(:func:`lib.engine.transfer.measure_transfer`). True oversubscription is
+:func:`run_oversubscribed`, behind an explicit opt-in and never run by the experiment.
 
 CuPy, torch and the CUDA driver bindings are imported inside functions: this module imports on
 a CPU.
@@ -43,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 from lib.engine import memory, transfer, vmm
+from lib.engine.validation import _positive_int
 from lib.chapters.kv_offload.residency import apply_block_residency
 
 MiB = 1 << 20
@@ -74,11 +60,9 @@ BACKENDS = "own-auto-paged+vllm"
 #: (query heads, KV heads): Llama-like MHA and a GQA 4:1 layout.
 HEADS = ((32, 32), (32, 8))
 YARDSTICK_BYTES = GiB
-#: Sampling caps (seconds per row): steady states, and states re-made before every sample.
+#: Sampling cap (seconds per row) of steady states; states re-made before every sample use
+#: lib.engine.measure.STATE_MAX_SECONDS.
 MAX_SECONDS = 1.5
-STATE_MAX_SECONDS = 1.0
-#: A point's pinned host memory may use at most this share of the host's available memory.
-HOST_SHARE = 0.5
 
 GRID = [
     {"measurement": ["yardstick"], "method": ["memcpy_pinned", "prefetch"], "nbytes": [YARDSTICK_BYTES]},
@@ -101,12 +85,6 @@ def check_fraction(fraction) -> float:
         raise ValueError(f"fraction must be in [0, 1] (the share of KV blocks kept in host memory), "
                          f"got {fraction!r}")
     return f
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
 
 
 def host_blocks_per_seq(blocks_per_seq: int, fraction) -> int:
@@ -133,10 +111,6 @@ def fraction_label(fraction) -> str:
 
 
 # ----------------------------------------------------------------------------- the plan
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
 
 @dataclass(frozen=True)
 class OffloadPlan:
@@ -190,11 +164,11 @@ class OffloadPlan:
 
     @property
     def host_region_blocks(self) -> int:
-        return _round_up(self.num_seqs * self.host_per_seq, self.align_blocks)
+        return vmm.round_up(self.num_seqs * self.host_per_seq, self.align_blocks)
 
     @property
     def device_region_blocks(self) -> int:
-        return _round_up(self.num_seqs * (self.blocks_per_seq - self.host_per_seq), self.align_blocks)
+        return vmm.round_up(self.num_seqs * (self.blocks_per_seq - self.host_per_seq), self.align_blocks)
 
     @property
     def num_blocks(self) -> int:
@@ -282,43 +256,30 @@ def _source_case(problem, plan: OffloadPlan):
     return B.DecodeCase(p, q, k, v, tables)
 
 
-def _mode_case(src, backend, alloc):
-    """A case whose arrays for ``backend``'s layout live in ``alloc``'s memory: (case, k, v)."""
-    from lib.engine import backends as B
+def _mode_case(src, backend, alloc, *, shared: bool = True):
+    """A case whose arrays for ``backend``'s layout live in ``alloc``'s memory: (case, k, v).
 
-    if backend.layout == "vllm":  # the pool itself is what the kernel reads
-        pools = []
-        for a in (src.kpool, src.vpool):
-            b = alloc(a.shape, a.dtype)
-            b[...] = a
-            pools.append(b)
-        case = B.DecodeCase(src.problem, src.q, pools[0], pools[1], src.tables, alloc)
-    else:  # derived layouts are copied into `alloc`'s memory by DecodeCase.layout
-        case = B.DecodeCase(src.problem, src.q, src.kpool, src.vpool, src.tables, alloc)
-    k, v = case.layout(backend.layout)
+    ``shared``: a torch-based backend must read the very memory under test, not a copy torch made.
+    """
     import cupy
 
-    cupy.cuda.Device().synchronize()
-    return case, k, v
-
-
-def _torch_must_share(backend, arrays) -> None:
-    """Torch-based backends must read the very memory under test, not a copy torch made."""
-    if backend.family == "own":
-        return
     from lib.engine import backends as B
 
-    for a in arrays:
-        if B.torch_view(a).data_ptr() != int(a.data.ptr):
-            raise RuntimeError(f"torch copied the {backend.name} cache instead of sharing its memory: "
-                               "this memory kind cannot be measured through torch here")
-
-
-def _poison(out) -> None:
-    if out.dtype == np.uint16:  # bf16 bits
-        out.fill(0x7FC0)
-    else:
-        out.fill(np.nan)
+    pools = [src.kpool, src.vpool]
+    if backend.layout == "vllm":  # the pool itself is what the kernel reads
+        pools = [alloc(a.shape, a.dtype) for a in pools]
+        for b, a in zip(pools, (src.kpool, src.vpool)):
+            b[...] = a
+    # derived layouts are copied into `alloc`'s memory by DecodeCase.layout
+    case = B.DecodeCase(src.problem, src.q, pools[0], pools[1], src.tables, alloc)
+    k, v = case.layout(backend.layout)
+    cupy.cuda.Device().synchronize()
+    if shared and backend.family != "own":
+        for a in (k, v):
+            if B.torch_view(a).data_ptr() != int(a.data.ptr):
+                raise RuntimeError(f"torch copied the {backend.name} cache instead of sharing its memory: "
+                                   "this memory kind cannot be measured through torch here")
+    return case, k, v
 
 
 def _row_base(backend, problem, variant: str, plan: OffloadPlan) -> dict:
@@ -329,12 +290,12 @@ def _row_base(backend, problem, variant: str, plan: OffloadPlan) -> dict:
 
 
 def _measure(base: dict, problem, out, ref, step: Callable, *, protocol: str = "rigorous",
-             state: Callable | None = None, max_seconds: float = MAX_SECONDS, extra: dict | None = None) -> dict:
+             state: Callable | None = None, extra: dict | None = None) -> dict:
     """:func:`lib.engine.measure.check_then_time` with the variant's ``state`` as ``before``."""
-    from lib.engine.measure import check_then_time
+    from lib.engine.measure import STATE_MAX_SECONDS, check_then_time
 
     return check_then_time(step, out, ref, dtype=problem.dtype, protocol=protocol, before=state,
-                           max_seconds=STATE_MAX_SECONDS if state is not None else max_seconds,
+                           max_seconds=STATE_MAX_SECONDS if state is not None else MAX_SECONDS,
                            row={**base, "extra": {**base["extra"], **(extra or {})}})
 
 
@@ -348,6 +309,13 @@ def _guarded(base: dict, fn: Callable[[], dict]) -> dict:
         return {**base, "status": "error", "error": error_text(exc)}
 
 
+def _check_host_memory(nbytes: int) -> None:
+    """MemoryError unless ``nbytes`` of host memory fit :func:`lib.engine.transfer.budget_problem`."""
+    why = transfer.budget_problem(0, nbytes, free_gpu=0, free_host=memory.host_available_bytes())
+    if why:
+        raise MemoryError(why)
+
+
 def _prefetch_region(arrays, where: str, nbytes: int, stream=None) -> None:
     for a in arrays:
         memory.prefetch(a, where, nbytes=nbytes, stream=stream)
@@ -355,7 +323,6 @@ def _prefetch_region(arrays, where: str, nbytes: int, stream=None) -> None:
 
 def _mode_managed_remote(backend, src, plan, ref, opts) -> list[dict]:
     case, k, v = _mode_case(src, backend, memory.allocator("managed"))
-    _torch_must_share(backend, (k, v))
     for a in (k, v):
         apply_block_residency(a, plan.host_mask())
     extra = {}
@@ -371,42 +338,31 @@ def _mode_managed_remote(backend, src, plan, ref, opts) -> list[dict]:
 def _mode_pinned_zero_copy(backend, src, plan, ref, opts) -> list[dict]:
     import cupy
 
-    rows = []
-
-    def host_budget(nbytes: int) -> None:
-        avail = memory.host_available_bytes()
-        if nbytes > HOST_SHARE * avail:
-            raise MemoryError(f"{nbytes / GiB:.2f} GiB of pinned host memory is more than "
-                              f"{HOST_SHARE:.0%} of the {avail / GiB:.1f} GiB available")
-
     def split() -> dict:
         if plan.host_region_bytes:
             why = vmm.host_memory_unavailable()
             if why:
                 raise RuntimeError(why)
-            host_budget(2 * plan.host_region_bytes)
+            _check_host_memory(2 * plan.host_region_bytes)
         dev = int(cupy.cuda.runtime.getDevice())
         alloc = vmm.split_allocator(vmm.vmm_driver(dev), plan.host_region_blocks, device=dev)
         case, k, v = _mode_case(src, backend, alloc)
-        _torch_must_share(backend, (k, v))
         out = case.poisoned_output()
         launch = backend.prepare(case, out, **opts)
         loc = vmm.vmm_driver(dev).host_location() if plan.host_region_bytes else None
         return _measure(base, src.problem, out, ref, launch, extra={"host_location": loc})
 
+    def hostalloc() -> dict:
+        _check_host_memory(2 * plan.num_blocks * plan.block_bytes)
+        case, k, v = _mode_case(src, backend, memory.allocator("pinned"))
+        out = case.poisoned_output()
+        launch = backend.prepare(case, out, **opts)
+        return _measure(base2, src.problem, out, ref, launch)
+
     base = _row_base(backend, src.problem, "zero_copy", plan)
-    rows.append(_guarded(base, split))
+    rows = [_guarded(base, split)]
     gc.collect()
     if plan.host_per_seq == plan.blocks_per_seq:  # f = 1: the whole pool pinned, the classic way
-
-        def hostalloc() -> dict:
-            host_budget(2 * plan.num_blocks * plan.block_bytes)
-            case, k, v = _mode_case(src, backend, memory.allocator("pinned"))
-            _torch_must_share(backend, (k, v))
-            out = case.poisoned_output()
-            launch = backend.prepare(case, out, **opts)
-            return _measure(base2, src.problem, out, ref, launch)
-
         base2 = _row_base(backend, src.problem, "zero_copy_hostalloc", plan)
         rows.append(_guarded(base2, hostalloc))
     return rows
@@ -414,7 +370,6 @@ def _mode_pinned_zero_copy(backend, src, plan, ref, opts) -> list[dict]:
 
 def _mode_managed_migrate(backend, src, plan, ref, opts) -> list[dict]:
     case, k, v = _mode_case(src, backend, memory.allocator("managed"))  # written on the GPU: resident
-    _torch_must_share(backend, (k, v))
     out = case.poisoned_output()
     launch = backend.prepare(case, out, **opts)
     nbytes = plan.host_region_bytes
@@ -461,7 +416,6 @@ def _mode_prefetch_overlap(backend, src, plan, ref, opts) -> list[dict]:
     import cupy
 
     case, k, v = _mode_case(src, backend, memory.allocator("managed"))
-    _torch_must_share(backend, (k, v))
     out = case.poisoned_output()
     launch = backend.prepare(case, out, **opts)
     nbytes = plan.host_region_bytes
@@ -500,7 +454,7 @@ def _mode_explicit_copy(backend, src, plan, ref, opts) -> list[dict]:
     from lib.engine import backends as B
     from lib.engine import timing
 
-    case, k, v = _mode_case(src, backend, B._default_alloc)  # device memory
+    case, k, v = _mode_case(src, backend, B._default_alloc, shared=False)  # device memory
     out = case.poisoned_output()
     launch = backend.prepare(case, out, **opts)
     nbytes = plan.host_region_bytes
@@ -626,8 +580,7 @@ def run_oversubscribed(*, factor: float = 1.25, seq_len: int = 4096, num_heads: 
     token_bytes = num_kv_heads * head_size * 2  # fp16
     batch = math.ceil(factor * total / (2 * seq_len * token_bytes))
     kv_bytes = 2 * batch * seq_len * token_bytes
-    if kv_bytes > HOST_SHARE * memory.host_available_bytes():  # evicted pages live in host RAM
-        raise MemoryError(f"a {kv_bytes / GiB:.0f} GiB cache needs more host memory than is available")
+    _check_host_memory(kv_bytes)  # evicted pages live in host RAM
     problem = B.DecodeProblem.uniform(batch, seq_len, num_heads=num_heads, num_kv_heads=num_kv_heads,
                                       head_size=head_size, block_size=block_size, dtype="float16")
     tables = kvcache.make_block_tables(problem.seq_lens, block_size, "identity")

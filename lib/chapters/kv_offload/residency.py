@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lib.engine import memory
+from lib.engine.validation import _positive_int
 
 
 def host_block_mask(num_blocks: int, fraction: float, *, pattern: str = "tail", seed: int = 0) -> np.ndarray:
@@ -24,12 +25,10 @@ def host_block_mask(num_blocks: int, fraction: float, *, pattern: str = "tail", 
     blocks), ``head`` (the first), ``spread`` (evenly interleaved: each prefix of k blocks holds
     ``floor(k * fraction + 1/2)`` host blocks), ``random`` (a seeded choice).
     """
-    if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)) or num_blocks < 1:
-        raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
+    n = _positive_int("num_blocks", num_blocks)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating)) \
             or not math.isfinite(fraction) or not 0 <= fraction <= 1:
         raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
-    n = int(num_blocks)
     k = int(math.floor(fraction * n + 0.5))
     mask = np.zeros(n, dtype=bool)
     if pattern == "tail":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import matplotlib.pyplot as plt
 import matplotlib.ticker as mticker
 import numpy as np
@@ -94,8 +93,7 @@ def blocks_figure(blocks: pd.DataFrame, shape: str, *, gpu: str | None = None) -
         g = d[d["batch_size"] == b].sort_values("block_size")
         for backend in (P.PAGED, P.CONTIGUOUS, P.NO_OFFSET, "vllm"):
             if backend in g.columns:
-                st = dict(BACKEND_STYLE[backend])
-                ax.plot(g["block_size"], g[backend], lw=1.4, ms=4, **st)
+                ax.plot(g["block_size"], g[backend], lw=1.4, ms=4, **BACKEND_STYLE[backend])
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(mticker.LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
         ax.yaxis.set_major_formatter(mticker.FormatStrFormatter("%g"))

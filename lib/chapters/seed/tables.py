@@ -1,9 +1,7 @@
 """The seed blog post's six tables: load, validate, and the ratios the book discusses.
 
-The post (2024-03-25, "Profile VLLM Performance") timed vLLM's paged-attention kernel by
-KV-cache block size in six small tables. `data/seed/seed_tables.csv` holds every number as one
-row per table cell. Everything the seed chapter says about those numbers is derived here, so the
-chapter stays thin and the derivations are tested.
+The post (2024-03-25, "Profile VLLM Performance") timed vLLM's paged-attention kernel by KV-cache
+block size in six small tables; `data/seed/seed_tables.csv` holds one row per table cell.
 """
 
 from __future__ import annotations
@@ -15,21 +13,11 @@ import pandas as pd
 
 from lib import DATA
 
-#: Where the tidy seed table lives in the repository.
 SEED_CSV = DATA / "seed" / "seed_tables.csv"
 
 #: The seed table's columns and the dtype kind each must have ("i" integer, "f" float, "O" text).
-COLUMNS: dict[str, str] = {
-    "table": "i",
-    "table_title": "O",
-    "variant": "O",
-    "memory": "O",
-    "block_size": "i",
-    "seq_len": "i",
-    "batch_size": "i",
-    "time_us": "f",
-    "source_column": "O",
-}
+COLUMNS: dict[str, str] = {"table": "i", "table_title": "O", "variant": "O", "memory": "O", "block_size": "i",
+                           "seq_len": "i", "batch_size": "i", "time_us": "f", "source_column": "O"}
 
 #: The post has exactly this many numbers (its tables hold 51 filled cells).
 N_ROWS = 51
@@ -43,11 +31,8 @@ POINT = ["block_size", "seq_len", "batch_size"]
 
 
 def validate_seed(df: pd.DataFrame) -> pd.DataFrame:
-    """Check the seed table's schema and contents; return it unchanged or raise ValueError.
-
-    Checked because every later comparison (which table is the baseline of which) relies on
-    these facts, and a silently edited CSV would change the book's conclusions.
-    """
+    """Check the seed table's schema and contents; return it unchanged or raise ValueError (every later
+    comparison relies on these facts: a silently edited CSV would change the book's conclusions)."""
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"seed table lacks columns {missing}; expected {list(COLUMNS)}")
@@ -86,8 +71,7 @@ def load_seed(path: str | Path | None = None) -> pd.DataFrame:
     path = Path(path) if path is not None else SEED_CSV
     if not path.is_file():
         raise ValueError(f"no seed table at {path}")
-    df = pd.read_csv(path)
-    return validate_seed(df)
+    return validate_seed(pd.read_csv(path))
 
 
 def parse_tables(tables: str | int | Iterable[int]) -> list[int]:
@@ -117,27 +101,14 @@ def select_tables(df: pd.DataFrame, tables: str | int | Iterable[int]) -> pd.Dat
 
 def series_label(df: pd.DataFrame) -> pd.Series:
     """A short legend label per row: memory kind plus the (seq_len, batch) the row measured."""
-    return (
-        df["memory"]
-        + ", seq "
-        + df["seq_len"].astype(str)
-        + " × batch "
-        + df["batch_size"].astype(str)
-    )
+    return df["memory"] + ", seq " + df["seq_len"].astype(str) + " × batch " + df["batch_size"].astype(str)
 
 
 def wide_table(df: pd.DataFrame) -> pd.DataFrame:
-    """The seed as the post laid it out: one row per table and series, block sizes as columns.
-
-    Index: table, variant, memory, seq len, batch. Cells the post left empty come out as NaN,
-    so a reader sees exactly what was measured.
-    """
-    wide = df.pivot_table(
-        index=["table", "variant", "memory", "seq_len", "batch_size"],
-        columns="block_size",
-        values="time_us",
-        aggfunc="first",
-    )
+    """The seed as the post laid it out: one row per table and series, block sizes as columns
+    (cells the post left empty are NaN)."""
+    wide = df.pivot_table(index=["table", "variant", "memory", "seq_len", "batch_size"], columns="block_size",
+                          values="time_us", aggfunc="first")
     wide = wide.reindex(columns=sorted(wide.columns))
     # The post's order: "uvm" before "normal", the longer context and bigger batch first.
     wide = wide.sort_index(ascending=[True, True, False, False, False])
@@ -146,35 +117,23 @@ def wide_table(df: pd.DataFrame) -> pd.DataFrame:
     return wide
 
 
-def ratio(
-    df: pd.DataFrame, num_table: int, den_table: int, *, num_memory: str = "device",
-    den_memory: str = "device",
-) -> pd.DataFrame:
-    """Time of `num_table` over time of `den_table` at every point both measured.
-
-    Returns one row per (block_size, seq_len, batch_size) with `num_us`, `den_us` and `ratio`.
-    Points only one table measured are dropped: a ratio needs both.
-    """
+def ratio(df: pd.DataFrame, num_table: int, den_table: int, *, num_memory: str = "device",
+          den_memory: str = "device") -> pd.DataFrame:
+    """Time of `num_table` over time of `den_table`, one row per point both measured (`POINT`)."""
     for t in (num_table, den_table):
         if t not in TABLE_IDS:
             raise ValueError(f"unknown seed table {t}")
     num = df[(df["table"] == num_table) & (df["memory"] == num_memory)]
     den = df[(df["table"] == den_table) & (df["memory"] == den_memory)]
     if num.empty or den.empty:
-        raise ValueError(
-            f"no rows for table {num_table} ({num_memory}) or table {den_table} ({den_memory})"
-        )
-    out = num[POINT + ["time_us"]].merge(
-        den[POINT + ["time_us"]], on=POINT, suffixes=("_num", "_den"), validate="one_to_one"
-    )
+        raise ValueError(f"no rows for table {num_table} ({num_memory}) or table {den_table} ({den_memory})")
+    out = num[POINT + ["time_us"]].merge(den[POINT + ["time_us"]], on=POINT, suffixes=("_num", "_den"),
+                                         validate="one_to_one")
     out = out.rename(columns={"time_us_num": "num_us", "time_us_den": "den_us"})
     out["ratio"] = out["num_us"] / out["den_us"]
     what = (f"{num_memory} / {den_memory}" if num_table == den_table
             else f"table {num_table} / table {den_table}")
-    out["comparison"] = [
-        f"{what}, seq {s} × batch {b}"
-        for s, b in zip(out["seq_len"], out["batch_size"])
-    ]
+    out["comparison"] = [f"{what}, seq {s} × batch {b}" for s, b in zip(out["seq_len"], out["batch_size"])]
     return out.sort_values(POINT).reset_index(drop=True)
 
 
@@ -186,12 +145,9 @@ def managed_over_device(df: pd.DataFrame) -> pd.DataFrame:
 def no_lookup_over_original(df: pd.DataFrame) -> pd.DataFrame:
     """"Without page table lookup" over original vLLM: tables 2/3 (batch 1) and 4/5 (batch 16).
 
-    Table 4 also has a batch-32 column, but table 5's batch-32 column is empty, so it has no
-    baseline and is not in the result.
+    Table 4's batch-32 column has no baseline (table 5's is empty), so it is not in the result.
     """
-    return pd.concat(
-        [ratio(df, 2, 3), ratio(df, 4, 5)], ignore_index=True
-    )
+    return pd.concat([ratio(df, 2, 3), ratio(df, 4, 5)], ignore_index=True)
 
 
 def no_offset_over_original(df: pd.DataFrame) -> pd.DataFrame:
@@ -200,11 +156,8 @@ def no_offset_over_original(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def repeat_agreement(df: pd.DataFrame) -> pd.DataFrame:
-    """Table 3 over table 1 (device): the same kernel and point, timed twice in the post.
-
-    Read this way, the spread between them is the post's run-to-run noise, the yardstick
-    any ablation effect has to beat.
-    """
+    """Table 3 over table 1 (device): the same kernel and point timed twice in the post, so their
+    spread is the post's run-to-run noise, the yardstick any ablation effect has to beat."""
     return ratio(df, 3, 1)
 
 
@@ -222,25 +175,17 @@ def _one_series(df, table, memory, seq_len, batch_size) -> pd.DataFrame:
     return rows
 
 
-def slowest_over_fastest(
-    df: pd.DataFrame, table: int, *, memory: str = "device", seq_len: int | None = None,
-    batch_size: int | None = None,
-) -> float:
-    """Within one table's series, how much slower the slowest block size is than the fastest.
-
-    A table with several series (several seq_len x batch columns) needs `seq_len` and
-    `batch_size` to say which one.
-    """
+def slowest_over_fastest(df: pd.DataFrame, table: int, *, memory: str = "device", seq_len: int | None = None,
+                         batch_size: int | None = None) -> float:
+    """Within one table's series, how much slower the slowest block size is than the fastest (a table
+    with several seq_len x batch series needs `seq_len` and `batch_size`)."""
     rows = _one_series(df, table, memory, seq_len, batch_size)
     return float(rows["time_us"].max() / rows["time_us"].min())
 
 
-def slowest_block(
-    df: pd.DataFrame, table: int, *, memory: str = "device", seq_len: int | None = None,
-    batch_size: int | None = None,
-) -> int:
-    """The block size at which one series of a table is slowest (same selection rules as
-    `slowest_over_fastest`)."""
+def slowest_block(df: pd.DataFrame, table: int, *, memory: str = "device", seq_len: int | None = None,
+                  batch_size: int | None = None) -> int:
+    """The block size at which one series of a table is slowest (selected as in `slowest_over_fastest`)."""
     rows = _one_series(df, table, memory, seq_len, batch_size)
     return int(rows.loc[rows["time_us"].idxmax(), "block_size"])
 
@@ -264,16 +209,11 @@ LIKELY_METHOD: dict[str, int | str] = {
 }
 
 
-def likely_cache_bytes(
-    block_size: int, *, num_blocks: int | None = None, num_kv_heads: int | None = None,
-    head_size: int | None = None, dtype_bytes: int | None = None,
-) -> int:
-    """Bytes of K plus V in the cache vLLM's benchmark script most likely allocated.
-
-    Unset arguments take the script's values (`LIKELY_METHOD`). The whole cache is
-    `num_blocks * block_size` tokens however long the context is, which is why small block
-    sizes give a cache that fits in a GPU's L2.
-    """
+def likely_cache_bytes(block_size: int, *, num_blocks: int | None = None, num_kv_heads: int | None = None,
+                       head_size: int | None = None, dtype_bytes: int | None = None) -> int:
+    """Bytes of K plus V in the cache vLLM's benchmark script most likely allocated (unset arguments:
+    `LIKELY_METHOD`). It is `num_blocks * block_size` tokens however long the context is, which is
+    why small block sizes give a cache that fits in a GPU's L2."""
     m = LIKELY_METHOD
     values = {
         "block_size": block_size,
@@ -289,13 +229,10 @@ def likely_cache_bytes(
             * values["head_size"] * values["dtype_bytes"])
 
 
-def likely_cache_table(block_sizes: Iterable[int] = BLOCK_SIZES, context_len: int | None = None) -> pd.DataFrame:
-    """Per block size: the likely cache's size and how often each physical block is reused.
-
-    With random block tables drawn from `num_blocks` physical blocks, one sequence of
-    `context_len` tokens needs `context_len / block_size` logical blocks; when that exceeds the
-    physical blocks, the same bytes are read several times per sequence.
-    """
+def likely_cache_table(block_sizes: Iterable[int] = BLOCK_SIZES,
+                       context_len: int | None = None) -> pd.DataFrame:
+    """Per block size: the likely cache's size and how often each physical block is reused (a
+    sequence needs `context_len / block_size` logical blocks drawn from `num_blocks` physical ones)."""
     m = LIKELY_METHOD
     ctx = int(m["context_len"] if context_len is None else context_len)
     if ctx <= 0:
@@ -304,11 +241,7 @@ def likely_cache_table(block_sizes: Iterable[int] = BLOCK_SIZES, context_len: in
     for b in block_sizes:
         nbytes = likely_cache_bytes(int(b))
         logical = -(-ctx // int(b))
-        rows.append({
-            "block_size": int(b),
-            "cache_tokens": int(m["num_blocks"]) * int(b),
-            "cache_MiB": nbytes / 2**20,
-            "logical_blocks_per_seq": logical,
-            "logical_per_physical": logical / int(m["num_blocks"]),
-        })
+        rows.append({"block_size": int(b), "cache_tokens": int(m["num_blocks"]) * int(b),
+                     "cache_MiB": nbytes / 2**20, "logical_blocks_per_seq": logical,
+                     "logical_per_physical": logical / int(m["num_blocks"])})
     return pd.DataFrame(rows)

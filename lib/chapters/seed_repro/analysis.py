@@ -1,16 +1,9 @@
 """The seed's six tables against our measurements of the same points (experiment `seed_tables`).
 
-The seed post (`lib.chapters.seed.tables`) printed one time per cell. We measured every cell's point with our
-re-implementations of the v1 and v2 kernels, under two timing protocols (`lib.engine.timing`): the
-seed's own method (1024 reused random blocks, host clock over back-to-back eager launches, no L2
-flush) and the rigorous one the book uses (distinct blocks, CUDA-graph replay, L2 flushed).
-This module joins the two, cell by cell, and derives every comparison the chapter
-`chapters/seed_repro.md` shows, so the chapter stays thin and the arithmetic is tested.
-
-Mapping of the seed's variants to our backends (the post never says v1 or v2, so both are kept):
-"original" is `own-v*-paged`, "without page table lookup" is `own-v*-contiguous`, "no offset" is
-`own-v*-no_offset`. vLLM's current Triton kernel (`vllm`) and dense SDPA (`sdpa_dense`) are
-today's references for the "original" tables.
+Every seed cell's point was measured with our v1 and v2 kernels under the seed's timing protocol
+and the rigorous one (`lib.engine.timing`); this module joins them cell by cell and derives every
+comparison `chapters/seed_repro.md` shows. The post never says v1 or v2, so both are kept; vLLM
+(`vllm`) and dense SDPA (`sdpa_dense`) are today's references for the "original" tables.
 """
 
 from __future__ import annotations
@@ -27,7 +20,7 @@ from lib.chapters.seed import tables as S
 EXPERIMENT = "seed_tables"
 VERSIONS = ("v1", "v2")
 PROTOCOLS = ("seed", "rigorous")
-#: The seed's variant -> our addressing mode.
+#: The seed's variant -> our addressing mode ("no_lookup" is the post's "without page table lookup").
 ADDRESSING_OF = {"original": "paged", "no_lookup": "contiguous", "no_offset": "no_offset"}
 #: Today's kernels, shown beside the seed's "original" tables.
 REFERENCE_BACKENDS = ("vllm", "sdpa_dense")
@@ -89,10 +82,8 @@ def series_name(memory: str, seq_len: int, batch_size: int) -> str:
 # ----------------------------------------------------------------------------- our rows
 
 def check_ours(ours: pd.DataFrame) -> pd.DataFrame:
-    """Our rows with the columns the joins need, one row per (card, backend, protocol, point).
-
-    Raises ValueError where a join would be ambiguous (two rows for one key) or impossible.
-    """
+    """Our rows with the columns the joins need, one per (card, backend, protocol, point); raises
+    ValueError where a join would be ambiguous or impossible."""
     missing = [c for c in OURS_COLUMNS if c not in ours.columns]
     if missing:
         raise ValueError(f"our rows lack columns {missing}")
@@ -116,9 +107,8 @@ def check_ours(ours: pd.DataFrame) -> pd.DataFrame:
 
 def load_ours(gpu: str | Iterable[str] | None = None, root=None, *,
               heads: tuple[int, int] = (64, 8)) -> pd.DataFrame:
-    """Committed rows of the `seed_tables` experiment (every card, or the cards named), for one
-    model shape (query heads, KV heads): by default the seed's 64:8; (32, 32) is the
-    Llama-2-7B-like shape the experiment also covers."""
+    """Committed `seed_tables` rows (every card, or those named) of one (query heads, KV heads)
+    shape: the seed's 64:8 by default, or the Llama-2-7B-like (32, 32)."""
     if isinstance(gpu, str):
         gpu = [g.strip() for g in gpu.split(",") if g.strip()] or None
     df = frame.load_checked(EXPERIMENT, gpu, root=root)
@@ -133,15 +123,13 @@ def cards(ours: pd.DataFrame) -> list[str]:
 
 def _by_protocol(ours: pd.DataFrame) -> pd.DataFrame:
     """Our times with the protocols side by side: one row per (card, backend, point)."""
-    wide = ours.pivot_table(index=["gpu_slug", "backend", *KEY], columns="protocol",
-                            values="median_us", aggfunc="first")
+    index = ["gpu_slug", "backend", *KEY]
+    wide = ours.pivot_table(index=index, columns="protocol", values="median_us", aggfunc="first")
     wide = wide.reindex(columns=list(PROTOCOLS))
     wide.columns = [f"{p}_protocol_us" if p == "seed" else f"{p}_us" for p in wide.columns]
-    ok = ours.groupby(["gpu_slug", "backend", *KEY])["check_passed"].agg(
+    wide["check_passed"] = ours.groupby(index)["check_passed"].agg(
         lambda s: bool(s.fillna(False).astype(bool).all()))
-    err = ours.groupby(["gpu_slug", "backend", *KEY])["rel_error"].max()
-    wide["check_passed"] = ok
-    wide["max_rel_error"] = err
+    wide["max_rel_error"] = ours.groupby(index)["rel_error"].max()
     return wide.reset_index()
 
 
@@ -150,11 +138,8 @@ def _by_protocol(ours: pd.DataFrame) -> pd.DataFrame:
 def join(seed: pd.DataFrame, ours: pd.DataFrame, versions: Iterable[str] = VERSIONS) -> pd.DataFrame:
     """Every seed cell beside our times for the same point, once per card and kernel version.
 
-    One row per (card, seed cell, version), also where we have no measurement (times NaN), so
-    a missing point shows as a gap instead of vanishing. Columns: the seed cell's (table,
-    table_title, variant, memory, block_size, seq_len, batch_size, seed_us), then gpu_slug,
-    version, backend, seed_protocol_us, rigorous_us, check_passed, max_rel_error and the ratios
-    seed_protocol_over_seed, rigorous_over_seed, rigorous_over_seed_protocol.
+    One row per (card, seed cell, version), also where we have no measurement (times NaN), so a
+    missing point shows as a gap instead of vanishing; with the three time ratios `*_over_*`.
     """
     versions = parse_versions(versions)
     _check_seed_columns(seed)
@@ -162,18 +147,11 @@ def join(seed: pd.DataFrame, ours: pd.DataFrame, versions: Iterable[str] = VERSI
     wide = _by_protocol(ours)
     cells = seed[["table", "table_title", "variant", "memory", "block_size", "seq_len",
                   "batch_size", "time_us"]].rename(columns={"time_us": "seed_us"})
-    frames = []
-    for gpu in cards(ours):
-        for v in versions:
-            f = cells.copy()
-            f["gpu_slug"] = gpu
-            f["version"] = v
-            f["backend"] = [backend_for(var, v) for var in f["variant"]]
-            frames.append(f)
-    out = pd.concat(frames, ignore_index=True)
-    out["memory_kind"] = out["memory"]
-    out = out.merge(wide, on=["gpu_slug", "backend", *KEY], how="left", validate="many_to_one")
-    out = out.drop(columns="memory_kind")
+    out = pd.concat([cells.assign(gpu_slug=gpu, version=v,
+                                  backend=[backend_for(var, v) for var in cells["variant"]])
+                     for gpu in cards(ours) for v in versions], ignore_index=True)
+    out = out.assign(memory_kind=out["memory"]).merge(wide, on=["gpu_slug", "backend", *KEY], how="left",
+                                                      validate="many_to_one").drop(columns="memory_kind")
     out["seed_protocol_over_seed"] = out["seed_protocol_us"] / out["seed_us"]
     out["rigorous_over_seed"] = out["rigorous_us"] / out["seed_us"]
     out["rigorous_over_seed_protocol"] = out["rigorous_us"] / out["seed_protocol_us"]
@@ -196,13 +174,10 @@ def _check_seed_columns(seed: pd.DataFrame) -> None:
 
 def reproduction_table(joined: pd.DataFrame, table: int, gpu: str,
                        versions: Iterable[str] = VERSIONS) -> pd.DataFrame:
-    """One seed table as the chapter shows it: the seed's time, then per version ours under
-    both protocols and the two ratios (ours with the seed's protocol / the seed; rigorous / the
-    seed's protocol). Rows: series (memory, seq × batch) and block size; columns two levels.
-    """
+    """One seed table as the chapter shows it, rows (series, block size): the seed's time, then per
+    version ours under both protocols, seed protocol / seed and rigorous / seed protocol."""
     versions = parse_versions(versions)
-    rows = joined[(joined["table"] == table) & (joined["gpu_slug"] == gpu)
-                  & joined["version"].isin(versions)]
+    rows = joined[(joined["table"] == table) & (joined["gpu_slug"] == gpu) & joined["version"].isin(versions)]
     if rows.empty:
         raise ValueError(f"no joined rows for table {table} on {gpu!r} ({list(versions)})")
     rows = rows.assign(series=[series_name(m, s, b) for m, s, b in
@@ -224,34 +199,29 @@ def reproduction_table(joined: pd.DataFrame, table: int, gpu: str,
     order = (rows.drop_duplicates("series")
              .sort_values(["memory", "seq_len", "batch_size"], ascending=[True, False, False])
              ["series"].tolist())
-    out = out.reindex(pd.MultiIndex.from_tuples(
+    return out.reindex(pd.MultiIndex.from_tuples(
         [(s, b) for s in order for b in sorted(rows.loc[rows["series"] == s, "block_size"].unique())],
         names=["series", "block size"]))
-    return out
 
 
 # ----------------------------------------------------------------------------- long form for figures
 
 def times_long(seed: pd.DataFrame, ours: pd.DataFrame, versions: Iterable[str] = VERSIONS,
                references: bool = True) -> pd.DataFrame:
-    """Tidy times for the figures: per seed series, the seed's cells and ours at every block size.
+    """Tidy times for the figures: per seed series, the seed's cells and ours at every block size
+    measured at its point (the seed has some points at two block sizes only).
 
-    Our series cover every block size measured at the seed series' point (the seed measured
-    some points at two block sizes only). References (vLLM, SDPA) are added to the "original"
-    tables under the rigorous protocol only: under the seed's protocol their Python wrappers,
-    not their kernels, are timed. Columns: gpu_slug, table, table_title, memory, seq_len,
-    batch_size, block_size, source, time_us.
+    References (vLLM, SDPA) join the "original" tables under the rigorous protocol only: under the
+    seed's protocol their Python wrappers, not their kernels, are timed.
     """
     versions = parse_versions(versions)
     _check_seed_columns(seed)
     ours = check_ours(ours)
-    series = seed[["table", "table_title", "variant", "memory", "seq_len", "batch_size"]
-                  ].drop_duplicates()
+    series = seed[["table", "table_title", "variant", "memory", "seq_len", "batch_size"]].drop_duplicates()
     frames = []
     for gpu in cards(ours):
-        s = seed[["table", "table_title", "memory", "seq_len", "batch_size", "block_size",
-                  "time_us"]].assign(gpu_slug=gpu, source=SEED_SOURCE)
-        frames.append(s)
+        frames.append(seed[["table", "table_title", "memory", "seq_len", "batch_size", "block_size",
+                            "time_us"]].assign(gpu_slug=gpu, source=SEED_SOURCE))
         mine = ours[ours["gpu_slug"] == gpu]
         for _, ser in series.iterrows():
             at = mine[(mine["memory_kind"] == ser["memory"]) & (mine["seq_len"] == ser["seq_len"])
@@ -283,22 +253,17 @@ def _our_ratio(ours: pd.DataFrame, num_backend: str, den_backend: str, protocol:
                     & (ours["memory_kind"] == memory) & (ours["seq_len"] == seq_len)
                     & (ours["batch_size"] == batch_size)][["gpu_slug", "block_size", "median_us"]]
 
-    out = pick(num_backend, num_memory).merge(pick(den_backend, den_memory),
-                                              on=["gpu_slug", "block_size"],
+    out = pick(num_backend, num_memory).merge(pick(den_backend, den_memory), on=["gpu_slug", "block_size"],
                                               suffixes=("_num", "_den"), validate="one_to_one")
     return out.rename(columns={"median_us_num": "num_us", "median_us_den": "den_us"})
 
 
 def derived_ratios(seed: pd.DataFrame, ours: pd.DataFrame,
                    versions: Iterable[str] = VERSIONS) -> pd.DataFrame:
-    """The seed's three derived ratios beside the same ratios of ours, under each protocol.
+    """The seed's three derived ratios (`COMPARISONS`) beside the same ratios of ours, per protocol.
 
-    managed / device: table 1 against our paged kernel in managed over device memory.
-    no lookup / original: tables 2/3 and 4/5 against our contiguous over paged kernel.
-    no offset / original: table 6/5 against our no_offset over paged kernel.
-    Ours come at every block size of each (seq_len, batch) series the seed's ratio has; the
-    seed's rows are repeated for every card so that one card's slice is complete. Columns:
-    gpu_slug, comparison, seq_len, batch_size, series, block_size, source, num_us, den_us, ratio.
+    Ours come at every block size of each (seq_len, batch) series the seed's ratio has; the seed's
+    rows are repeated for every card so that one card's slice is complete.
     """
     versions = parse_versions(versions)
     S.validate_seed(seed)
@@ -309,9 +274,8 @@ def derived_ratios(seed: pd.DataFrame, ours: pd.DataFrame,
         pairs = theirs[["seq_len", "batch_size"]].drop_duplicates().itertuples(index=False)
         mem = ("managed", "device") if name == "managed / device" else ("device", "device")
         for gpu in cards(ours):
-            frames.append(theirs[["seq_len", "batch_size", "block_size", "num_us", "den_us",
-                                  "ratio"]].assign(gpu_slug=gpu, comparison=name,
-                                                   source=SEED_SOURCE))
+            frames.append(theirs[["seq_len", "batch_size", "block_size", "num_us", "den_us", "ratio"]]
+                          .assign(gpu_slug=gpu, comparison=name, source=SEED_SOURCE))
         for seq_len, batch in pairs:
             for v in versions:
                 for p in PROTOCOLS:
@@ -332,8 +296,7 @@ def derived_ratios(seed: pd.DataFrame, ours: pd.DataFrame,
 
 
 def ratio_summary(derived: pd.DataFrame) -> pd.DataFrame:
-    """Per card, comparison, series and source: the smallest and largest ratio and the largest
-    distance from 1 (as a fraction), over the block sizes measured."""
+    """Per card, comparison, series and source: min, max and largest distance from 1 of the ratio."""
     g = derived.groupby(["gpu_slug", "comparison", "series", "source"], sort=False)["ratio"]
     out = g.agg(min="min", max="max", n="count").reset_index()
     out["max_dev"] = g.apply(lambda r: float((r - 1).abs().max())).to_numpy()
@@ -342,8 +305,8 @@ def ratio_summary(derived: pd.DataFrame) -> pd.DataFrame:
 
 def summary_range(summary: pd.DataFrame, gpu: str, comparison: str, source: str,
                   series: str | None = None) -> tuple[float, float, float]:
-    """(smallest ratio, largest ratio, largest distance from 1) of one comparison and source on
-    one card, over its series (or the one named)."""
+    """`ratio_summary`'s (min, max, max_dev) of one comparison and source on one card, over its
+    series (or the one named)."""
     s = summary[(summary.gpu_slug == gpu) & (summary.comparison == comparison) & (summary.source == source)]
     if series is not None:
         s = s[s.series == series]
@@ -361,12 +324,8 @@ def b32_over_b16(times: pd.DataFrame, gpu: str, source: str, **where) -> float:
 # ----------------------------------------------------------------------------- block-size pattern
 
 def block_penalty(times: pd.DataFrame, *, small: int = 1, reference: int = 16) -> pd.DataFrame:
-    """Per series and source: time at block `small` over time at block `reference` (vLLM's
-    default 16), and the slowest and fastest block sizes with their ratio.
-
-    `times` is `times_long`'s frame. A series without both block sizes gets NaN there; the
-    slowest/fastest columns use the block sizes it has.
-    """
+    """Per series and source of `times_long`: time at block `small` over time at block `reference`
+    (vLLM's default 16; NaN without both), and the slowest and fastest block sizes with their ratio."""
     need = ["gpu_slug", *SERIES, "source", "block_size", "time_us"]
     missing = [c for c in need if c not in times.columns]
     if missing:
@@ -387,11 +346,9 @@ def block_penalty(times: pd.DataFrame, *, small: int = 1, reference: int = 16) -
 def shape_mismatch(joined: pd.DataFrame, *, min_points: int = 3) -> pd.DataFrame:
     """How well each of our series follows the seed's block-size curve, its level aside.
 
-    Per (card, seed series, version, protocol) with at least `min_points` seed cells:
-    `scale` = geometric mean of ours / seed (how much faster or slower overall), and `spread` =
-    exp of the standard deviation of log(ours / seed) over the block sizes: 1.0 when ours is the
-    seed's curve times a constant, 2.0 when a typical block size is off by a factor of two after
-    that constant is taken out.
+    Per (card, seed series, version, protocol) with at least `min_points` cells: `scale` = geometric
+    mean of ours / seed, `spread` = exp(std of log(ours / seed)): 1.0 when ours is the seed's curve
+    times a constant, 2.0 when a typical block size is off by a factor of two beyond that.
     """
     rows = []
     for (gpu, table, memory, seq, batch, v), g in joined.groupby(
@@ -411,9 +368,7 @@ def shape_mismatch(joined: pd.DataFrame, *, min_points: int = 3) -> pd.DataFrame
 
 def protocol_effect(ours: pd.DataFrame, backends: Iterable[str] = (
         "own-v1-paged", "own-v2-paged", *REFERENCE_BACKENDS), memory: str = "device") -> pd.DataFrame:
-    """Rigorous time over seed-protocol time, per card, backend and point: what the method
-    alone moves. Columns: gpu_slug, backend, seq_len, batch_size, series, block_size,
-    seed_protocol_us, rigorous_us, rigorous_over_seed_protocol."""
+    """Rigorous time over seed-protocol time, per card, backend and point: what the method alone moves."""
     backends = list(backends)
     wide = _by_protocol(check_ours(ours))
     out = wide[wide["backend"].isin(backends) & (wide["memory_kind"] == memory)].copy()
@@ -430,9 +385,8 @@ def protocol_effect(ours: pd.DataFrame, backends: Iterable[str] = (
 def repeat_spread(ours: pd.DataFrame, protocol: str, *, backends: Iterable[str] | None = None) -> pd.DataFrame:
     """Per card and backend: the largest |managed / device - 1| over all points, under one protocol.
 
-    Resident managed memory reads at device speed (the rigorous rows show it), so the managed
-    and device rows of one kernel at one point are two measurements of the same thing: their
-    disagreement is the protocol's run-to-run noise.
+    Resident managed memory reads at device speed, so the two rows of one kernel at one point measure
+    the same thing: their disagreement is the protocol's run-to-run noise.
     """
     o = check_ours(ours)
     o = o[o["protocol"] == protocol]
@@ -452,13 +406,11 @@ def checks(ours: pd.DataFrame) -> dict[str, float]:
     """Rows, rows whose output passed its check, and the worst relative error (same run)."""
     o = check_ours(ours)
     passed = o["check_passed"].fillna(False).astype(bool)
-    return {"rows": int(len(o)), "passed": int(passed.sum()),
-            "max_rel_error": float(o["rel_error"].max())}
+    return {"rows": int(len(o)), "passed": int(passed.sum()), "max_rel_error": float(o["rel_error"].max())}
 
 
 def seed_protocol_cache_mib(block_size: int) -> float:
-    """MiB of K + V the seed protocol's 1024 reused blocks hold at this block size (64:8:128
-    fp16): what a sequence's paged reads can touch at most."""
+    """MiB of K + V in the seed protocol's 1024 reused blocks (64:8:128 fp16): all a sequence can touch."""
     return S.likely_cache_bytes(int(block_size)) / 2**20
 
 
@@ -467,12 +419,8 @@ SHAPES = ((64, 8), (32, 32))
 
 
 def shape_comparison(seed: pd.DataFrame, gpu: str, root=None) -> pd.DataFrame:
-    """How well each (shape, version, protocol) follows the seed's curves on one card.
-
-    Per combination, over the seed's series: the median and best shape spread (1.00: the seed's
-    curve times a constant) and the median level (ours over the seed). Shapes with no committed
-    rows are left out.
-    """
+    """Per (shape, version, protocol) on one card, over the seed's series: median and best
+    `shape_mismatch` spread and median level (ours / seed). Shapes without committed rows are left out."""
     rows = []
     for heads in SHAPES:
         try:
@@ -483,10 +431,9 @@ def shape_comparison(seed: pd.DataFrame, gpu: str, root=None) -> pd.DataFrame:
             continue
         f = shape_mismatch(join(seed, ours))
         for (version, protocol), g in f.groupby(["version", "protocol"]):
-            rows.append({"shape": frame.shape_label(*heads), "version": version, "protocol": protocol, "series": len(g),
-                         "median spread": float(g["spread"].median()),
-                         "best spread": float(g["spread"].min()),
-                         "median level": float(g["scale"].median())})
+            rows.append({"shape": frame.shape_label(*heads), "version": version, "protocol": protocol,
+                         "series": len(g), "median spread": float(g["spread"].median()),
+                         "best spread": float(g["spread"].min()), "median level": float(g["scale"].median())})
     if not rows:
         raise ValueError(f"no seed_tables rows for any shape on {gpu!r}")
     return pd.DataFrame(rows)

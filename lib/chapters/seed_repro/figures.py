@@ -1,10 +1,6 @@
-"""Figures and styled tables of the chapter "The seed's six tables on an H100".
-
-They take the frames of :mod:`lib.chapters.seed_repro.analysis` (tidy rows) and return a closed matplotlib
-``Figure`` or a pandas ``Styler``, in the house style of :mod:`lib.book.plots`, so a notebook shows
-each once, where it glues or displays it. Every source keeps one colour and line style in every
-figure: the seed black, our v1 blue, our v2 orange; the seed's protocol dashed, the rigorous one
-solid; today's kernels in their own colours.
+"""Figures and styled tables of the chapter "The seed's six tables on an H100" (frames of
+:mod:`lib.chapters.seed_repro.analysis`). Every source keeps one style in every figure: the seed
+black, our v1 blue, our v2 orange; the seed's protocol dashed, the rigorous one solid.
 """
 
 from __future__ import annotations
@@ -20,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from lib.chapters.seed_repro import analysis as SR
-from lib.book.plots import _block_axis, set_house_style
+from lib.book.plots import _block_axis, panel_grid, set_house_style
 from lib.book.plots import require_columns as _need
 
 _CB = sns.color_palette("colorblind")
@@ -29,8 +25,7 @@ REFERENCE_STYLE = {
     SR.REFERENCE_LABELS["vllm"]: dict(color=_CB[2], linestyle="-", marker="^"),
     SR.REFERENCE_LABELS["sdpa_dense"]: dict(color=_CB[4], linestyle="-", marker="v"),
 }
-BACKEND_LABELS = {"own-v1-paged": "ours v1 (paged)", "own-v2-paged": "ours v2 (paged)",
-                  **SR.REFERENCE_LABELS}
+BACKEND_LABELS = {"own-v1-paged": "ours v1 (paged)", "own-v2-paged": "ours v2 (paged)", **SR.REFERENCE_LABELS}
 BACKEND_STYLE = {"own-v1-paged": dict(color=_CB[0], marker="s"),
                  "own-v2-paged": dict(color=_CB[1], marker="D"),
                  "vllm": dict(color=_CB[2], marker="^"), "sdpa_dense": dict(color=_CB[4], marker="v")}
@@ -76,18 +71,20 @@ def _legend_below(fig: Figure, handles, labels, ncol: int) -> None:
                frameon=False, fontsize=8.5)
 
 
+def _source_legend(fig: Figure, shown) -> None:
+    """One legend entry per source drawn, in legend order."""
+    order = _order(shown)
+    _legend_below(fig, [Line2D([], [], **source_style(s)) for s in order], order, ncol=min(3, len(order)))
+
+
 def _order(sources) -> list[str]:
     rank = {s: i for i, s in enumerate(SR.sources(SR.VERSIONS) + list(SR.REFERENCE_LABELS.values()))}
     return sorted(set(sources), key=lambda s: rank.get(s, len(rank)))
 
 
 def times_figure(times: pd.DataFrame, tables, *, gpu: str | None = None, ncols: int = 2) -> Figure:
-    """Time against block size, one panel per seed series (table, memory, seq × batch), log scale.
-
-    `times` is :func:`lib.chapters.seed_repro.analysis.times_long`'s frame; `tables` picks the seed tables.
-    """
-    _need(times, ["gpu_slug", *SR.SERIES, "table_title", "block_size", "source", "time_us"],
-          "times_figure")
+    """`times_long`'s time against block size, one panel per series of the seed `tables`, log scale."""
+    _need(times, ["gpu_slug", *SR.SERIES, "table_title", "block_size", "source", "time_us"], "times_figure")
     data = _one_card(times, gpu, "times_figure")
     data = data[data["table"].isin(list(tables))]
     if data.empty:
@@ -96,10 +93,7 @@ def times_figure(times: pd.DataFrame, tables, *, gpu: str | None = None, ncols: 
     panels = (data[["table", "table_title", "memory", "seq_len", "batch_size"]].drop_duplicates()
               .sort_values(["table", "memory", "seq_len", "batch_size"],
                            ascending=[True, True, False, True]))
-    n = len(panels)
-    ncols = min(ncols, n)
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.5 * ncols, 2.6 * nrows), squeeze=False)
+    fig, axes = panel_grid(len(panels), ncols, 3.5, 2.6)
     shown = []
     for ax, (_, p) in zip(axes.flat, panels.iterrows()):
         rows = data[(data["table"] == p["table"]) & (data["memory"] == p["memory"])
@@ -114,28 +108,20 @@ def times_figure(times: pd.DataFrame, tables, *, gpu: str | None = None, ncols: 
         ax.set_title(f"Table {p['table']}: {p['table_title']}\n{mem}seq {p['seq_len']} × batch "
                      f"{p['batch_size']}", loc="left", fontsize=9)
         ax.set_ylabel("time (µs)")
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
     fig.tight_layout(h_pad=1.2)
-    order = _order(shown)
-    handles = [Line2D([], [], **source_style(s)) for s in order]
-    _legend_below(fig, handles, order, ncol=min(3, len(order)))
+    _source_legend(fig, shown)
     plt.close(fig)
     return fig
 
 
 def penalty_figure(penalty: pd.DataFrame, series: list[tuple[int, str, int, int]], *,
                    gpu: str | None = None) -> Figure:
-    """Bars of time at block 1 over time at block 16, per source, one panel per chosen series.
-
-    `penalty` is :func:`lib.chapters.seed_repro.analysis.block_penalty`'s frame; `series` lists (table, memory,
-    seq_len, batch_size). A bar above 1 means small blocks are slower.
-    """
+    """`block_penalty`'s time at block 1 over block 16 as bars per source, one panel per
+    (table, memory, seq_len, batch_size) in `series`; above 1, small blocks are slower."""
     _need(penalty, ["gpu_slug", *SR.SERIES, "source", "small_over_ref"], "penalty_figure")
     data = _one_card(penalty, gpu, "penalty_figure")
     set_house_style()
-    fig, axes = plt.subplots(1, len(series), figsize=(3.4 * len(series), 2.8), squeeze=False,
-                             sharex=True)
+    fig, axes = plt.subplots(1, len(series), figsize=(3.4 * len(series), 2.8), squeeze=False, sharex=True)
     top = float(np.nanmax(data["small_over_ref"])) if len(data) else 1.0
     for ax, (table, memory, seq, batch) in zip(axes.flat, series):
         rows = data[(data["table"] == table) & (data["memory"] == memory)
@@ -169,9 +155,7 @@ def penalty_figure(penalty: pd.DataFrame, series: list[tuple[int, str, int, int]
 
 def ratios_figure(derived: pd.DataFrame, *, gpu: str | None = None, versions=SR.VERSIONS,
                   ncols: int = 2) -> Figure:
-    """The seed's derived ratios beside ours: one panel per (comparison, series), one line per
-    source, the line of no difference drawn in. `derived` is
-    :func:`lib.chapters.seed_repro.analysis.derived_ratios`' frame."""
+    """`derived_ratios`: one panel per (comparison, series), one line per source, 1.0 drawn in."""
     _need(derived, ["gpu_slug", "comparison", "seq_len", "batch_size", "series", "block_size",
                     "source", "ratio"], "ratios_figure")
     data = _one_card(derived, gpu, "ratios_figure")
@@ -182,10 +166,7 @@ def ratios_figure(derived: pd.DataFrame, *, gpu: str | None = None, versions=SR.
     panels = (data[["comparison", "seq_len", "batch_size", "series"]].drop_duplicates()
               .assign(rank=lambda d: d["comparison"].map(names.index))
               .sort_values(["rank", "seq_len", "batch_size"], ascending=[True, False, True]))
-    n = len(panels)
-    ncols = min(ncols, n)
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.5 * ncols, 2.6 * nrows), squeeze=False)
+    fig, axes = panel_grid(len(panels), ncols, 3.5, 2.6)
     shown = []
     for ax, (_, p) in zip(axes.flat, panels.iterrows()):
         rows = data[(data["comparison"] == p["comparison"]) & (data["series"] == p["series"])]
@@ -200,20 +181,15 @@ def ratios_figure(derived: pd.DataFrame, *, gpu: str | None = None, versions=SR.
         ax.set_ylim(min(lo, 1.0) - pad, max(hi, 1.0) + pad)
         ax.set_title(f"{p['comparison']}\n{p['series']}", loc="left", fontsize=9)
         ax.set_ylabel("time ratio")
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
     fig.tight_layout(h_pad=1.2)
-    order = _order(shown)
-    _legend_below(fig, [Line2D([], [], **source_style(s)) for s in order], order,
-                  ncol=min(3, len(order)))
+    _source_legend(fig, shown)
     plt.close(fig)
     return fig
 
 
 def protocol_figure(effect: pd.DataFrame, *, gpu: str | None = None, ncols: int = 2) -> Figure:
-    """Rigorous time over seed-protocol time by block size, one panel per (seq, batch), one line
-    per backend, log scale: above 1 the seed's method made the kernel look faster, below 1
-    slower. `effect` is :func:`lib.chapters.seed_repro.analysis.protocol_effect`'s frame."""
+    """`protocol_effect` by block size, one panel per (seq, batch), one line per backend, log scale:
+    above 1 the seed's method made the kernel look faster, below 1 slower."""
     _need(effect, ["gpu_slug", "backend", "seq_len", "batch_size", "series", "block_size",
                    "rigorous_over_seed_protocol"], "protocol_figure")
     data = _one_card(effect, gpu, "protocol_figure")
@@ -223,8 +199,7 @@ def protocol_figure(effect: pd.DataFrame, *, gpu: str | None = None, ncols: int 
     n = len(panels)
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.5 * ncols, 2.5 * nrows), squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.5 * ncols, 2.5 * nrows), squeeze=False, sharey=True)
     backends = [b for b in BACKEND_STYLE if b in set(data["backend"])]
     for ax, (_, p) in zip(axes.flat, panels.iterrows()):
         rows = data[data["series"] == p["series"]]
@@ -255,12 +230,10 @@ _TABLE_STYLES = [
                                  ("padding", "2px 4px"), ("font-variant-numeric", "tabular-nums")]},
     {"selector": "caption", "props": [("caption-side", "top"), ("font-size", "0.9em"),
                                       ("text-align", "left")]},
+    # the first column holds row labels: left-aligned, never wrapped
+    {"selector": "td:first-child, th:first-child",
+     "props": [("text-align", "left"), ("white-space", "nowrap")]},
 ]
-
-
-#: The first column holds row labels: left-aligned, never wrapped.
-_LABEL_STYLE = [{"selector": "td:first-child, th:first-child",
-                 "props": [("text-align", "left"), ("white-space", "nowrap")]}]
 
 
 def _ratio_shade(values: pd.DataFrame) -> pd.DataFrame:
@@ -280,17 +253,16 @@ def reproduction_tables(seed: pd.DataFrame, joined: pd.DataFrame, table: int, ca
     """One styled reproduction table per card: seed table ``table`` beside ours."""
     title = seed.loc[seed["table"] == table, "table_title"].iloc[0]
     return [style_reproduction_table(SR.reproduction_table(joined, table, c, versions),
-                                     caption=f"Seed table {table} ({title}) beside ours on {c}") for c in cards]
+                                     caption=f"Seed table {table} ({title}) beside ours on {c}")
+            for c in cards]
 
 
 def style_reproduction_table(wide: pd.DataFrame, caption: str | None = None):
-    """A reproduction table (:func:`lib.chapters.seed_repro.analysis.reproduction_table`) for reading: times with
-    one decimal, ratios with two, ratio cells shaded blue below 1 and red above, gaps as a dash."""
+    """`reproduction_table` for reading: ratio cells shaded blue below 1 and red above, gaps as a dash."""
     if wide.empty:
         raise ValueError("style_reproduction_table got an empty table")
     flat = wide.reset_index()
-    flat.columns = pd.MultiIndex.from_tuples(
-        [("", "series"), ("", "block size")] + list(wide.columns))
+    flat.columns = pd.MultiIndex.from_tuples([("", "series"), ("", "block size")] + list(wide.columns))
     # The series repeats on every row of its block sizes; name it once, on its first row.
     label = ("", "series")
     flat.loc[flat[label].duplicated(), label] = ""
@@ -301,18 +273,14 @@ def style_reproduction_table(wide: pd.DataFrame, caption: str | None = None):
         .format("{:.1f}", subset=times, na_rep="—")
         .format("{:.2f}", subset=ratios, na_rep="—")
         .apply(_ratio_shade, axis=None, subset=ratios)
-        .set_table_styles(_TABLE_STYLES + _LABEL_STYLE)
+        .set_table_styles(_TABLE_STYLES)
     )
-    if caption:
-        styler = styler.set_caption(caption)
-    return styler
+    return styler.set_caption(caption) if caption else styler
 
 
 def style_fit_table(shape: pd.DataFrame, versions=SR.VERSIONS, caption: str | None = None):
-    """:func:`lib.chapters.seed_repro.analysis.shape_mismatch` as a table: one row per seed series, per source
-    the shape spread (1.00 = the seed's curve up to a constant) and the overall scale."""
-    _need(shape, ["table", "memory", "seq_len", "batch_size", "source", "scale", "spread"],
-          "style_fit_table")
+    """`shape_mismatch` as a table: per seed series (rows) and source, the shape spread and the scale."""
+    _need(shape, ["table", "memory", "seq_len", "batch_size", "source", "scale", "spread"], "style_fit_table")
     keep = [s for s in SR.sources(SR.parse_versions(versions))[1:] if s in set(shape["source"])]
     data = shape[shape["source"].isin(keep)].assign(
         series=lambda d: [f"table {t}, {SR.series_name(m, s, b)}" for t, m, s, b in
@@ -331,8 +299,6 @@ def style_fit_table(shape: pd.DataFrame, versions=SR.VERSIONS, caption: str | No
         flat.style.hide(axis="index")
         .format("{:.2f}", subset=spread_cols + scale_cols, na_rep="—")
         .background_gradient(cmap="Greens_r", subset=spread_cols, vmin=1.0, vmax=3.0)
-        .set_table_styles(_TABLE_STYLES + _LABEL_STYLE)
+        .set_table_styles(_TABLE_STYLES)
     )
-    if caption:
-        styler = styler.set_caption(caption)
-    return styler
+    return styler.set_caption(caption) if caption else styler

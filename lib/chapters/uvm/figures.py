@@ -148,23 +148,18 @@ def placement_diagram() -> Figure:
         if ax is axes[0]:
             ax.text(-0.1, 3.28, "host", ha="right", va="center", fontsize=8, weight="bold", color=HOST_C)
             ax.text(-0.1, 1.42, "GPU", ha="right", va="center", fontsize=8, weight="bold", color=GPU_C)
-        if mode in ("migrate", "bulk"):
-            _pages(ax, 0.55, 3.05, [None, None, None, None], size=0.45, gap=0.3)
-            _pages(ax, 0.55, 1.2, ["gpu"] * 4, size=0.45, gap=0.3)
-            if mode == "migrate":
-                for i in range(4):
-                    _arrow(ax, (0.78 + i * 0.75, 3.03), (0.78 + i * 0.75, 1.68), color=FAULT_C, lw=1.0)
-            else:
-                ax.add_patch(FancyArrowPatch((2.0, 3.03), (2.0, 1.68), arrowstyle="simple,head_width=0.9,head_length=0.6,tail_width=0.5",
-                                             mutation_scale=14, color=LINK_C, alpha=0.8))
-        elif mode == "dup":
-            _pages(ax, 0.55, 3.05, ["host"] * 4, size=0.45, gap=0.3)
-            _pages(ax, 0.55, 1.2, ["gpu"] * 4, size=0.45, gap=0.3)
+        host, gpu = {"migrate": (None, "gpu"), "bulk": (None, "gpu"),
+                     "dup": ("host", "gpu")}.get(mode, ("host", None))
+        _pages(ax, 0.55, 3.05, [host] * 4, size=0.45, gap=0.3)
+        _pages(ax, 0.55, 1.2, [gpu] * 4, size=0.45, gap=0.3)
+        if mode == "bulk":
+            ax.add_patch(FancyArrowPatch((2.0, 3.03), (2.0, 1.68), mutation_scale=14, color=LINK_C, alpha=0.8,
+                                         arrowstyle="simple,head_width=0.9,head_length=0.6,tail_width=0.5"))
+        elif mode in ("migrate", "dup"):  # one arrow per page: a fault, or a read-only copy
+            style = dict(color=FAULT_C, lw=1.0) if mode == "migrate" else dict(color=LINK_C, lw=0.9, ls="--")
             for i in range(4):
-                _arrow(ax, (0.78 + i * 0.75, 3.03), (0.78 + i * 0.75, 1.68), color=LINK_C, lw=0.9, ls="--")
+                _arrow(ax, (0.78 + i * 0.75, 3.03), (0.78 + i * 0.75, 1.68), **style)
         else:
-            _pages(ax, 0.55, 3.05, ["host"] * 4, size=0.45, gap=0.3)
-            _pages(ax, 0.55, 1.2, [None] * 4, size=0.45, gap=0.3)
             _arrow(ax, (1.2, 1.7), (1.2, 3.0), color=LINK_C, lw=1.4, style="<|-|>")
             _arrow(ax, (2.8, 1.7), (2.8, 3.0), color=LINK_C, lw=1.4, style="<|-|>")
         ax.text(2.0, 0.45, note, ha="center", va="top", fontsize=6.8, color="0.25")

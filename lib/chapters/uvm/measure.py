@@ -1,32 +1,21 @@
 """The measurements of the chapter "Unified Memory in practice", one point at a time.
 
-The experiment ``uvm`` is a union of four grids, told apart by the point parameter
-``measurement``:
+The experiment ``uvm`` is a union of four grids, told apart by ``measurement``:
 
-``gpu_read``  A GPU kernel (:func:`lib.engine.timing.read_sum`, the read ceiling's kernel) reads
-    every byte of a buffer once, for each memory kind and state. *Warm* states do not change when
-    read (device memory; managed memory prefetched to the GPU; ReadMostly copies; managed pages
-    kept on the host and mapped for the GPU; pinned zero-copy) and are timed with the study's
-    method (``time_graph``). *Cold* states change when read (pages migrate on first touch), so
-    each sample is one kernel between two CUDA events on a buffer made fresh for it: ``managed``
-    (never touched: the GPU's first touch creates the pages), ``managed_host_touched`` (written by
-    the CPU: every page migrates on a GPU page fault), ``managed_host`` (filled on the GPU, then
-    prefetched to the host), ``managed_readmostly`` (ReadMostly, written by the CPU: the first
-    read makes GPU copies), and ``prefetch_then_read`` (a host-written buffer prefetched to the
-    GPU and then read, both inside the timed region).
-``cpu_read``  The CPU reads (NumPy sum) a managed buffer the GPU has just written (its pages
-    fault back), the same buffer again, a buffer prefetched to the host first, and pageable and
-    pinned host memory for reference. Host clock; fresh buffers.
-``granularity``  A kernel touches one 4-byte word every ``stride_bytes`` of a host-written
-    managed buffer. What moved is observed two ways: the drop in the GPU's free memory across the
-    touch, and how much shorter a whole-buffer prefetch becomes after it (a prefetch moves only
-    what is not yet on the GPU). Neither is a page census.
-``transfer``  :func:`lib.engine.transfer.measure_transfer`: pinned and pageable
-    ``cudaMemcpyAsync`` and managed ``cudaMemPrefetchAsync``, both directions, in the same run.
+``gpu_read``  A GPU kernel (:func:`lib.engine.timing.read_sum`) reads every byte of a buffer once,
+    for each memory kind and state (:data:`READ_LABELS`). *Warm* states do not change when read
+    and are timed with the study's method (``time_graph``); *cold* ones do (pages migrate on first
+    touch), so each sample is one kernel between two CUDA events on a buffer made fresh for it.
+``cpu_read``  The CPU reads (NumPy sum) a managed buffer the GPU has just written, the same buffer
+    again, one prefetched to the host first, and pageable and pinned host memory. Host clock.
+``granularity``  A kernel touches one 4-byte word every ``stride_bytes`` of a host-written managed
+    buffer. What moved is observed two ways: the drop in the GPU's free memory across the touch,
+    and how much shorter a whole-buffer prefetch becomes after it. Neither is a page census.
+``transfer``  :func:`lib.engine.transfer.measure_transfer`, both directions, in the same run.
 
-Buffers stay far below free memory (:func:`lib.engine.transfer.budget_problem`); managed ones
-also pass :mod:`lib.engine.memory`'s guard. Sums of what was read are checked against what was
-written. CuPy is imported inside functions: this module imports on a CPU.
+Buffers stay far below free memory (:func:`lib.engine.transfer.budget_problem`); sums of what was
+read are checked against what was written. CuPy is imported inside functions: this module imports
+on a CPU.
 """
 
 from __future__ import annotations
@@ -133,8 +122,9 @@ def _make_read_buffer(kind: str, phase: str, nbytes: int, stream):
         return arr, expected_word_sum(nbytes)
     if kind == "managed":  # never touched: the GPU's read creates the pages
         return memory.allocate(nbytes, "uint8", "managed"), None
-    if kind == "managed_host_touched":
-        arr = memory.allocate(nbytes, "uint8", "managed")
+    if kind in ("managed_host_touched", "managed_readmostly"):  # written by the CPU
+        spec = memory.with_spec("managed", read_mostly=True) if kind == "managed_readmostly" else "managed"
+        arr = memory.allocate(nbytes, "uint8", spec)
         host_fill(arr)
         return arr, expected_word_sum(nbytes)
     if kind == "managed_host":  # written on the GPU (pages created there), then prefetched out
@@ -142,10 +132,6 @@ def _make_read_buffer(kind: str, phase: str, nbytes: int, stream):
         gpu_fill(arr, stream)
         memory.prefetch(arr, "host", stream=stream)
         stream.synchronize()
-        return arr, expected_word_sum(nbytes)
-    if kind == "managed_readmostly":
-        arr = memory.allocate(nbytes, "uint8", memory.with_spec("managed", read_mostly=True))
-        host_fill(arr)
         return arr, expected_word_sum(nbytes)
     raise ValueError(f"no gpu_read state for memory_kind={kind!r}, phase={phase!r}")
 
@@ -299,18 +285,13 @@ def measure_granularity(point: dict) -> dict:
     med = lambda xs: float(np.median(xs))  # noqa: E731
     meminfo = max(0, int(med(moved_meminfo)))
     by_prefetch = resident_from_prefetch(nbytes, med(rest_us), med(full_us))
-    row = event_row("gpu_touch", "managed_host_touched", touch_us, meminfo, protocol="direct",
-                    check=all(checks), extra={
-                        "touches": touches,
-                        "touched_pages_bytes": touches * 4096,
-                        "moved_meminfo_bytes": moved_meminfo,
-                        "moved_meminfo_median": meminfo,
-                        "moved_prefetch_estimate": by_prefetch,
-                        "prefetch_full_us": full_us,
-                        "prefetch_rest_us": rest_us,
-                        "bytes_moved_from": "cudaMemGetInfo drop across the touch (median)",
-                    })
-    return row
+    return event_row("gpu_touch", "managed_host_touched", touch_us, meminfo, protocol="direct",
+                     check=all(checks), extra={
+                         "touches": touches, "touched_pages_bytes": touches * 4096,
+                         "moved_meminfo_bytes": moved_meminfo, "moved_meminfo_median": meminfo,
+                         "moved_prefetch_estimate": by_prefetch, "prefetch_full_us": full_us,
+                         "prefetch_rest_us": rest_us,
+                         "bytes_moved_from": "cudaMemGetInfo drop across the touch (median)"})
 
 
 # ----------------------------------------------------------------------------- transfer

@@ -13,8 +13,7 @@ KINDS = ("device", "managed", "managed_cold", "managed_prefetched")
 KIND_LABELS = {"device": "device (cudaMalloc)", "managed": "managed, resident",
                "managed_cold": "managed, cold (pages on the host)",
                "managed_prefetched": "managed, after a prefetch"}
-SHORT = {"device": "device", "managed": "managed", "managed_cold": "cold",
-         "managed_prefetched": "prefetched"}
+SHORT = {"device": "device", "managed": "managed", "managed_cold": "cold", "managed_prefetched": "prefetched"}
 BACKENDS = ("own-v1-paged", "own-v2-paged", "vllm")
 POINT = ["gpu_slug", "shape", "seq_len", "batch_size", "block_size", "backend"]
 

@@ -1,16 +1,9 @@
 """Frames and numbers of the chapter "Contiguous KV without fragmentation: CUDA virtual memory".
 
-Three questions, three sources:
-
-* **What does the kernel gain?** The ``kernel`` rows of the ``vmm_kv`` experiment
-  (:mod:`lib.chapters.vmm.measure`): per point, our kernel paged on a fragmented pool, contiguous on
-  device memory, and contiguous on per-sequence VMM slots, side by side (:func:`kernel_table`).
-* **What does growing cost?** The ``map`` rows: per-chunk latency of each driver operation by
-  chunk size (:func:`map_table`), and what it adds to a decode step when the cost of mapping a
-  chunk is spread over the tokens the chunk holds (:func:`growth_cost`).
-* **What does each scheme waste?** No GPU: a seeded synthetic request trace
-  (:mod:`lib.chapters.vmm.trace`) and the bytes each allocation scheme holds beyond what the tokens
-  need (:func:`waste_frame`).
+Three questions, three sources: what the kernel gains (the ``kernel`` rows of ``vmm_kv``:
+:func:`kernel_table`), what growing costs (the ``map`` rows: :func:`map_table`, and
+:func:`growth_cost` per decode step), and what each scheme wastes (no GPU: a seeded synthetic
+trace, :mod:`lib.chapters.vmm.trace`, and :func:`waste_frame`).
 
 Growth arithmetic. One layer's K (or V) of one sequence gains ``kv_heads x head x element``
 bytes per decode step, so a chunk of ``C`` bytes lasts ``C / that`` steps. A batch of ``B``
@@ -53,10 +46,6 @@ def load(gpu=None, root=None) -> pd.DataFrame:
                                                show=("backend", "memory_kind", "point_key")), model=False)
 
 
-def cards(rows: pd.DataFrame) -> list[str]:
-    return sorted(rows["gpu_slug"].unique())
-
-
 # ----------------------------------------------------------------------------- kernel
 
 def kernel_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -81,14 +70,11 @@ def kernel_table(rows: pd.DataFrame) -> pd.DataFrame:
     out["vmm_over_device"] = out["vmm_us"] / out["device_contiguous_us"]
     out["paged_over_device"] = out["paged_us"] / out["device_contiguous_us"]
     vmm = d[d["series"] == "vmm"].set_index(POINT)
-    facts = {"bytes_moved": "bytes_moved", "chunk_bytes": "chunk_bytes", "granularity": "granularity",
-             "block_bytes": "block_bytes", "blocks_per_slot": "blocks_per_slot",
-             "slot_bytes": "slot_bytes", "reserved_bytes": "reserved_bytes",
-             "mapped_bytes": "mapped_bytes", "used_bytes": "used_bytes",
-             "grow_ms": "grow_ms", "copy_ms": "copy_ms", "kv_bytes": "kv_bytes"}
-    for col, src in facts.items():
-        if src in vmm.columns:
-            out[col] = [vmm[src].get(tuple(k), np.nan) for k in out[POINT].itertuples(index=False)]
+    facts = ("bytes_moved", "chunk_bytes", "granularity", "block_bytes", "blocks_per_slot", "slot_bytes",
+             "reserved_bytes", "mapped_bytes", "used_bytes", "grow_ms", "copy_ms", "kv_bytes")
+    for col in facts:
+        if col in vmm.columns:
+            out[col] = [vmm[col].get(tuple(k), np.nan) for k in out[POINT].itertuples(index=False)]
     if "bytes_moved" in out.columns:
         for s in SERIES.values():
             out[f"{s}_gbps"] = out["bytes_moved"].astype(float) / out[f"{s}_us"] / 1e3
@@ -97,13 +83,12 @@ def kernel_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 def kernel_display(ktab: pd.DataFrame) -> pd.DataFrame:
     """The kernel table as the chapter shows it: readable names, µs, ratios."""
-    shown = pd.DataFrame({
+    return pd.DataFrame({
         "point": [f"{b} × {n}" for b, n in zip(ktab["batch_size"], ktab["seq_len"])],
         "heads": ktab["shape"], "block": ktab["block_size"].astype(int),
         "paged, pool (µs)": ktab["paged_us"], "contiguous, cudaMalloc (µs)": ktab["device_contiguous_us"],
         "contiguous, VMM (µs)": ktab["vmm_us"], "paged / VMM": ktab["paged_over_vmm"],
         "VMM / cudaMalloc": ktab["vmm_over_device"]})
-    return shown
 
 
 # ----------------------------------------------------------------------------- map
@@ -257,9 +242,8 @@ def headline(ktab: pd.DataFrame, mtab: pd.DataFrame, gtab: pd.DataFrame, gpu: st
     g = gtab[gtab["gpu_slug"] == gpu]
     h: dict[str, float] = {}
     for col in ("paged_over_vmm", "vmm_over_device", "paged_over_device"):
-        h[f"{col}_min"] = float(k[col].min())
-        h[f"{col}_max"] = float(k[col].max())
-        h[f"{col}_median"] = float(k[col].median())
+        for stat in ("min", "max", "median"):
+            h[f"{col}_{stat}"] = float(getattr(k[col], stat)())
     for col in ("paged_us", "vmm_us", "device_contiguous_us", "paged_over_vmm", "vmm_over_device",
                 "reserved_bytes", "mapped_bytes", "used_bytes", "grow_ms", "copy_ms", "kv_bytes",
                 "slot_bytes", "chunk_bytes"):
@@ -299,7 +283,7 @@ def _close(r: float, tol: float) -> bool:
 
 def verdicts(h: dict[str, float], *, tol: float = 0.02) -> dict[str, str]:
     """Comparisons the chapter states in words, decided by the data (a dash where it is missing)."""
-    out = {"paged_vs_vmm": "—", "vmm_vs_device": "—", "growth": "—", "paper": "—"}
+    out = dict.fromkeys(("paged_vs_vmm", "vmm_vs_device", "growth", "paper", "reuse", "per_mib"), "—")
     lo, hi = h.get("paged_over_vmm_min", np.nan), h.get("paged_over_vmm_max", np.nan)
     if np.isfinite(lo) and np.isfinite(hi):
         if _close(lo, tol) and _close(hi, tol):
@@ -333,8 +317,6 @@ def verdicts(h: dict[str, float], *, tol: float = 0.02) -> dict[str, str]:
                         f"{1 - r:.0%} less time: skipping cuMemCreate pays" if r < 0.95 else
                         "no cheaper than a new one: here cuMemCreate is not the expensive part"
                         if r <= 1.05 else f"{r - 1:.0%} slower than a new one")
-    else:
-        out["reuse"] = "—"
     small, big = h.get("grow_new_us_per_mib_small", np.nan), h.get("grow_new_us_per_mib_big", np.nan)
     if np.isfinite(small) and np.isfinite(big) and big > 0:
         out["per_mib"] = (f"falls from {small:.1f} to {big:.1f} µs per MiB: part of each call's cost is "
@@ -342,8 +324,6 @@ def verdicts(h: dict[str, float], *, tol: float = 0.02) -> dict[str, str]:
                           f"stays near {small:.1f} µs per MiB: the cost grows with the bytes mapped"
                           if big <= 1.1 * small else
                           f"rises from {small:.1f} to {big:.1f} µs per MiB: larger chunks cost more per byte")
-    else:
-        out["per_mib"] = "—"
     share = h.get("grow_new_share_max", np.nan)
     if np.isfinite(share):
         if share < 0.01:

@@ -1,15 +1,14 @@
 """The measurements of the chapter "Contiguous KV without fragmentation: CUDA virtual memory".
 
 Experiment ``vmm_kv``, two grids told apart by ``measurement``. ``kernel``: one decode problem
-three ways (:data:`PAGED` on a shuffled device pool, :data:`DEVICE_CONTIGUOUS` on that pool, and
-:data:`VMM_CONTIGUOUS` on two :class:`lib.engine.vmm.KVArena` giving every sequence a slot of
-virtual addresses for ``reserve_tokens`` tokens, grown only as far as it needs: the vAttention
-idea), each checked and timed by :func:`lib.engine.measure.check_then_time`. ``map``: the host
+three ways (:data:`PAGED`, :data:`DEVICE_CONTIGUOUS`, and :data:`VMM_CONTIGUOUS` on two
+:class:`lib.engine.vmm.KVArena` giving every sequence a slot of virtual addresses for
+``reserve_tokens`` tokens, grown only as far as it needs: the vAttention idea). ``map``: the host
 time per chunk of every driver call of :data:`MAP_OPERATIONS`, for chunks of 1-32 x the
 granularity; a reused chunk must still hold its bytes, which checks the mappings.
 
-:func:`build_arenas` and :func:`map_cycle` take any :class:`lib.engine.vmm.VmmDriver`, so tests
-run them on :class:`lib.engine.vmm.FakeVmmDriver`; CuPy is imported only inside functions.
+:func:`build_arenas` and :func:`map_cycle` take any :class:`lib.engine.vmm.VmmDriver`, so the
+tests run them on a fake driver without a GPU; CuPy is imported only inside functions.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from lib.engine.validation import _positive_int
 from lib.engine.vmm import KVArena, round_up
 
 MiB = 1 << 20
@@ -77,7 +77,7 @@ def _int(point: dict, key: str, minimum: int = 1) -> int:
 
 
 def _positive(**values) -> list[int]:
-    return [_int(values, k) for k in values]
+    return [_positive_int(k, v) for k, v in values.items()]
 
 
 def kernel_shape(point: dict) -> dict:
@@ -409,9 +409,6 @@ def measure_map(point: dict) -> list[dict]:
         cp.get_default_memory_pool().free_all_blocks()  # VMM memory comes from outside CuPy's pool
         timing.check_free(n * chunk, f"vmm_kv map point ({n} chunks of {chunk / MiB:.0f} MiB)")
 
-        def idle() -> None:
-            cp.cuda.Device().synchronize()
-
         def after_grow(arena: KVArena) -> None:
             for s in range(arena.num_slots):
                 arena.slot_view(s, cp.int32).fill(s + 1)
@@ -422,8 +419,8 @@ def measure_map(point: dict) -> list[dict]:
             seen = [int(v.min()) if int(v.min()) == int(v.max()) else -1 for v in views]
             return sorted(seen) == list(range(1, arena.num_slots + 1))
 
-        res = map_cycle(driver, chunk, n, rounds, device=dev, idle=idle, after_grow=after_grow,
-                        after_regrow=after_regrow)
+        res = map_cycle(driver, chunk, n, rounds, device=dev, idle=cp.cuda.Device().synchronize,
+                        after_grow=after_grow, after_regrow=after_regrow)
     finally:
         driver.close()
     rows = []

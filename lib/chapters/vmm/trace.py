@@ -1,35 +1,17 @@
 """A seeded synthetic request trace, and how much KV memory each allocation scheme wastes on it.
 
-Why synthetic. The question here is how allocation *granularity* turns into wasted memory, and
-that depends only on the spread of sequence lengths. A generator with named parameters lets a
-reader change the spread and watch the waste move; no trace file has to be shipped or trusted.
+Synthetic, because waste depends only on the spread of sequence lengths: a generator with named
+parameters lets a reader change the spread and watch the waste move. :func:`synthetic_trace`
+draws prompt lengths lognormal (median 512 tokens, log-space sigma 1, clipped to [16, 32768]: a
+minimal chat turn and a 32k context), output lengths geometric (mean 256: a constant per-token
+chance of stopping; clipped to a ``max_tokens`` cap of 4096) and Poisson arrivals (10 per
+second). The median and sigma are round numbers of the order public chat traces show, *not* fitted.
 
-The distribution (defaults; every one is a keyword argument of :func:`synthetic_trace`):
-
-* **prompt length**: lognormal, median ``prompt_median=512`` tokens, log-space standard
-  deviation ``prompt_sigma=1.0`` (so the middle 50% spans about 260-1000 tokens and the mean is
-  about 840), rounded and clipped to ``[prompt_min, prompt_max] = [16, 32768]``. Lognormal because
-  request lengths are positive, right-skewed and roughly symmetric in log space in public chat
-  traces; the median and sigma are round numbers of that order, *not* fitted to any trace. The
-  clip bounds are a minimal chat turn and a 32k context window.
-* **output length**: geometric with mean ``output_mean=256`` tokens, clipped to
-  ``[1, output_max=4096]``. Geometric because a constant per-token chance of stopping (the
-  end-of-sequence token) gives exactly that law; ``output_max`` is the usual ``max_tokens`` cap.
-* **arrivals**: a Poisson process of ``arrival_rate=10`` requests per second (exponential gaps),
-  so ``arrival_s`` increases and the list is in arrival order.
-
-Fragmentation accounting (:func:`fragmentation_rows`) compares, for the same final sequence
-lengths, what each scheme allocates beyond the bytes the tokens need:
-
-* ``paged``: blocks of ``block_tokens`` tokens (1-256); the last block of a sequence is partly
-  empty. Its block table (one int32 per block) is reported as ``metadata_bytes``.
-* ``vmm``: physical chunks of ``chunk_bytes`` per sequence (the CUDA VMM way, :mod:`lib.engine.vmm`);
-  the last chunk is partly empty. Chunks are large (2 MiB granularity), so this is the same
-  arithmetic as paging with a coarse block.
-* ``max_reservation``: every sequence reserves ``max_tokens`` up front, the pre-PagedAttention
-  baseline (``max_tokens`` defaults to the longest sequence: the most favourable case for it).
-
-Rows are plain dicts (one per scheme and granule), ready for ``pandas.DataFrame(rows)``.
+:func:`fragmentation_rows` compares, for the same final lengths, what each scheme allocates beyond
+the bytes the tokens need: ``paged`` (blocks of 1-256 tokens; the block table is reported as
+``metadata_bytes``), ``vmm`` (physical chunks of ``chunk_bytes`` per sequence: paging with a
+coarse block) and ``max_reservation`` (every sequence reserves ``max_tokens`` up front, the
+pre-PagedAttention baseline; by default the longest sequence, the case most favourable to it).
 """
 
 from __future__ import annotations
@@ -40,21 +22,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-__all__ = [
-    "Request",
-    "synthetic_trace",
-    "trace_rows",
-    "trace_summary",
-    "sequence_lengths",
-    "kv_bytes_per_token",
-    "paged_allocation",
-    "vmm_allocation",
-    "max_reservation",
-    "fragmentation_rows",
-    "DEFAULT_BLOCK_TOKENS",
-    "DEFAULT_CHUNK_BYTES",
-    "MAX_BLOCK_TOKENS",
-]
+from lib.engine.validation import _positive_int
 
 #: block sizes (tokens) swept by default: the powers of two the page-table chapter uses
 DEFAULT_BLOCK_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -79,12 +47,6 @@ class Request:
         return self.prompt_tokens + self.output_tokens
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def _positive_float(name: str, value: Any) -> float:
     try:
         v = float(value)
@@ -95,18 +57,10 @@ def _positive_float(name: str, value: Any) -> float:
     return v
 
 
-def synthetic_trace(
-    num_requests: int = 1000,
-    *,
-    seed: int = 0,
-    prompt_median: float = 512,
-    prompt_sigma: float = 1.0,
-    prompt_min: int = 16,
-    prompt_max: int = 32768,
-    output_mean: float = 256,
-    output_max: int = 4096,
-    arrival_rate: float = 10.0,
-) -> list[Request]:
+def synthetic_trace(num_requests: int = 1000, *, seed: int = 0, prompt_median: float = 512,
+                    prompt_sigma: float = 1.0, prompt_min: int = 16, prompt_max: int = 32768,
+                    output_mean: float = 256, output_max: int = 4096,
+                    arrival_rate: float = 10.0) -> list[Request]:
     """``num_requests`` requests drawn as the module docstring describes; same seed, same trace."""
     n = _positive_int("num_requests", num_requests)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -150,13 +104,9 @@ def trace_summary(requests: Sequence[Request]) -> dict[str, float]:
     prompts = np.array([r.prompt_tokens for r in requests], dtype=float)
     outputs = np.array([r.output_tokens for r in requests], dtype=float)
     span = requests[-1].arrival_s
-    return {
-        "num_requests": float(len(requests)),
-        **_percentiles(prompts, "prompt"),
-        **_percentiles(outputs, "output"),
-        **_percentiles(prompts + outputs, "total"),
-        "arrival_rate": len(requests) / span if span > 0 else float("inf"),
-    }
+    return {"num_requests": float(len(requests)), **_percentiles(prompts, "prompt"),
+            **_percentiles(outputs, "output"), **_percentiles(prompts + outputs, "total"),
+            "arrival_rate": len(requests) / span if span > 0 else float("inf")}
 
 
 def sequence_lengths(requests: Iterable[Request], progress: float = 1.0) -> list[int]:
@@ -179,9 +129,7 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_size: int, dtype
                 * _positive_int("head_size", head_size) * _positive_int("dtype_bytes", dtype_bytes))
 
 
-# ---------------------------------------------------------------------------------------------
-# Fragmentation
-
+# ----------------------------------------------------------------------------- fragmentation
 
 def _lengths(lengths: Iterable[int]) -> np.ndarray:
     arr = list(lengths)
@@ -196,20 +144,11 @@ def _lengths(lengths: Iterable[int]) -> np.ndarray:
 def _row(scheme: str, lengths: np.ndarray, bpt: int, allocated: int, granule_bytes: int, **extra: Any) -> dict:
     used = int(lengths.sum()) * bpt
     wasted = allocated - used
-    return {
-        "scheme": scheme,
-        "block_tokens": extra.pop("block_tokens", None),
-        "chunk_bytes": extra.pop("chunk_bytes", None),
-        "max_tokens": extra.pop("max_tokens", None),
-        "granule_bytes": granule_bytes,
-        "bytes_per_token": bpt,
-        "num_sequences": int(lengths.size),
-        "used_bytes": used,
-        "allocated_bytes": allocated,
-        "wasted_bytes": wasted,
-        "waste_fraction": wasted / allocated,
-        "metadata_bytes": extra.pop("metadata_bytes", 0),
-    }
+    return {"scheme": scheme, "block_tokens": extra.pop("block_tokens", None),
+            "chunk_bytes": extra.pop("chunk_bytes", None), "max_tokens": extra.pop("max_tokens", None),
+            "granule_bytes": granule_bytes, "bytes_per_token": bpt, "num_sequences": int(lengths.size),
+            "used_bytes": used, "allocated_bytes": allocated, "wasted_bytes": wasted,
+            "waste_fraction": wasted / allocated, "metadata_bytes": extra.pop("metadata_bytes", 0)}
 
 
 def paged_allocation(lengths: Iterable[int], block_tokens: int, bytes_per_token: int) -> dict[str, Any]:
@@ -243,14 +182,10 @@ def max_reservation(lengths: Iterable[int], bytes_per_token: int, max_tokens: in
     return _row("max_reservation", L, bpt, int(L.size) * m * bpt, m * bpt, max_tokens=m)
 
 
-def fragmentation_rows(
-    lengths: Iterable[int],
-    bytes_per_token: int,
-    *,
-    block_tokens: Iterable[int] = DEFAULT_BLOCK_TOKENS,
-    chunk_bytes: Iterable[int] = DEFAULT_CHUNK_BYTES,
-    max_tokens: int | None = None,
-) -> list[dict[str, Any]]:
+def fragmentation_rows(lengths: Iterable[int], bytes_per_token: int, *,
+                       block_tokens: Iterable[int] = DEFAULT_BLOCK_TOKENS,
+                       chunk_bytes: Iterable[int] = DEFAULT_CHUNK_BYTES,
+                       max_tokens: int | None = None) -> list[dict[str, Any]]:
     """One row per paged block size, per VMM chunk size, and one for the max-length reservation.
 
     Columns: scheme, block_tokens, chunk_bytes, max_tokens (the scheme's parameter; None where it

@@ -1,14 +1,12 @@
 """One registry of everything that can be timed, behind one call signature.
 
 A *problem* (`DecodeProblem`) says what to compute; a *case* (`DecodeCase`) holds its data on the
-GPU, in the pool layout, and derives every other layout on demand; a *backend* turns a case and
-an output buffer into a zero-argument launcher that enqueues the work on CuPy's current stream
-(graph-capture safe: all scratch is allocated before, never inside, the launcher).
+GPU in the pool layout and derives the other layouts on demand; a *backend* turns a case and an
+output buffer into a zero-argument launcher on CuPy's current stream (graph-capture safe: all
+scratch is allocated before, never inside, it):
 
-    case = DecodeCase.build(problem)
     out = case.poisoned_output()
     launch = get_backend("own-v2-paged").prepare(case, out)
-    launch(); err = relative_error(out, case.reference())
 
 Backends: `own-{auto,v1,v2}-{paged,contiguous,no_offset}` (ours), `vllm` (vLLM's Triton
 `unified_attention`), `sdpa_dense` (PyTorch SDPA on contiguous K/V: no page table), and optional
@@ -98,11 +96,8 @@ def _prepare_own(backend: Backend, case: DecodeCase, k, v, out, *, partition_siz
 
 
 def torch_view(a):
-    """A torch tensor sharing a CuPy array's memory (bf16 stored as uint16 is re-viewed).
-
-    Goes through `__cuda_array_interface__`, not DLPack: torch rejects DLPack's managed-memory
-    device type (chapters/uvm.md), and managed KV caches must work too.
-    """
+    """A torch tensor sharing a CuPy array's memory (bf16 stored as uint16 is re-viewed), through
+    `__cuda_array_interface__`: torch rejects DLPack's managed-memory device type (chapters/uvm.md)."""
     import torch
 
     t = torch.as_tensor(a, device="cuda")
@@ -114,11 +109,10 @@ def torch_view(a):
 def _on_cupy_stream(fn: Callable[[], None]) -> Launcher:
     """Run torch work on CuPy's current stream, so graph capture and events see it.
 
-    CuPy's legacy null stream has handle 0, and torch work launched "on" it was not ordered
-    with CuPy's work: a 16-process correctness run read unwritten (NaN) outputs from a third of
-    the torch backends' calls while every call checked after a device-wide sync passed. So on
-    the null stream the launcher waits for torch's work before returning (eager use only: the
-    timing harness always runs on a stream of its own, where the handle is real).
+    On CuPy's legacy null stream (handle 0) torch work was not ordered with CuPy's: a 16-process
+    correctness run read unwritten (NaN) outputs from a third of the torch backends' calls. So
+    there the launcher waits for torch's work (eager use only: the timing harness has its own
+    stream).
     """
     import cupy
     import torch

@@ -1,33 +1,23 @@
 """PyTorch FlexAttention decode over the paged (vLLM-layout) KV cache: the `flex_paged` backend.
 
-FlexAttention has no page table; it has a *block mask*: per query row, a list of KV blocks to
-visit. With the mask's KV block size set to the page size, that list is the page table. Three
-pieces, all built once in :func:`prepare_decode`:
+FlexAttention has no page table but a *block mask*: per query row, a list of KV blocks to visit.
+With the mask's KV block size set to the page size, that list is the page table. The pool
+``[num_blocks, block_size, kv_heads, D]`` is viewed, without a copy, as one physical sequence per
+KV head (batch 1, broadcast over the queries); :func:`plan_pages` turns the block tables into the
+block lists; a mask_mod keeps physical token ``p`` for sequence ``s`` iff ``owner[page] == s`` and
+``p % block_size < valid[page]``. The mask is exact on its own (eager ``flex_attention`` ignores
+the lists, so the slow reference is right), but needs each physical page used at most once: the
+seed protocol's random tables are refused.
 
-* **K/V, no copy.** The pool ``[num_blocks, block_size, kv_heads, D]`` is viewed as one physical
-  sequence per KV head, ``[1, kv_heads, num_blocks * block_size, D]``; its batch of 1 is
-  broadcast over the query batch, which FlexAttention allows when a block mask is given.
-* **The page table as block lists** (:func:`plan_pages`, NumPy). Row ``s`` lists sequence ``s``'s
-  physical pages in logical order (``kv_indices`` = its block-table row, ``kv_num_blocks`` = the
-  pages it uses), so the kernel walks exactly those pages.
-* **The tail as a mask_mod.** Physical token ``p`` of page ``p // block_size`` is kept for
-  sequence ``s`` iff ``owner[page] == s`` and ``p % block_size < valid[page]``. The mask is exact
-  on its own: eager ``flex_attention`` ignores the lists and masks the whole pool (the slow
-  reference is right), and the lists may be split into "partial" (masked) and "full" (unmasked)
-  blocks (``full_blocks=True``). It needs each physical page used at most once: the seed
-  protocol's random tables (pages drawn with replacement) are refused.
+Block sizes: the decode kernel walks a sparse block in power-of-two tiles that divide it, the
+reduction dimension of a ``tl.dot``, which Triton needs >= 16 for 16-bit inputs: pages of 16-256
+tokens; 1-8 raise ValueError before launch.
 
-Block sizes: the decode kernel walks a sparse block in power-of-two tiles of ``BLOCK_N`` tokens
-that divide it, and ``BLOCK_N`` is the reduction dimension of a ``tl.dot``, which Triton needs
-to be at least 16 for 16-bit inputs: pages of 16-256 tokens; 1-8 raise ValueError before launch.
-
-The call is ``torch.compile``-d once (in `prepare_decode`, outside any timed region); eager
-``flex_attention`` is only a slow reference (``compiled=False``). The call allocates its split-K
-scratch through torch's caching allocator (FlexAttention has no ``out=``) and does not sync with
-the host, so it is CUDA-graph capturable like ``sdpa_dense`` (the GPU tests check); were capture
-to fail, :func:`lib.engine.timing.time_graph` raises ``CaptureError`` and the sweep records an
-error row. Each distinct shape compiles once; preparing lifts dynamo's recompile limit (it would
-fall back to eager after 8 shapes), and a prepared call that would recompile raises.
+The call is ``torch.compile``-d once in `prepare_decode`, outside any timed region (eager is only
+a slow reference, ``compiled=False``). It allocates split-K scratch through torch's caching
+allocator and does not sync with the host, so it is CUDA-graph capturable like ``sdpa_dense``.
+Each distinct shape compiles once; preparing lifts dynamo's recompile limit (it would fall back
+to eager after 8 shapes), and a prepared call that would recompile raises.
 """
 
 from __future__ import annotations
@@ -67,10 +57,9 @@ def check_block_size(block_size) -> int:
 class PagePlan:
     """The page table in FlexAttention's terms, on the host (int32 arrays).
 
-    kv_num_blocks ``[S]``, kv_indices ``[S, W]``: pages visited with the mask_mod applied.
-    full_kv_num_blocks, full_kv_indices: pages visited without it (None unless `full_blocks`).
-    owner ``[num_blocks]``: the sequence using each physical page (-1: unused).
-    valid ``[num_blocks]``: how many of the page's tokens that sequence uses (0 if unused).
+    kv_num_blocks/kv_indices: pages visited with the mask_mod; full_*: without it (None unless
+    `full_blocks`). owner: the sequence using each physical page (-1: unused); valid: how many
+    of its tokens that sequence uses.
     """
 
     block_size: int
@@ -96,15 +85,13 @@ class PagePlan:
 
 def plan_pages(block_tables, seq_lens, *, block_size: int, num_blocks: int,
                full_blocks: bool = False) -> PagePlan:
-    """Turn block tables (int ``[S, W]``) and lengths into block lists plus the mask's arrays.
+    """Turn block tables (int ``[S, W]``) and lengths into block lists plus the mask's arrays;
+    only the first ceil(len / block_size) entries of a row are read.
 
-    Only the first ceil(len / block_size) entries of a row are read. Raises ValueError for an
-    unsupported block size, a table too narrow or out of range, or a page used twice.
-    With `full_blocks`, every completely used page goes to the "full" lists (no mask_mod) and
-    only a partially used last page stays in the masked lists. It is off by default: with full
-    lists, FlexAttention's decode kernel sizes its KV splits by the pool's length instead of each
-    sequence's, so with many sequences in the pool most splits find no work (read in torch's
-    flex_decode template); without them, the mask costs two small table reads per key.
+    `full_blocks` puts every completely used page in the "full" lists (no mask_mod). Off by
+    default: with full lists, FlexAttention's decode kernel sizes its KV splits by the pool's
+    length instead of each sequence's, so most splits find no work (read in torch's flex_decode
+    template); without them, the mask costs two small table reads per key.
     """
     bs = check_block_size(block_size)
     tables = _host(block_tables)
@@ -260,12 +247,9 @@ def make_block_mask(plan: PagePlan, device):
 
 
 class FlexDecode:
-    """A prepared flex_paged decode: calling it runs one step on torch's current stream.
-
-    `plan` and `block_mask` show what the kernel walks; `compiled` says whether it is the
-    torch.compile'd kernel or the eager reference. A call that would need a recompilation
-    raises (torch's RecompileError) instead of silently compiling inside a timed region.
-    """
+    """A prepared flex_paged decode: calling it runs one step on torch's current stream. A call
+    that would need a recompilation raises (RecompileError) instead of compiling inside a timed
+    region."""
 
     def __init__(self, fn, args, plan: PagePlan, block_mask, compiled: bool):
         self._fn, self._args = fn, args
@@ -283,11 +267,9 @@ def prepare_decode(q, k_cache, v_cache, out, block_tables, seq_lens, *, scale: f
                    full_blocks: bool = False, compiled: bool = True) -> FlexDecode:
     """Validate, plan, build the block mask and compile once; return the zero-argument call.
 
-    q, out: torch ``[num_seqs, num_heads, head_size]``; k_cache, v_cache: torch
-    ``[num_blocks, block_size, num_kv_heads, head_size]`` (vLLM layout), all one dtype and
-    device. block_tables ``[num_seqs, W]`` and seq_lens ``[num_seqs]``: integers (NumPy, CuPy,
-    torch or lists; read once on the host). The compile runs here, on a call whose result is
-    then discarded: `out` keeps what it held (a NaN-poisoned output stays poisoned).
+    q, out: ``[num_seqs, num_heads, head_size]``; k_cache, v_cache: vLLM layout, one dtype and
+    device. block_tables and seq_lens are read once on the host. The compiling call's result is
+    discarded: `out` keeps what it held (a NaN-poisoned output stays poisoned).
     """
     import torch
 

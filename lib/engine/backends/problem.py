@@ -65,9 +65,8 @@ def _default_alloc(shape, dtype):
 class DecodeCase:
     """A problem's data on the GPU: q and the K/V pools, plus layouts derived on demand.
 
-    `alloc(shape, dtype)` makes every cache array (pools and derived layouts), so a caller can
-    put the KV cache in managed or pinned memory; q, tables and outputs use device memory.
-    `physical_blocks` (seed protocol) draws table entries at random from that many blocks.
+    `alloc(shape, dtype)` makes every cache array (pools and layouts), so the KV cache can live in
+    managed or pinned memory; q, tables and outputs use device memory.
     """
 
     problem: DecodeProblem
@@ -160,10 +159,7 @@ class DecodeCase:
 
         p = self.problem
         out = cupy.empty((p.num_seqs, p.num_heads, p.head_size), kvcache.storage_dtype(p.dtype, cupy))
-        if p.dtype == "bfloat16":
-            out.fill(0x7FC0)  # bf16 quiet NaN bits
-        else:
-            out.fill(np.nan)
+        kvcache.poison(out)
         return out
 
     def reference(self):

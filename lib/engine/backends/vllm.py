@@ -1,15 +1,13 @@
-"""vLLM's current decode kernel, from a normal install or a kernel-only install.
+"""vLLM's current decode kernel (the pure-Triton ``unified_attention`` of vLLM 0.33), from a normal
+install or a kernel-only one (:mod:`lib.tools.vllm_install`: just the files that kernel imports
+plus vLLM's ``METADATA``).
 
-vLLM 0.33 decodes on NVIDIA GPUs through the pure-Triton ``unified_attention`` of
-``KERNEL_MODULE``. A kernel-only install (made by :mod:`lib.tools.vllm_install`) holds just the
-files that kernel imports plus vLLM's ``METADATA``; this module finds and loads it, checks that
-vLLM kept real Triton (it silently swaps in a no-op stand-in when its version does not resolve,
-and its pynvml shim would pull in a library compiled for another torch), and wraps the kernel for
-plain decode with preallocated, graph-capturable scratch.
-
-Importing vLLM has side effects on the process (``vllm.env_override`` sets
-``PYTORCH_NVML_BASED_CUDA_CHECK=1``, ``TORCHINDUCTOR_COMPILE_THREADS=1`` and patches parts of
-``torch._inductor``); keep that in mind when timing ``torch.compile``-based peers beside it.
+Loading checks that vLLM kept real Triton: it silently swaps in a no-op stand-in when its version
+does not resolve, and its pynvml shim would pull in a library compiled for another torch. The
+kernel is wrapped for plain decode with preallocated, graph-capturable scratch. Importing vLLM
+has side effects (``vllm.env_override`` sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1``,
+``TORCHINDUCTOR_COMPILE_THREADS=1`` and patches ``torch._inductor``): mind them when timing
+``torch.compile``-based peers beside it.
 """
 
 from __future__ import annotations
@@ -100,10 +98,9 @@ def load_unified_attention(kernel_dir: Path | str | None = None, *, module: str 
                            attr: str = KERNEL_ATTR) -> Callable[..., Any]:
     """Return vLLM's `unified_attention`, importing it on first use.
 
-    With no `kernel_dir`, a normal vLLM install wins when one is importable; otherwise
-    (or when `kernel_dir` is given) a kernel-only install is used: the argument, else
-    ``$UVM_STUDY_VLLM_DIR``, else ``<repo>/.vllm-kernel``. Raises when vLLM's version
-    does not resolve or vLLM disabled Triton, since the kernel would then be a no-op.
+    A normal vLLM install wins when importable and no `kernel_dir` is given; otherwise a
+    kernel-only install: `kernel_dir`, else ``$UVM_STUDY_VLLM_DIR``, else ``<repo>/.vllm-kernel``.
+    Raises when vLLM's version does not resolve or it disabled Triton (the kernel would be a no-op).
     """
     top = module.split(".")[0]
     if kernel_dir is not None:
@@ -155,11 +152,8 @@ def _check_loaded(top: str, package: Any) -> None:
 
 
 def vllm_status(kernel_dir: Path | str | None = None, *, deep: bool = False) -> dict[str, Any]:
-    """Is vLLM's decode kernel usable here, and from where? Never raises.
-
-    Keys: ``available``, ``version``, ``source`` ("installed", "kernel-only" or None), ``path``,
-    ``reason`` (why not). ``deep=True`` really loads the kernel (imports torch and vLLM).
-    """
+    """Is vLLM's decode kernel usable here, and from where (``source``: "installed", "kernel-only")?
+    Never raises. ``deep=True`` really loads the kernel (imports torch and vLLM)."""
     status: dict[str, Any] = {"available": False, "version": None, "source": None, "path": None, "reason": None}
     try:
         loaded = sys.modules.get("vllm")
@@ -239,11 +233,8 @@ def _check_decode_args(q, k_pool, v_pool, out, block_table, seq_lens, scale, max
 
 @dataclasses.dataclass
 class DecodeScratch:
-    """Buffers for one decode shape, allocated once (CUDA-graph capture must not allocate).
-
-    The float32 ``segm_*`` buffers hold split-K ("3D") partials; None when vLLM takes the
-    one-pass ("2D") path.
-    """
+    """Buffers for one decode shape, allocated once (CUDA-graph capture must not allocate); the
+    float32 ``segm_*`` hold split-K ("3D") partials, None on the one-pass ("2D") path."""
 
     cu_seqlens_q: Any
     num_segments: int
@@ -259,12 +250,9 @@ class DecodeScratch:
 
 def make_decode_scratch(q, num_kv_heads: int, *, num_segments: int = NUM_PAR_SOFTMAX_SEGMENTS,
                         seq_threshold_3d: int | None = None) -> DecodeScratch:
-    """Allocate what a decode of `q` ([num_seqs, heads, head_size]) needs, as vLLM's backend does.
-
-    vLLM splits K into `num_segments` when num_seqs <= `seq_threshold_3d` (default
-    128 // num_kv_heads, its backend's rule without CUDA-graph size rounding). Pass 0 to
-    force the one-pass kernel, a large number to force split-K.
-    """
+    """Allocate what a decode of `q` needs, as vLLM's backend does: split-K into `num_segments`
+    when num_seqs <= `seq_threshold_3d` (default 128 // num_kv_heads, its rule without CUDA-graph
+    size rounding; 0 forces the one-pass kernel)."""
     import torch
 
     if num_segments < 1 or num_segments & (num_segments - 1):
@@ -293,26 +281,20 @@ def _decode_kwargs(q, k_pool, v_pool, out, block_table, seq_lens, scale, max_seq
     if scratch.split_k and tuple(scratch.segm_max.shape[:2]) != tuple(q.shape[:2]):
         raise ValueError("scratch was made for another batch size or head count")
     split = scratch.split_k
-    return dict(
-        q=q, k=k_pool, v=v_pool, out=out, cu_seqlens_q=scratch.cu_seqlens_q, max_seqlen_q=1,
-        seqused_k=seq_lens, max_seqlen_k=max_seq_len, softmax_scale=float(scale), causal=True,
-        window_size=(-1, -1), block_table=block_table, softcap=0,
-        q_descale=None, k_descale=None, v_descale=None,
-        seq_threshold_3D=scratch.seq_threshold_3d if split else None,
-        num_par_softmax_segments=scratch.num_segments if split else None,
-        softmax_segm_output=scratch.segm_output, softmax_segm_max=scratch.segm_max,
-        softmax_segm_expsum=scratch.segm_expsum)
+    return dict(q=q, k=k_pool, v=v_pool, out=out, cu_seqlens_q=scratch.cu_seqlens_q, max_seqlen_q=1,
+                seqused_k=seq_lens, max_seqlen_k=max_seq_len, softmax_scale=float(scale), causal=True,
+                window_size=(-1, -1), block_table=block_table, softcap=0, q_descale=None,
+                k_descale=None, v_descale=None, seq_threshold_3D=scratch.seq_threshold_3d if split else None,
+                num_par_softmax_segments=scratch.num_segments if split else None,
+                softmax_segm_output=scratch.segm_output, softmax_segm_max=scratch.segm_max,
+                softmax_segm_expsum=scratch.segm_expsum)
 
 
 def unified_attention_decode(q, k_pool, v_pool, out, block_table, seq_lens, *, scale: float,
                              max_seq_len: int, scratch: DecodeScratch | None = None,
                              fn: Callable[..., Any] | None = None):
     """One decode step (one query token per sequence) through vLLM's kernel; returns `out`.
-
-    q, out: [num_seqs, heads, head_size]; k_pool, v_pool: [num_blocks, block_size,
-    kv_heads, head_size] (any strides); block_table int32 [num_seqs, max_blocks];
-    seq_lens int32 [num_seqs]. Without `scratch` one is allocated per call: eager use only.
-    """
+    Without `scratch` one is allocated per call: eager use only."""
     _check_decode_args(q, k_pool, v_pool, out, block_table, seq_lens, scale, max_seq_len)
     scratch = scratch or make_decode_scratch(q, k_pool.shape[2])
     (fn or load_unified_attention())(

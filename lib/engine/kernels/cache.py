@@ -1,13 +1,11 @@
 """Prebuilt kernel modules: compile with nvcc anywhere (no GPU needed), load on the GPU node.
 
-NVRTC compiles each of our modules at run time in seconds; a full correctness matrix needs
-hundreds of them. `build` compiles them ahead of time with nvcc (in parallel, on any machine
-with the CUDA toolkit) into ``<dir>/<key>.cubin`` plus ``manifest.json``, which records, per
-module, the mangled name of every name expression, and the source hash, options and target
-architecture they were built from. `lib.engine.kernels.get_module` loads a prebuilt module when the
-directory (``$UVM_STUDY_KERNEL_CACHE``, else ``<repo>/.kernel-cache``) has one built from the
-*current* source and options for this GPU's architecture; otherwise it compiles with NVRTC.
-A stale or foreign cache is ignored, never trusted.
+NVRTC takes seconds per module and a full correctness matrix needs hundreds. `build` compiles
+them ahead of time with nvcc into ``<dir>/<key>.cubin`` plus ``manifest.json`` (per module the
+mangled name of every name expression; the source hash, options and architecture). `load` (used
+by `lib.engine.kernels.get_module`) takes a module from ``$UVM_STUDY_KERNEL_CACHE``, else
+``<repo>/.kernel-cache``, only when it was built from the *current* source and options for this
+GPU's architecture: a stale or foreign cache is ignored, never trusted.
 """
 
 from __future__ import annotations
@@ -16,14 +14,12 @@ import concurrent.futures as cf
 import hashlib
 import json
 import os
-import re
-import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 from lib import ROOT
 from lib.engine.kernels import plan as kernels
+from lib.engine.kernels.nvcc import compile_cubin, nvcc_path, parse_ptxas
 
 MANIFEST = "manifest.json"
 
@@ -58,47 +54,41 @@ def _translation_unit(key) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _normalize(expr: str) -> str:
-    return re.sub(r"\s+", "", expr)
-
-
-def _build_one(key, out_dir: Path, arch: str, nvcc: str, defines: tuple[str, ...]) -> dict:
+def _build_one(key, out_dir: Path, arch: str, nvcc: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cu = Path(tmp, "m.cu")
         cu.write_text(_translation_unit(key))
         cubin = out_dir / f"{key_name(key)}.cubin"
-        cmd = [nvcc, "-std=c++17", "-cubin", f"-arch={arch}", "-Xptxas", "-v", *defines,
-               "-o", str(cubin), str(cu)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode:
-            raise RuntimeError(f"nvcc failed for {key}:\n{r.stderr[-3000:]}")
-    mangled = re.findall(r"Compiling entry function '(\w+)'", r.stderr)
-    demangled = subprocess.run(["c++filt"], input="\n".join(mangled), capture_output=True,
-                               text=True, check=True).stdout.splitlines()
-    by_expr = {}
-    for m, d in zip(mangled, demangled):
-        expr = _normalize(d.split("(", 1)[0].replace("void ", "", 1))
-        by_expr[expr] = m
+        rc, out = compile_cubin(nvcc, cu, arch, cubin)
+        if rc:
+            raise RuntimeError(f"nvcc failed for {key}:\n{out[-3000:]}")
+    by_expr = {_name_expression(r): r["mangled"] for r in parse_ptxas(out)}
     names = {}
     for expr in kernels.instantiations(*key):
-        norm = _normalize(expr)
-        if norm not in by_expr:
+        if expr not in by_expr:
             raise RuntimeError(f"{expr} not found among the compiled entries of {key}")
-        names[expr] = by_expr[norm]
+        names[expr] = by_expr[expr]
     return {"file": cubin.name, "names": names}
+
+
+def _name_expression(row: dict) -> str:
+    """CuPy's name expression of a kernel parsed from the ptxas report."""
+    if row["kernel"] == "decode":
+        return kernels.decode_name(row["dtype"], row["block_size"], row["head_size"], row["tile"],
+                                   row["addressing"])
+    return kernels.reduce_name(row["dtype"], row["head_size"])
 
 
 def build(keys=None, out_dir: Path | None = None, *, arch: str = "sm_90", jobs: int | None = None,
           progress: bool = True) -> Path:
     """Compile modules (default: every module the registry can launch) into `out_dir`."""
-    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    if not Path(nvcc).exists() or not shutil.which("c++filt"):
-        raise RuntimeError("building the kernel cache needs nvcc (CUDA toolkit) and c++filt (binutils)")
+    nvcc = nvcc_path()
+    if nvcc is None:
+        raise RuntimeError("building the kernel cache needs nvcc (CUDA toolkit)")
     out_dir = Path(out_dir or default_dir())
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = sorted(set(keys if keys is not None else kernels.all_modules()))
     options = kernels.compile_options()
-    defines = tuple(o for o in options if o.startswith("-D"))
     manifest_path = out_dir / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     if manifest.get("source_hash") != source_hash(options) or manifest.get("arch") != arch:
@@ -115,7 +105,7 @@ def build(keys=None, out_dir: Path | None = None, *, arch: str = "sm_90", jobs: 
         tmp.replace(manifest_path)
 
     with cf.ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool:
-        futures = {pool.submit(_build_one, k, out_dir, arch, nvcc, defines): k for k in todo}
+        futures = {pool.submit(_build_one, k, out_dir, arch, nvcc): k for k in todo}
         for fut in cf.as_completed(futures):
             manifest["modules"][key_name(futures[fut])] = fut.result()
             save()

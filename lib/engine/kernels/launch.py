@@ -29,12 +29,8 @@ def _module(dtype: str, block_size: int, head_size: int, tile: int, options: tup
 
 
 class OwnDecode:
-    """A prepared launch of our kernel on fixed buffers: `launch()` enqueues it (graph-safe).
-
-    Buffers are CuPy arrays (or anything with `.data.ptr`): q/out [S, H, D]; k_cache
-    [NB, KVH, D/X, BS, X]; v_cache [NB, KVH, D, BS]; block_tables int32 [S, max_blocks];
-    seq_first, seq_lens int32 [S]. Scratch for v2 is allocated here, never inside `launch`.
-    """
+    """A prepared launch of our kernel on fixed buffers (classic layout): `launch()` enqueues it
+    (graph-safe: scratch for v2 is allocated here, never inside `launch`)."""
 
     def __init__(self, plan: LaunchPlan, *, q, k_cache, v_cache, block_tables, seq_first,
                  seq_lens, out, scale: float):
@@ -82,11 +78,8 @@ class OwnDecode:
 
 
 def precompile(keys, workers: int | None = None) -> float:
-    """Compile modules (dtype, block, head, tile) in parallel processes; returns seconds.
-
-    NVRTC is single-threaded and a module takes seconds, so a sweep that needs dozens compiles
-    them up front in a process pool; CuPy's on-disk cache then makes each load instant.
-    """
+    """Compile modules (dtype, block, head, tile) in parallel processes; returns seconds. NVRTC is
+    single-threaded and takes seconds a module; CuPy's on-disk cache then makes each load instant."""
     import concurrent.futures as cf
     import multiprocessing as mp
     import time

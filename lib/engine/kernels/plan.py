@@ -45,11 +45,8 @@ def choose_version(
     *, num_seqs: int, num_heads: int, num_kv_heads: int, head_size: int, block_size: int,
     max_seq_len: int, num_sms: int = 132, partition_size: int | None = None,
 ) -> int:
-    """v1 (one block per sequence) or v2 (partitions + reduce), like vLLM's rule of thumb.
-
-    v1 avoids the reduce kernel but leaves SMs idle when there are few (sequence, head) blocks
-    and long sequences; v2 splits each sequence so the grid fills the GPU.
-    """
+    """v1 (one block per sequence) or v2 (partitions + reduce; fills the GPU when there are few
+    (sequence, head) blocks and long sequences), like vLLM's rule of thumb."""
     tile = head_tile(num_heads, num_kv_heads, head_size)
     partition_size = partition_size or DEFAULT_PARTITION
     v1_tokens = _round_up(max_seq_len, block_size)

@@ -1,19 +1,14 @@
 """What every kernel instantiation costs the GPU: registers, stack, spills, shared memory.
 
-At run time CuPy compiles our kernels with NVRTC on the GPU machine. Here the same instantiations
-are compiled ahead of time with nvcc (no GPU needed) for each target architecture, and ptxas's
-`-v` report is turned into one row per (arch, kernel). That is how CI proves every instantiation
-the registry can launch compiles, and how the kernel chapter shows why some tiles spill.
+The instantiations CuPy compiles with NVRTC at run time are compiled here ahead of time with nvcc
+(no GPU) per target architecture, and ptxas's `-v` report becomes one row per (arch, kernel): CI's
+proof that every launchable instantiation compiles, and the kernel chapter's spill table. Each
+translation unit takes the address of every kernel of one (dtype, head size) group by CuPy's own
+name expressions, so the set compiled here is the set launched there. Full optimisation takes
+~11 min of two cores for all 2 x 1476 kernels; `fast=True` proves they compile in ~2 min (CI).
 
-Each translation unit `#include`s the kernel source and takes the address of every kernel of one
-(dtype, head size) group, using the very name expressions CuPy is given
-(`lib.engine.kernels.instantiations`), so the set compiled here is the set launched there. Groups and
-architectures compile in parallel subprocesses. Full optimisation takes ~11 min of two cores for
-all 2 x 1476 kernels (`scripts/kernel_resources.py` writes the table); `fast=True` proves they
-compile in ~2 min (CI).
-
-nvcc is not the run-time compiler: `nvrtc_compile` drives NVRTC itself through ctypes (no GPU,
-no CuPy), which catches what only NVRTC rejects (it has no <cmath>, so no INFINITY).
+nvcc is not the run-time compiler: `nvrtc_compile` drives NVRTC through ctypes (no GPU, no CuPy),
+which catches what only NVRTC rejects (it has no <cmath>, so no INFINITY).
 """
 
 from __future__ import annotations
@@ -22,13 +17,14 @@ import hashlib
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
 from lib.engine import kernels
+from lib.engine.kernels.nvcc import (compile_cubin, nvcc_path, nvcc_version,  # noqa: F401
+                                     parse_mangled, parse_ptxas)
 
 ARCHS = ("sm_80", "sm_90")
 #: the v2 partition the resource table assumes for dynamic shared memory (the launcher's default)
@@ -44,44 +40,9 @@ COLUMNS = [
 #: what identifies one kernel within an arch
 KEY = ("kernel", "dtype", "block_size", "head_size", "tile", "addressing")
 
-_DTYPE_OF_MANGLED = {"6__half": "float16", "13__nv_bfloat16": "bfloat16", "f": "float32"}
-_ADDRESSING_OF = {v: k for k, v in kernels.ADDRESSING.items()}
-_ENTRY = re.compile(r"Compiling entry function '(?P<name>[^']+)' for '(?P<arch>sm_\d+a?)'")
-_PROPS = re.compile(
-    r"(?P<stack>\d+) bytes stack frame, (?P<st>\d+) bytes spill stores, (?P<ld>\d+) bytes spill loads")
-_USED = re.compile(r"Used (?P<regs>\d+) registers")
-_BARRIERS = re.compile(r"used (?P<n>\d+) barriers")
-_SMEM = re.compile(r"(?P<n>\d+) bytes smem")
-_MANGLED = re.compile(
-    r"^_ZN3upa\d+paged_attention_(?P<kernel>decode|reduce)I(?P<type>6__half|13__nv_bfloat16|f)"
-    r"(?P<ints>(?:Li\d+E)+)E")
-
 
 class KernelCompileError(RuntimeError):
     """nvcc failed on one group: the message names the group, its kernels and the compiler output."""
-
-
-def nvcc_path() -> str | None:
-    """nvcc from $CUDA_HOME/$CUDA_PATH, then PATH, then /usr/local/cuda; None if absent."""
-    for env in ("CUDA_HOME", "CUDA_PATH"):
-        root = os.environ.get(env)
-        if root and Path(root, "bin", "nvcc").is_file():
-            return str(Path(root, "bin", "nvcc"))
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    default = Path("/usr/local/cuda/bin/nvcc")
-    return str(default) if default.is_file() else None
-
-
-def nvcc_version(nvcc: str | None = None) -> str | None:
-    """The 'release X.Y, VX.Y.Z' line of `nvcc --version`, or None without nvcc."""
-    nvcc = nvcc or nvcc_path()
-    if nvcc is None:
-        return None
-    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    m = re.search(r"release [^\n]+", out)
-    return m.group(0) if m else out.strip().splitlines()[-1]
 
 
 def groups(modules: Iterable[tuple[str, int, int, int]] | None = None
@@ -129,54 +90,6 @@ def translation_unit(names: list[str], source: Path | str | None = None) -> str:
     return "\n".join(lines)
 
 
-def parse_mangled(name: str) -> dict:
-    """Template arguments of one of our kernels from its Itanium-mangled name."""
-    m = _MANGLED.match(name)
-    if m is None:
-        raise ValueError(f"not one of our kernels: {name!r}")
-    ints = [int(i) for i in re.findall(r"Li(\d+)E", m["ints"])]
-    dtype = _DTYPE_OF_MANGLED[m["type"]]
-    if m["kernel"] == "decode":
-        if len(ints) != 4:
-            raise ValueError(f"decode kernel with {len(ints)} integer arguments: {name!r}")
-        bs, d, tile, addr = ints
-        return dict(kernel="decode", dtype=dtype, block_size=bs, head_size=d, tile=tile,
-                    addressing=_ADDRESSING_OF[addr])
-    if len(ints) != 1:
-        raise ValueError(f"reduce kernel with {len(ints)} integer arguments: {name!r}")
-    return dict(kernel="reduce", dtype=dtype, block_size=None, head_size=ints[0], tile=None,
-                addressing=None)
-
-
-def parse_ptxas(text: str) -> list[dict]:
-    """One dict per entry function in an `nvcc -Xptxas -v` report."""
-    rows: list[dict] = []
-    row: dict | None = None
-    for line in text.splitlines():
-        m = _ENTRY.search(line)
-        if m:
-            row = dict(parse_mangled(m["name"]), arch=m["arch"], mangled=m["name"])
-            rows.append(row)
-            continue
-        if row is None:
-            continue
-        m = _PROPS.search(line)
-        if m:
-            row.update(stack_bytes=int(m["stack"]), spill_stores=int(m["st"]),
-                       spill_loads=int(m["ld"]))
-        m = _USED.search(line)
-        if m:
-            row["registers"] = int(m["regs"])
-            b, s = _BARRIERS.search(line), _SMEM.search(line)
-            row["barriers"] = int(b["n"]) if b else 0
-            row["static_smem_bytes"] = int(s["n"]) if s else 0
-    for r in rows:
-        missing = {"registers", "stack_bytes"} - r.keys()
-        if missing:
-            raise ValueError(f"ptxas report for {r['mangled']} lacks {sorted(missing)}")
-    return rows
-
-
 def dynamic_smem(kernel: str, tile: int | None, head_size: int) -> int:
     """Dynamic shared memory the launcher requests in a typical v2 launch (see module constants)."""
     if kernel == "decode":
@@ -195,13 +108,6 @@ def nvcc_flags() -> tuple[str, ...]:
     return kernels.compile_options()
 
 
-def _compile(nvcc: str, src: Path, arch: str, flags: tuple[str, ...]) -> tuple[int, str]:
-    cmd = [nvcc, *kernels.compile_options(), "-cubin", f"-arch={arch}", "-Xptxas", "-v", *flags,
-           "-o", str(src.with_suffix(f".{arch}.cubin")), str(src)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    return r.returncode, r.stdout + r.stderr
-
-
 def compile_modules(modules: Iterable[tuple[str, int, int, int]], archs=ARCHS,
                     jobs: int | None = None, *, fast: bool = False, nvcc: str | None = None):
     """Compile the kernels of `modules` ((dtype, block, head, tile) tuples) for every arch.
@@ -210,8 +116,8 @@ def compile_modules(modules: Iterable[tuple[str, int, int, int]], archs=ARCHS,
     (default: all cores). `fast=True` adds `--Ofast-compile=max`: about 6x quicker, proves every
     kernel compiles, but its registers and spills are NOT what the runtime compiler gives.
     Returns one DataFrame row per (arch, kernel), `attrs["source_sha256"]` naming the source
-    compiled; raises KernelCompileError when nvcc fails and
-    RuntimeError when ptxas reports other kernels than were asked for.
+    compiled; raises KernelCompileError when nvcc fails and RuntimeError when ptxas reports other
+    kernels than were asked for.
     """
     import pandas as pd
 
@@ -245,7 +151,7 @@ def compile_modules(modules: Iterable[tuple[str, int, int, int]], archs=ARCHS,
         tasks = sorted(((key, arch) for arch in archs for key in srcs),
                        key=lambda t: (-len(work[t[0]]), -kernels.ITEMSIZE[t[0][0]], -t[0][1]))
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            results = list(pool.map(lambda t: _compile(nvcc, srcs[t[0]], t[1], flags), tasks))
+            results = list(pool.map(lambda t: compile_cubin(nvcc, srcs[t[0]], t[1], flags=flags), tasks))
         for (key, arch), (rc, out) in zip(tasks, results):
             if rc != 0:
                 names = "\n  ".join(work[key])
