@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-LIB = Path(__file__).resolve().parents[1] / "lib"
+LIB = Path(__file__).resolve().parents[1] / "lib"  # tests/ sits beside lib/
 
 #: What each layer may import (besides itself).
 ALLOWED = {
@@ -139,3 +139,10 @@ def test_lib_has_its_layers_and_one_package_per_chapter():
     packages = {p.name for p in (LIB / "chapters").iterdir() if (p / "__init__.py").exists()}
     assert {"engine", "harness", "book", "chapters", "tools"} <= {p.name for p in LIB.iterdir() if p.is_dir()}
     assert packages <= book_chapters, packages - book_chapters
+
+
+def test_tests_mirror_the_tree():
+    """Each test folder names a folder of lib/ (tests/engine for lib/engine, ...)."""
+    tests = LIB.parent / "tests"
+    folders = [p.relative_to(tests) for p in tests.rglob("*") if p.is_dir() and p.name != "__pycache__"]
+    assert folders and all((LIB / f).is_dir() for f in folders), [str(f) for f in folders if not (LIB / f).is_dir()]

@@ -1,9 +1,10 @@
 """Check-then-time, the one way every decode row is measured, and the kernel experiments' measure.
 
-memory_kind is ``device``, a kind of :mod:`lib.engine.memory`, or a *state* of managed memory the
-first call changes, re-made before every sample (:data:`MANAGED_STATES`): ``managed_cold`` sends
-K/V to the host (the timed call faults them in); ``managed_prefetched`` sends them to the host and
-back with ``cudaMemPrefetchAsync`` (not timed).
+A point's memory_kind is ``device``, a kind of :mod:`lib.engine.memory`, or managed memory in a
+*state* the first call changes, re-made before every sample (:data:`MANAGED_STATES`):
+``managed_cold`` sends K/V to the host (the timed call faults them in); ``managed_prefetched`` sends
+them to the host and back with ``cudaMemPrefetchAsync`` (not timed). Rows split such a label into
+``memory_kind = "managed"`` and ``memory_state`` (``cold``, ``prefetched``).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import Callable
 import numpy as np
 
 from lib.engine import backends as B
+from lib.engine import memory
 from lib.engine.kvcache import poison
 
-#: Managed-memory states: name -> where the K/V pages are sent before each sample (in order).
-MANAGED_STATES = {"managed_cold": ("host",), "managed_prefetched": ("host", "gpu")}
+#: A grid's managed-state labels -> where the K/V pages are sent before each sample (in order).
+MANAGED_STATES = {f"managed_{state}": steps for state, steps in memory.MANAGED_STATES.items()}
 #: A state costs a migration per sample; the sampler stops after this many seconds per backend.
 STATE_MAX_SECONDS = 1.0
 
@@ -87,8 +89,6 @@ def reference_for(case: B.DecodeCase, addressing: str, cache: dict):
 def _allocator(memory_kind: str):
     if memory_kind in ("device", "", None):
         return B._default_alloc
-    from lib.engine import memory
-
     return memory.allocator("managed" if memory_kind in MANAGED_STATES else memory_kind)
 
 
@@ -97,8 +97,6 @@ def state_hook(memory_kind: str, arrays) -> "Callable[[], None] | None":
     None. Run on the timing stream, its migrations finish before the timed call starts."""
     if memory_kind not in MANAGED_STATES:
         return None
-    from lib.engine import memory
-
     steps = MANAGED_STATES[memory_kind]
 
     def before() -> None:
@@ -145,9 +143,11 @@ def measure_decode(point: dict) -> list[dict]:
     rows = []
     for name in [n for n in str(point["backends"]).split("+") if n]:
         backend = B.get_backend(name)
+        row_kind, state = memory.split_kind(kind)
         row = {"backend": name, "version": str(backend.version or ""),
                "addressing": backend.addressing or "", "protocol": protocol,
-               "bytes_moved": problem.bytes_moved}
+               "bytes_moved": problem.bytes_moved, "memory_kind": row_kind,
+               "extra": {"memory_state": state} if state else {}}
         try:
             out = case.poisoned_output()
             options = {}
@@ -155,7 +155,7 @@ def measure_decode(point: dict) -> list[dict]:
                 options["partition_size"] = int(point["partition_size"])
             launch = backend.prepare(case, out, **options)
             if backend.family == "own":
-                row["extra"] = {"plan": plan_text(launch.plan)}
+                row["extra"]["plan"] = plan_text(launch.plan)
             before = state_hook(kind, case.layout(backend.layout))
             check_then_time(launch, out, reference_for(case, backend.addressing or "paged", refs),
                             dtype=problem.dtype, protocol=protocol, before=before,

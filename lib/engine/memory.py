@@ -128,6 +128,18 @@ KINDS: dict[str, Spec] = {
 }
 
 
+#: States a managed allocation is put in before each timed call, with the prefetches that make
+#: each (in order). A row says its state in ``memory_state`` beside ``memory_kind = "managed"``;
+#: grids name the pair as one label, ``managed_cold`` (:func:`split_kind`).
+MANAGED_STATES = {"cold": ("host",), "prefetched": ("host", "gpu")}
+
+
+def split_kind(label: str) -> tuple[str, str | None]:
+    """A grid's memory label as (memory kind, managed state): ``managed_cold`` -> (managed, cold)."""
+    kind, _, state = str(label).rpartition("_")
+    return (kind, state) if kind == "managed" and state in MANAGED_STATES else (label, None)
+
+
 def spec_of(kind: str | Spec) -> Spec:
     """The :class:`Spec` of a kind name (or the Spec itself); unknown names get suggestions."""
     if isinstance(kind, Spec):

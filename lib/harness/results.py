@@ -13,7 +13,10 @@ values. Units are fixed: times in microseconds, bandwidth in GB/s = 10^9 bytes/s
 or tokens, percentages 0-100. The file stores one more, last column, ``crc``: the CRC-32 (8 hex
 digits) of the line up to it; readers skip a line whose CRC does not match (a torn write). The
 column table (name, dtype as :func:`load` returns it, unit, meaning; a cell may be empty unless
-its column is required) is appended below from :data:`SCHEMA`.
+its column is required) is appended below from :data:`SCHEMA`. :func:`load` adds one derived
+column, ``memory_state``: the state a managed allocation was put in before each call (``cold``,
+``prefetched``), which rows keep in ``extra`` beside ``memory_kind = managed`` (older rows wrote
+both as one label, ``managed_cold``; loading splits it).
 
 Crash safety: :func:`append_rows` writes all rows of one point with a single ``os.write`` on an
 ``O_APPEND`` descriptor, then ``fsync``: a killed sweep loses at most the point in flight, and a
@@ -429,6 +432,7 @@ def load(experiment: str, gpu: str | Iterable[str] | None = None, *, root: str |
         df = df[df["status"] == "ok"]
     if dedupe and len(df):
         df = _dedupe(df)
+    df = _with_memory_state(df)
     if expand_extra and len(df):
         df = _expand_extra(df, pd)
     return df.reset_index(drop=True)
@@ -484,6 +488,23 @@ def _dedupe(df):
     keep = set(zip(last["gpu_slug"], last["point_key"], last["run_id"]))
     mask = [k in keep for k in zip(df["gpu_slug"], df["point_key"], df["run_id"])]
     return df[mask]
+
+
+def _with_memory_state(df):
+    """A ``memory_state`` column beside ``memory_kind``: rows name it in ``extra``; rows written
+    before the two were split carry both in one label (``managed_cold``), split here."""
+    from lib.engine.memory import split_kind
+
+    df = df.copy()
+    kinds, states, extras = [], [], []
+    for kind, extra in zip(df["memory_kind"], df["extra"]):
+        extra = dict(extra) if isinstance(extra, dict) else {}
+        base, state = split_kind(kind) if isinstance(kind, str) else (kind, None)
+        kinds.append(base)
+        states.append(extra.pop("memory_state", None) or state)
+        extras.append(extra)
+    df["memory_kind"], df["memory_state"], df["extra"] = kinds, states, extras
+    return df
 
 
 def _expand_extra(df, pd):

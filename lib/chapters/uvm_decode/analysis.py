@@ -19,18 +19,22 @@ POINT = ["gpu_slug", "shape", "seq_len", "batch_size", "block_size", "backend"]
 
 
 def load(gpu=None, root=None) -> pd.DataFrame:
-    """The experiment's checked ok rows with a ``shape`` column."""
-    return frame.with_shape(frame.load_checked(EXPERIMENT, gpu, root=root,
+    """The experiment's checked ok rows with a ``shape`` column and a ``condition`` (one of
+    :data:`KINDS`: the memory kind, and for managed memory its state before each call)."""
+    rows = frame.with_shape(frame.load_checked(EXPERIMENT, gpu, root=root,
                                                show=("backend", "memory_kind", "block_size")))
+    rows["condition"] = [f"{k}_{s}" if isinstance(s, str) else k
+                         for k, s in zip(rows["memory_kind"], rows["memory_state"])]
+    return rows
 
 
 def wide(rows: pd.DataFrame) -> pd.DataFrame:
     """One row per point and backend: the median time of each kind and its ratio to device."""
-    need = {"memory_kind", "median_us", *POINT}
+    need = {"condition", "median_us", *POINT}
     missing = need - set(rows.columns)
     if missing:
         raise ValueError(f"wide() needs columns {sorted(missing)}")
-    w = rows.pivot_table(index=POINT, columns="memory_kind", values="median_us", aggfunc="first")
+    w = rows.pivot_table(index=POINT, columns="condition", values="median_us", aggfunc="first")
     w = w.reindex(columns=[k for k in KINDS if k in w.columns])
     bytes_moved = rows.groupby(POINT)["bytes_moved"].first()
     w = w.join(bytes_moved).reset_index()
@@ -54,7 +58,7 @@ def ratio_summary(w: pd.DataFrame) -> pd.DataFrame:
             continue
         for b, g in w.groupby("backend"):
             r = g[col].dropna()
-            out.append({"memory_kind": k, "backend": b, "points": len(r), "min": r.min(),
+            out.append({"condition": k, "backend": b, "points": len(r), "min": r.min(),
                         "median": r.median(), "max": r.max()})
     return pd.DataFrame(out)
 

@@ -19,9 +19,9 @@ KIND_STYLE = {"device": dict(color="black", marker="o", linestyle="-"),
 
 
 def kinds_figure(rows: pd.DataFrame, backend: str, *, gpu: str | None = None, ncols: int = 2) -> Figure:
-    """Time against block size, one panel per (shape, tokens x batch), one line per memory kind."""
+    """Time against block size, one panel per (shape, tokens x batch), one line per memory condition."""
     _need(rows, ["gpu_slug", "backend", "shape", "seq_len", "batch_size", "block_size",
-                 "memory_kind", "median_us"], "kinds_figure")
+                 "condition", "median_us"], "kinds_figure")
     if backend not in set(rows["backend"]):
         raise ValueError(f"no rows for backend {backend!r} (have {sorted(set(rows['backend']))})")
     set_house_style()
@@ -33,7 +33,7 @@ def kinds_figure(rows: pd.DataFrame, backend: str, *, gpu: str | None = None, nc
     axes = list(grid.flat)
     for ax, ((shape, n, b), g) in zip(axes, panels):
         for kind in U.KINDS:
-            k = g[g["memory_kind"] == kind].sort_values("block_size")
+            k = g[g["condition"] == kind].sort_values("block_size")
             if len(k):
                 ax.plot(k["block_size"], k["median_us"], label=U.KIND_LABELS[kind], lw=1.5, ms=4,
                         **KIND_STYLE[kind])

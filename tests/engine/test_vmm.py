@@ -19,7 +19,7 @@ from lib.engine.vmm import (
     round_up,
 )
 
-from fakes_vmm import FakeVmmDriver, FaultInjectingDriver, InjectedFault
+from tests.engine.fakes_vmm import FakeVmmDriver, FaultInjectingDriver, InjectedFault
 
 G = 4096  # fake granularity: small numbers keep the arithmetic readable
 

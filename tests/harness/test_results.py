@@ -205,7 +205,20 @@ def test_load_of_empty_file_has_schema_columns(tmp_path):
     p.parent.mkdir(parents=True)
     p.write_text(R.HEADER + "\n")
     df = R.load("t", root=tmp_path)
-    assert df.empty and list(df.columns) == list(R.COLUMNS)
+    assert df.empty and list(df.columns) == [*R.COLUMNS, "memory_state"]
+
+
+def test_load_splits_a_managed_state_out_of_the_memory_kind(tmp_path):
+    """Old rows say ``managed_cold`` in one column; new ones say managed + extra memory_state:
+    loaded, both read memory_kind = managed, memory_state = cold, and nothing else changes."""
+    old = R.finalize_row(row(point_key="a", memory_kind="managed_cold"))
+    new = R.finalize_row(row(point_key="b", memory_kind="managed", extra={"memory_state": "cold", "k": 1}))
+    dev = R.finalize_row(row(point_key="c", memory_kind="device"))
+    R.append_rows(path_of(tmp_path), [old, new, dev])
+    df = R.load("t", root=tmp_path).set_index("point_key")
+    assert list(df["memory_kind"]) == ["managed", "managed", "device"]
+    assert df.loc["a", "memory_state"] == df.loc["b", "memory_state"] == "cold"
+    assert pd.isna(df.loc["c", "memory_state"]) and df.loc["b", "extra"] == {"k": 1}
 
 
 # ----------------------------------------------------------------------------- parts and provenance

@@ -24,7 +24,7 @@ from lib.chapters.vmm import analysis as A
 from lib.chapters.vmm import measure as V
 from lib.chapters.vmm import figures as F
 
-from fakes_vmm import FakeVmmDriver, InjectedFault
+from tests.engine.fakes_vmm import FakeVmmDriver, InjectedFault
 
 MiB, GiB = V.MiB, V.GiB
 GRAN = 2 * MiB

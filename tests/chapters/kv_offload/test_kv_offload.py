@@ -23,7 +23,7 @@ from lib.harness import results as R
 from lib.engine import vmm
 from lib.engine.vmm import VmmDriverError
 
-from fakes_vmm import FakeVmmDriver
+from tests.engine.fakes_vmm import FakeVmmDriver
 
 G = 2 << 20
 MiB = 1 << 20
