@@ -232,8 +232,11 @@ def measure_points(exp: E.Experiment, points: Sequence[dict], path: str | os.Pat
     provenance_s = time.perf_counter() - t_prov
     ceiling = None
     if exp.gpu:
-        from lib.engine import timing
+        from lib.engine import memory, timing
 
+        # what managed memory can do on this machine, in every GPU run's provenance (the uvm
+        # chapter's own runner recorded it; one runner now records it for all)
+        prov["managed_memory"] = memory.device_facts()
         t_ceil = time.perf_counter()
         prov["ceilings"] = timing.measure_ceilings()
         prov["ceilings"]["measure_s"] = time.perf_counter() - t_ceil
