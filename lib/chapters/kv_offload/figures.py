@@ -345,16 +345,23 @@ def _layouts(s: pd.DataFrame) -> list[str]:
     return [h for h in HEAD_LABELS.values() if h in have] + sorted(have - set(HEAD_LABELS.values()))
 
 
-def _variant_panels(s: pd.DataFrame, backend: str, *, draw, finish, ylabel: str, bottom: float) -> Figure:
+#: The x axis of the variant panels, said once under both panels (per panel it ran into the next).
+FRACTION_LABEL = "share of each sequence's KV blocks in host memory (oldest first)"
+
+
+def _variant_panels(s: pd.DataFrame, backend: str, *, draw, finish, ylabel: str, bottom: float,
+                    ncol: int = 3, height: float = 3.8) -> Figure:
     """One panel per head layout, the host fraction across; ``draw(ax, x, k, variant, style)``
-    draws one variant's rows ``k``, ``finish(ax, g)`` adds a panel's references."""
+    draws one variant's rows ``k``, ``finish(ax, g)`` adds a panel's references. The fraction
+    axis is labelled once, below the panels, and the legend (of the first panel) below that."""
     set_house_style()
     layouts = _layouts(s)
-    fig, axes = plt.subplots(1, len(layouts), figsize=(4.4 * len(layouts), 3.8), squeeze=False, sharey=False)
+    fig, axes = plt.subplots(1, len(layouts), figsize=(4.4 * len(layouts), height), squeeze=False, sharey=False)
     axes = list(axes.flat)
     for ax, heads in zip(axes, layouts):
         g = s[s["heads"] == heads]
         pos = _fraction_axis(ax, g["fraction"])
+        ax.set_xlabel("")
         for v in VARIANT_ORDER:
             k = g[g["variant"] == v].sort_values("fraction")
             if len(k):
@@ -362,9 +369,20 @@ def _variant_panels(s: pd.DataFrame, backend: str, *, draw, finish, ylabel: str,
         finish(ax, g)
         ax.set_ylabel(ylabel)
         ax.set_title(f"{heads}, {backend}", fontsize=10)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.tight_layout(rect=(0, bottom, 1, 1))
-    fig.legend(handles, labels, loc="lower center", ncol=3, bbox_to_anchor=(0.5, 0.0))
+    seen: dict[str, object] = {}
+    for ax in axes:  # every panel's entries, once each, in the order first drawn
+        for hd, lb in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lb, hd)
+    legend = fig.legend(list(seen.values()), list(seen.keys()), loc="lower center", ncol=ncol,
+                        bbox_to_anchor=(0.5, 0.0))
+    # room below the panels for the legend and, above it, the shared x label; measured, not guessed
+    renderer = fig._get_renderer()
+    legend_h = legend.get_window_extent(renderer).height / fig.bbox.height
+    label = fig.text(0.5, legend_h + 0.025, FRACTION_LABEL, ha="left", va="bottom",
+                     fontsize=plt.rcParams["axes.labelsize"])
+    label_h = label.get_window_extent(renderer).height / fig.bbox.height
+    label.set_horizontalalignment("center")
+    fig.tight_layout(rect=(0, max(bottom, legend_h + label_h + 0.035), 1, 1))
     plt.close(fig)
     return fig
 
@@ -388,26 +406,58 @@ def time_figure(d: pd.DataFrame, *, backend: str) -> Figure:
     return _variant_panels(s, backend, draw=draw, finish=finish, ylabel="decode step (ms, log)", bottom=0.16)
 
 
+#: The yardstick whose rate is the link's measured limit in :func:`bus_figure`.
+BUS_LIMIT = "pinned_h2d"
+LIMIT_LABEL = "pinned cudaMemcpy H→D: the link's measured limit"
+#: Legend entry of the points above that limit (hollow circles, never the data marker).
+ABOVE_LIMIT_LABEL = "above the limit: not a bandwidth\n(the extra time is shorter than the copy: overlap or noise)"
+ABOVE_LIMIT_STYLE = dict(linestyle="none", marker="o", markersize=8, markerfacecolor="none", markeredgewidth=1.4,
+                         zorder=6)
+
+
+def above_limit(values, limit: float) -> np.ndarray:
+    """Where a host-bytes / extra-time value exceeds the link's measured limit (none if the limit is
+    unknown): such a value is no bandwidth, the extra time being shorter than the transfer takes."""
+    v = np.asarray(values, dtype=float)
+    if not math.isfinite(limit):
+        return np.zeros(v.shape, dtype=bool)
+    return np.isfinite(v) & (v > limit)
+
+
 def bus_figure(d: pd.DataFrame, ys: dict[str, float], *, backend: str) -> Figure:
-    """Bytes over the bus per second of extra time, per variant, against the yardstick lines."""
+    """Bytes over the bus per second of extra time, per variant, against the yardstick lines.
+    Values above the pinned host->device rate (the link's measured limit, :data:`BUS_LIMIT`) are not
+    data on the curve: they are drawn as hollow circles above the limit line, on a grey band."""
     _need(d, ["backend", "heads", "variant", "fraction", "bus_gbps"], "bus_figure")
     s = d[(d["backend"] == backend) & (d["fraction"] > 0) & d["bus_gbps"].notna()]
     if s.empty:
         raise ValueError(f"no bus rates for backend {backend!r}")
+    limit = ys.get(BUS_LIMIT, float("nan"))
 
     def draw(ax, x, k, v, style):
-        ax.plot(x, k["bus_gbps"], label=VARIANT_LABELS[v], **style)
+        y = k["bus_gbps"].to_numpy(float)
+        over = above_limit(y, limit)
+        ax.plot(x, np.where(over, np.nan, y), label=VARIANT_LABELS[v], **style)
+        if over.any():
+            ax.plot(np.asarray(x)[over], y[over], color=style["color"], markeredgecolor=style["color"],
+                    label="_nolegend_", **ABOVE_LIMIT_STYLE)
 
     def finish(ax, g):
-        for key, label, ls in (("pinned_h2d", "pinned cudaMemcpy H→D (yardstick)", "--"),
+        for key, label, ls in ((BUS_LIMIT, LIMIT_LABEL, "--"),
                                ("prefetch_h2d", "cudaMemPrefetchAsync H→D (yardstick)", ":")):
             val = ys.get(key, float("nan"))
             if math.isfinite(val):
                 ax.axhline(val, color="black", lw=1.0, ls=ls, label=label)
-        ax.set_ylim(bottom=0)
+        top = float(g["bus_gbps"].max()) * 1.08
+        if math.isfinite(limit):
+            top = max(top, limit * 1.08)
+            ax.axhspan(limit, top, color="0.9", zorder=0, lw=0)
+            if above_limit(g["bus_gbps"], limit).any():
+                ax.plot([], [], color="0.3", markeredgecolor="0.3", label=ABOVE_LIMIT_LABEL, **ABOVE_LIMIT_STYLE)
+        ax.set_ylim(0, top)
 
     return _variant_panels(s, backend, draw=draw, finish=finish, ylabel="host bytes / extra time (GB/s)",
-                           bottom=0.18)
+                           bottom=0.2, ncol=2, height=4.8)
 
 
 #: What the diagram says about each mode: (title, what crosses the bus, when).

@@ -35,17 +35,44 @@ def _select(df: pd.DataFrame, shape: str, gpu: str | None, what: str) -> pd.Data
     return d
 
 
+#: The colour bar's label of :func:`ratio_heatmaps`.
+HEAT_CBAR_LABEL = "ratio of decode times (numerator / denominator)\nred: numerator slower, blue: faster"
+
+
+def heat_norm(values) -> TwoSlopeNorm:
+    """One colour scale for every panel of a heat-map figure: white at 1.0, its ends at r and 1/r
+    (a ratio and its inverse equally deep), r the most extreme ratio of the figure."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    worst = float(np.max(np.abs(np.log(v)))) if v.size else 0.0
+    span = max(worst, np.log(1.01))  # at least +-1 %, so an all-1 grid stays white
+    return TwoSlopeNorm(vcenter=1.0, vmin=float(np.exp(-span)), vmax=float(np.exp(span)))
+
+
+def heat_ticks(norm: TwoSlopeNorm, min_gap: float = 0.07) -> list[float]:
+    """Colour-bar ticks: 1, then round ratios (steps of 0.1, then 0.05, 0.02, 0.01) that fall in the
+    scale and lie at least ``min_gap`` of the bar's length from every tick already taken."""
+    lo, hi = norm.vmin, norm.vmax
+    taken = [1.0]
+    for step in (0.1, 0.05, 0.02, 0.01):
+        for k in range(1, 200):
+            for t in (round(1 + k * step, 4), round(1 - k * step, 4)):
+                if lo <= t <= hi and all(abs(float(norm(t)) - float(norm(u))) >= min_gap for u in taken):
+                    taken.append(t)
+    return sorted(taken)
+
+
 def ratio_heatmaps(ratios: pd.DataFrame, shape: str, *, gpu: str | None = None) -> Figure:
-    """One heatmap per ratio over tokens x batch (block 16); white = 1, red = numerator slower."""
+    """One heatmap per ratio over tokens x batch (block 16), all on one colour scale (:func:`heat_norm`)
+    with one colour bar; white = 1, red = numerator slower."""
     _need(ratios, ["gpu_slug", "shape", "seq_len", "batch_size", "ratio_name", "ratio"], "ratio_heatmaps")
     set_house_style()
     d = _select(ratios, shape, gpu, "ratio_heatmaps")
     names = [n for n, *_ in P.GRID_RATIOS if n in set(d["ratio_name"])]
+    norm = heat_norm(d.loc[d["ratio_name"].isin(names), "ratio"])
     fig, axes = panel_grid(len(names), 2, 5.0, 3.6)
     for ax, name in zip(axes.flat, names):
         m = d[d["ratio_name"] == name].pivot(index="batch_size", columns="seq_len", values="ratio")
-        lo, hi = np.nanmin(m.values), np.nanmax(m.values)
-        norm = TwoSlopeNorm(vcenter=1.0, vmin=min(lo, 0.999), vmax=max(hi, 1.001))
         sns.heatmap(m, ax=ax, cmap="RdBu_r", norm=norm, annot=True, fmt=".2f", cbar=False,
                     annot_kws={"fontsize": 7}, linewidths=0.5, linecolor="white")
         ax.invert_yaxis()
@@ -54,7 +81,14 @@ def ratio_heatmaps(ratios: pd.DataFrame, shape: str, *, gpu: str | None = None) 
         ax.set_xlabel("tokens per sequence")
         ax.set_ylabel("batch")
     fig.suptitle(f"{shape}, block 16: ratios of decode times (blank: cache above 8 GiB, not run)", y=1.0)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    cax = fig.add_axes((0.915, 0.12, 0.018, 0.76))
+    cbar = fig.colorbar(axes.flat[0].collections[0], cax=cax)
+    ticks = heat_ticks(norm)
+    cbar.set_ticks(ticks)
+    cbar.set_ticklabels([f"{t:g}" for t in ticks])
+    cbar.set_label(HEAT_CBAR_LABEL, fontsize=8.5)
+    cbar.ax.tick_params(labelsize=8)
     plt.close(fig)
     return fig
 

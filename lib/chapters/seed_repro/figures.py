@@ -153,9 +153,39 @@ def penalty_figure(penalty: pd.DataFrame, series: list[tuple[int, str, int, int]
     return fig
 
 
+def outliers(values, *, gap: float = 4.0, most: int = 2) -> np.ndarray:
+    """The few points (at most ``most``) that would set a ratio panel's scale on their own: sorted by
+    distance from 1 in log, the largest ``k`` whose nearest is ``gap`` times as far from 1 as the
+    next point (or as 2 %, if that is further); none when no such break exists."""
+    v = np.asarray(values, dtype=float)
+    dev = np.where(np.isfinite(v) & (v > 0), np.abs(np.log(np.where(v > 0, v, 1.0))), 0.0)
+    order = np.argsort(-dev)
+    mask = np.zeros(v.shape, dtype=bool)
+    floor = math.log(1.02)
+    for k in range(min(most, len(v) - 1), 0, -1):  # the widest break first
+        if dev[order[k - 1]] > gap * max(dev[order[k]], floor):
+            mask[order[:k]] = True
+            break
+    return mask
+
+
+def _mark_clipped(ax, x: float, value: float, color) -> None:
+    """An outlier outside the panel's limits: an arrow at the edge it lies beyond, with its value."""
+    up = value > ax.get_ylim()[1]
+    edge, tail = (0.99, 0.86) if up else (0.01, 0.14)
+    ax.annotate("", xy=(x, edge), xytext=(x, tail), xycoords=("data", "axes fraction"),
+                arrowprops=dict(arrowstyle="-|>", color=color, lw=1.4, mutation_scale=10), zorder=6)
+    ax.annotate(f"{value:.2f}", xy=(x, tail), xycoords=("data", "axes fraction"), xytext=(4, 0),
+                textcoords="offset points", ha="left", va="center", fontsize=7.5, color=color,
+                fontweight="bold", zorder=6,
+                bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.8))
+
+
 def ratios_figure(derived: pd.DataFrame, *, gpu: str | None = None, versions=SR.VERSIONS,
                   ncols: int = 2) -> Figure:
-    """`derived_ratios`: one panel per (comparison, series), one line per source, 1.0 drawn in."""
+    """`derived_ratios`: one panel per (comparison, series), one line per source, 1.0 drawn in.
+    A panel's limits fit its bulk; the few points that would set them alone (:func:`outliers`)
+    are drawn as an arrow at the edge, with their value."""
     _need(derived, ["gpu_slug", "comparison", "seq_len", "batch_size", "series", "block_size",
                     "source", "ratio"], "ratios_figure")
     data = _one_card(derived, gpu, "ratios_figure")
@@ -176,9 +206,16 @@ def ratios_figure(derived: pd.DataFrame, *, gpu: str | None = None, versions=SR.
             shown.append(src)
         ax.axhline(1.0, color="0.35", linewidth=1, linestyle=":", zorder=0)
         _block_axis(ax, data["block_size"])
-        lo, hi = float(rows["ratio"].min()), float(rows["ratio"].max())
+        out = outliers(rows["ratio"])
+        bulk = rows.loc[~out, "ratio"]
+        lo, hi = float(bulk.min()), float(bulk.max())
         pad = max(0.03, 0.08 * (max(hi, 1.0) - min(lo, 1.0)))
-        ax.set_ylim(min(lo, 1.0) - pad, max(hi, 1.0) + pad)
+        y0, y1 = min(lo, 1.0) - pad, max(hi, 1.0) + pad
+        room = 0.3 * (y1 - y0)  # empty space at the edge an outlier lies beyond, for its arrow
+        above, below = (rows.loc[out, "ratio"] > y1).any(), (rows.loc[out, "ratio"] < y0).any()
+        ax.set_ylim(y0 - room * below, y1 + room * above)
+        for _, r in rows[out].sort_values("block_size").iterrows():
+            _mark_clipped(ax, float(r["block_size"]), float(r["ratio"]), source_style(r["source"])["color"])
         ax.set_title(f"{p['comparison']}\n{p['series']}", loc="left", fontsize=9)
         ax.set_ylabel("time ratio")
     fig.tight_layout(h_pad=1.2)

@@ -83,8 +83,16 @@ def arena_diagram() -> Figure:
 
 # ----------------------------------------------------------------------------- kernel
 
+#: The series the kernel figure divides by: the layout VMM must match (see the chapter).
+BASELINE = "device_contiguous"
+SERIES_MARKERS = {"paged": "o", "device_contiguous": "s", "vmm": "D"}
+
+
 def kernel_figure(ktab: pd.DataFrame, *, gpu: str | None = None) -> Figure:
-    """Decode time of the three series per point (bars, p10-p90 whiskers), one panel per batch x tokens."""
+    """Each series' decode time over the contiguous cudaMalloc pool's (:data:`BASELINE`) per point,
+    one panel per batch x tokens: the median ratio as a dot, whiskers the series' p10 and p90 over
+    the baseline's median, a line at 1.0. Differences of a few percent show as such, not as bars
+    of hundreds of microseconds that differ in their tops only."""
     cols = ["gpu_slug", "batch_size", "seq_len", "shape", "block_size"]
     cols += [f"{s}{suffix}" for s in A.SERIES.values() for suffix in ("_us", "_p10_us", "_p90_us")]
     _need(ktab, cols, "kernel_figure")
@@ -93,22 +101,36 @@ def kernel_figure(ktab: pd.DataFrame, *, gpu: str | None = None) -> Figure:
     if d.empty:
         raise ValueError(f"kernel_figure: no rows for gpu {gpu!r}")
     panels = list(d.groupby(["batch_size", "seq_len"], sort=False))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
-    series = list(A.SERIES.values())
-    width = 0.8 / len(series)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False, sharey=True)
+    series = [s for s in A.SERIES.values() if s != BASELINE] + [BASELINE]
+    width = 0.6 / len(series)
     for ax, ((b, n), g) in zip(axes.flat, panels):
         g = g.sort_values(["shape", "block_size"])
         x = np.arange(len(g))
+        base = g[f"{BASELINE}_us"].to_numpy(float)
+        ax.axhline(1.0, color="0.3", lw=1.0, ls="--", zorder=1)
         for i, s in enumerate(series):
-            med = g[f"{s}_us"].to_numpy(float)
-            err = np.vstack([med - g[f"{s}_p10_us"].to_numpy(float), g[f"{s}_p90_us"].to_numpy(float) - med])
-            ax.bar(x + (i - (len(series) - 1) / 2) * width, med, width, yerr=np.clip(err, 0, None),
-                   color=SERIES_COLORS[s], label=A.SERIES_LABELS[s], capsize=2, error_kw={"lw": 0.8})
+            med = g[f"{s}_us"].to_numpy(float) / base
+            lo, hi = g[f"{s}_p10_us"].to_numpy(float) / base, g[f"{s}_p90_us"].to_numpy(float) / base
+            err = np.clip(np.vstack([med - lo, hi - med]), 0, None)
+            xs = x + (i - (len(series) - 1) / 2) * width
+            ax.errorbar(xs, med, yerr=err, fmt=SERIES_MARKERS[s], color=SERIES_COLORS[s], ms=6, capsize=2,
+                        elinewidth=0.9, label=A.SERIES_LABELS[s] + (" (= 1, baseline)" if s == BASELINE else ""),
+                        zorder=3)
+            if s != BASELINE:
+                for xi, yi, top in zip(xs, med, hi):
+                    ax.annotate(f"{yi:.3f}", (xi, top), textcoords="offset points", xytext=(0, 3),
+                                ha="center", va="bottom", fontsize=6.5, color=SERIES_COLORS[s])
         ax.set_xticks(x)
         ax.set_xticklabels([f"{sh}\nblock {int(bs)}" for sh, bs in zip(g["shape"], g["block_size"])],
                            fontsize=7.5)
-        ax.set_ylabel("decode time (µs)")
+        ax.set_xlim(-0.5, len(g) - 0.5)
+        ax.grid(axis="x", visible=False)
         ax.set_title(f"{b} sequences × {n} tokens", fontsize=10)
+    lo, hi = axes.flat[0].get_ylim()
+    axes.flat[0].set_ylim(min(lo, 0.99), max(hi, 1.01) + 0.1 * (hi - lo))  # room for the value labels
+    axes.flat[0].yaxis.set_major_formatter(mticker.FormatStrFormatter("%.2f"))
+    axes.flat[0].set_ylabel("time / time on the contiguous\ncudaMalloc pool (median)")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.legend(handles, labels, loc="lower center", ncol=3, bbox_to_anchor=(0.5, 0.0))

@@ -4,6 +4,7 @@ point per mode on a GPU (marked ``gpu``)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from pathlib import Path
@@ -737,3 +738,64 @@ def test_gpu_split_pool_reads_host_and_device_parts():
     assert bool((a == src).all()) and int(a[:128].sum(dtype=cupy.uint64)) == int(src[:128].sum(dtype=cupy.uint64))
     attrs = cupy.cuda.runtime.pointerGetAttributes(a.data.ptr)
     assert attrs.devicePointer == a.data.ptr
+
+
+def _marker_lines(fig):
+    """(line, filled) for every line of the figure's panels that draws markers."""
+    out = []
+    for ax in fig.axes:
+        for ln in ax.get_lines():
+            if ln.get_marker() in (None, "None", "none", "", " ") or not len(ln.get_ydata()):
+                continue
+            out.append((ln, str(ln.get_markerfacecolor()).lower() != "none"))
+    return out
+
+
+def test_bus_figure_flags_values_above_the_link_limit(frame):
+    ys = F.yardsticks(as_frame(fake_rows()))
+    limit = ys[F.BUS_LIMIT]
+    d = frame.copy()
+    # two points above the pinned host->device rate: extra time shorter than the transfer could take
+    fast = (d["backend"] == "own-auto-paged") & (d["heads"] == "MHA 32:32") & (d["variant"] == "remote") \
+        & d["fraction"].isin([1 / 64, 1 / 32])
+    d.loc[fast, "bus_gbps"] = [1.8 * limit, 1.4 * limit]
+    assert F.above_limit(d["bus_gbps"], limit).sum() == 2
+    assert not F.above_limit(d["bus_gbps"], float("nan")).any()
+    fig = F.bus_figure(d, ys, backend="own-auto-paged")
+    lines = _marker_lines(fig)
+    # no value above the limit is drawn with a data (filled) marker ...
+    for ln, filled in lines:
+        if filled:
+            y = np.asarray(ln.get_ydata(), dtype=float)
+            assert not (y[np.isfinite(y)] > limit).any(), ln.get_label()
+    # ... but each is drawn, hollow, at its value
+    hollow = sorted(float(y) for ln, filled in lines if not filled for y in ln.get_ydata())
+    assert hollow == pytest.approx([1.4 * limit, 1.8 * limit])
+    mha = fig.axes[0]
+    assert any(np.allclose(ln.get_ydata(), limit) and ln.get_marker() in ("None", "", None)
+               for ln in mha.get_lines()), "the limit is drawn as a line"
+    assert mha.get_ylim()[1] > 1.8 * limit
+    legend = [t.get_text() for lg in fig.legends for t in lg.get_texts()]
+    assert F.ABOVE_LIMIT_LABEL in legend and "not a bandwidth" in F.ABOVE_LIMIT_LABEL
+    assert F.LIMIT_LABEL in legend
+    # without a point above the limit, no flag in the legend
+    fig = F.bus_figure(frame, ys, backend="own-auto-paged")
+    assert F.ABOVE_LIMIT_LABEL not in [t.get_text() for lg in fig.legends for t in lg.get_texts()]
+
+
+@pytest.mark.parametrize("which", ["time", "bus"])
+def test_variant_figures_labels_do_not_overlap(frame, which):
+    ys = F.yardsticks(as_frame(fake_rows()))
+    fig = (F.time_figure(frame, backend="own-auto-paged") if which == "time"
+           else F.bus_figure(frame, ys, backend="own-auto-paged"))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    r = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(r)
+    assert all(ax.get_xlabel() == "" for ax in fig.axes)  # said once, below both panels
+    label, = [t for t in fig.texts if t.get_text() == F.FRACTION_LABEL]
+    boxes = {"x label": label.get_window_extent(r), "legend": fig.legends[0].get_window_extent(r)}
+    for i, ax in enumerate(fig.axes):
+        boxes[f"panel {i}"] = ax.get_tightbbox(r)
+    for (a, ba), (b, bb) in itertools.combinations(boxes.items(), 2):
+        assert not ba.overlaps(bb), f"{a} overlaps {b}"

@@ -346,6 +346,34 @@ def test_figures_need_one_card(seed):
     assert isinstance(F.times_figure(t, [1], gpu="b"), Figure)
 
 
+def test_outliers_are_the_few_points_that_would_set_the_scale_alone():
+    assert list(F.outliers([1.0, 1.01, 0.99, 1.02, 5.0])) == [False, False, False, False, True]
+    assert list(F.outliers([1.0, 1.01, 0.99, 5.0, 0.34])) == [False, False, False, True, True]
+    # a wide but continuous spread (the seed's own no-lookup ratios) keeps every point
+    assert not F.outliers([0.43, 0.61, 0.86, 1.84, 1.1, 1.06]).any()
+    assert not F.outliers([1.0, 1.0, 1.0]).any() and not F.outliers([1.0]).any()
+
+
+def test_ratios_figure_fits_the_bulk_and_marks_an_outlier(seed):
+    d = SR.derived_ratios(seed, synth_ours(seed))
+    panel = d[d["comparison"] == "managed / device"]
+    assert len(panel) and panel["ratio"].between(0.5, 2.0).all()
+    hit = panel.index[(panel["source"] == "v2, seed protocol")][0]
+    d.loc[hit, "ratio"] = 5.0
+    series = d.loc[hit, "series"]
+    fig = F.ratios_figure(d)
+    ax, = [a for a in fig.axes if a.get_visible() and a.get_title(loc="left").startswith("managed / device")
+           and series in a.get_title(loc="left")]
+    lo, hi = ax.get_ylim()
+    bulk = d[(d["comparison"] == "managed / device") & (d["series"] == series)].drop(index=hit)["ratio"]
+    assert hi < 5.0 and hi < max(bulk.max(), 1.0) + 0.6 * (max(bulk.max(), 1.0) - min(bulk.min(), 1.0)) + 0.1
+    assert lo <= bulk.min() and hi >= bulk.max()  # the bulk stays in view
+    labels = [t.get_text() for t in ax.texts]
+    assert "5.00" in labels, labels  # the outlier is still shown: an arrow at the edge, with its value
+    arrows = [t for t in ax.texts if getattr(t, "arrow_patch", None) is not None]
+    assert arrows and all(t.xy[1] > 0.9 for t in arrows)  # at the top edge: it lies above
+
+
 def test_source_styles():
     assert F.source_style(SR.SEED_SOURCE)["color"] == "black"
     assert F.source_style("v1, seed protocol")["linestyle"] == "--"
