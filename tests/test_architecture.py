@@ -47,7 +47,8 @@ def imports_of(path: Path, known: set[str]) -> set[str]:
                 anchor = package.split(".")
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
-            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+            # `from pkg import submodule` runs pkg/__init__ too: charge the package as well
+            names = [base] + [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in known]
         else:
             continue
         for n in names:

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from lib import ROOT
-from lib.engine.kernels import plan as kernels
+import lib.engine.kernels.plan as kernels
 from lib.engine.kernels.nvcc import compile_cubin, nvcc_path, parse_ptxas
 
 MANIFEST = "manifest.json"

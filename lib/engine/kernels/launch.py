@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 
-from lib.engine.kernels import cache as kernel_cache
+import lib.engine.kernels.cache as kernel_cache
 from lib.engine.kernels.plan import (NUM_THREADS, NUM_WARPS, SOURCE, LaunchPlan, compile_options,
                                      decode_name, instantiations, reduce_name)
 
