@@ -59,7 +59,8 @@ def test_launch_plans_follow_the_measured_rules():
         num_seqs=b, max_seq_len=n, **kw)
     assert plan(1, 4096).version == 2 and plan(1, 4096).partition_size == 128
     assert plan(16, 1024).version == 1          # 512 rows >= 3 blocks per SM
-    assert plan(32, 4096, kv=8).version == 2    # 256 rows: v2 fills the GPU
+    assert plan(32, 4096, kv=8, version=2).version == 2
+    assert plan(32, 4096, kv=8).version == 3    # GQA in fp16: the matrix-unit kernel
     assert plan(4, 100).version == 1            # one partition: no reduce needed
     long = plan(1, 32768, version="auto")
     assert long.version == 2 and long.max_partitions == 32768 // long.partition_size
@@ -77,7 +78,33 @@ def test_every_module_holds_three_addressing_modes_and_a_reduce():
                      "upa::paged_attention_decode<__nv_bfloat16, 8, 80, 4, 1>",
                      "upa::paged_attention_decode<__nv_bfloat16, 8, 80, 4, 2>",
                      "upa::paged_attention_reduce<__nv_bfloat16, 80>"]
-    assert len(list(kernels.all_modules())) == 3 * 9 * 6 * 3
+    # v1/v2: three head tiles for 3 dtypes; v3: one module per (fp16/bf16, block, head size)
+    assert len(list(kernels.all_modules())) == 3 * 9 * 6 * 3 + 2 * 9 * 6
+    assert kernels.instantiations("float16", 1, 256, kernels.MMA_TILE) == [
+        "upa::paged_attention_mma<__half, 1, 256, 0>", "upa::paged_attention_mma<__half, 1, 256, 1>",
+        "upa::paged_attention_mma<__half, 1, 256, 2>", "upa::paged_attention_reduce<__half, 256>"]
+
+
+def test_v3_plans_split_sequences_within_one_wave_of_blocks():
+    plan = lambda b, n, h, kv, **kw: kernels.plan_launch(  # noqa: E731
+        dtype=kw.pop("dtype", "float16"), block_size=16, head_size=128, num_heads=h,
+        num_kv_heads=kv, num_seqs=b, max_seq_len=n, **kw)
+    few = plan(8, 4096, 64, 8)                  # 64 blocks: split into 6 -> 384 <= 3 x 132
+    assert (few.version, few.tile, few.max_partitions) == (3, 8, 6)
+    assert few.partition_size % kernels.MMA_PARTITION_QUANTUM == 0
+    assert plan(128, 4096, 64, 8).max_partitions == 1   # 1024 blocks already fill the GPU
+    one = plan(1, 32768, 32, 8)
+    assert one.max_partitions * 8 <= 3 * 132 and one.max_partitions > 40
+    assert plan(1, 300, 32, 8).partition_size == 320    # never below 256 tokens a partition
+    mqa = plan(4, 4096, 32, 1)
+    assert mqa.head_tiles == 4 and mqa.shared_bytes == kernels.mma_smem_bytes(128)
+    assert plan(2, 64, 40, 8).head_tiles == 1           # group 5: one padded tile of 8
+    assert plan(32, 4096, 32, 32).version == 1          # MHA stays on v1/v2
+    assert plan(32, 4096, 32, 8, dtype="float32").version == 2   # fp32 stays on v2
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        plan(1, 4096, 32, 8, dtype="float32", version=3)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        plan(1, 4096, 32, 8, version=3, partition_size=100)
 
 
 def test_effective_tables_are_what_each_addressing_mode_reads():
@@ -102,6 +129,26 @@ def test_correctness_matrix_covers_the_issue_grid():
     long = [c for c in cases if max(c.seq_lens) > 4096]
     assert long and all(max(c.seq_lens) >= 32768 for c in long)
     assert all("own-v1-paged" not in c.backends for c in long)
+
+
+def test_correctness_grid_checks_v3_at_every_group_size_and_its_bit_identities():
+    from lib.chapters.kernel.experiment import CORRECTNESS
+    from lib.harness.experiments import expand
+
+    v3 = [p for p in expand(CORRECTNESS) if p.get("variant") == "v3"]
+    groups = {correctness.HEAD_LAYOUTS[p["heads"]][0] // correctness.HEAD_LAYOUTS[p["heads"]][1]
+              for p in v3}
+    assert groups == {1, 2, 4, 6, 8, 16, 32}
+    assert {p["block_size"] for p in v3} == {1, 2, 4, 8, 16, 32, 64, 128, 256}
+    assert {p["head_size"] for p in v3} == {64, 80, 96, 112, 128, 256}
+    assert {p["dtype"] for p in v3} == {"float16", "bfloat16"}
+    assert max(max(correctness.case_of(p).seq_lens) for p in v3) >= 65536
+    ident = correctness.case_of(next(p for p in v3 if p["placement"] == "identity"))
+    single = correctness.case_of(next(p for p in v3 if p["placement"] == "single_content"))
+    assert correctness.BIT_IDENTICAL["own-v3-contiguous"] == "own-v3-paged" in ident.backends
+    assert "own-v3-no_offset" in single.backends and "own-v3-paged" in single.backends
+    with pytest.raises(ValueError, match="lengths"):
+        correctness.case_of({**v3[0], "lengths": "huge"})
 
 
 def test_kernel_cache_translation_unit_instantiates_the_module():

@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass
 
 from lib.engine.reference import TOLERANCE
 
-HEAD_LAYOUTS = {"MHA": (4, 4), "GQA4": (8, 2), "MQA": (8, 1)}
+#: (query heads, KV heads) of each head layout the matrix names
+HEAD_LAYOUTS = {"MHA": (4, 4), "GQA4": (8, 2), "MQA": (8, 1), "GQA2": (4, 2), "GQA6": (12, 2),
+                "GQA8": (16, 2), "GQA16": (32, 2), "MQA32": (32, 1)}
 
 IDENTITY_BACKENDS = ("own-v1-paged", "own-v2-paged", "own-auto-paged", "own-v1-contiguous",
                      "own-v2-contiguous", "vllm", "sdpa_dense")
@@ -22,9 +24,17 @@ SHUFFLED_BACKENDS = ("own-v1-paged", "own-v2-paged", "vllm", "sdpa_dense")
 SINGLE_BACKENDS = ("own-v1-paged", "own-v2-paged", "own-v1-no_offset", "own-v2-no_offset")
 #: long sequences: v1 cannot hold 32k logits per head tile in shared memory, so it is left out
 LONG_BACKENDS = ("own-v2-paged", "own-auto-paged", "vllm", "sdpa_dense")
+#: the head layouts of the v1/v2 matrix (v3's block of the grid adds GQA 2:1 to 16:1, MQA 32:1)
+MATRIX_LAYOUTS = ("MHA", "GQA4", "MQA")
+#: v3 (the matrix-unit kernel, fp16/bf16) has its own block of the grid (`variant="v3"`)
+V3_BACKENDS = {"identity": ("own-v3-paged", "own-v3-contiguous"), "shuffled": ("own-v3-paged",),
+               "single_content": ("own-v3-paged", "own-v3-no_offset")}
 #: pairs that must agree bit for bit on the same case
 BIT_IDENTICAL = {"own-v1-contiguous": "own-v1-paged", "own-v2-contiguous": "own-v2-paged",
-                 "own-v1-no_offset": "own-v1-paged", "own-v2-no_offset": "own-v2-paged"}
+                 "own-v1-no_offset": "own-v1-paged", "own-v2-no_offset": "own-v2-paged",
+                 "own-v3-contiguous": "own-v3-paged", "own-v3-no_offset": "own-v3-paged"}
+#: the lengths of a point's `lengths` value (ragged: `ragged_lengths(block_size)`)
+LONG_LENGTHS = {"long": (32768, 3001), "long64k": (65536, 3001)}
 
 
 def ragged_lengths(block_size: int) -> tuple[int, ...]:
@@ -40,6 +50,7 @@ class MatrixCase:
     heads: str
     placement: str
     seq_lens: tuple[int, ...]
+    variant: str = ""  # "v3": the matrix-unit kernel's own backend set
 
     def problem(self, seed: int):
         from lib.engine.backends import DecodeProblem
@@ -51,6 +62,10 @@ class MatrixCase:
 
     @property
     def backends(self) -> tuple[str, ...]:
+        if self.variant == "v3":
+            return V3_BACKENDS["shuffled" if max(self.seq_lens) > 4096 else self.placement]
+        if self.variant:
+            raise ValueError(f"variant={self.variant!r}: the matrix knows '' and 'v3'")
         if max(self.seq_lens) > 4096:
             return LONG_BACKENDS
         return {"identity": IDENTITY_BACKENDS, "shuffled": SHUFFLED_BACKENDS,
@@ -66,7 +81,7 @@ def matrix_cases(*, dtypes=None, block_sizes=None, head_sizes=None, heads=None,
     block_sizes = block_sizes or SUPPORTED_BLOCK_SIZES
     for dt, bs, d, h, pl in itertools.product(dtypes or SUPPORTED_DTYPES, block_sizes,
                                               head_sizes or SUPPORTED_HEAD_SIZES,
-                                              heads or tuple(HEAD_LAYOUTS), placements):
+                                              heads or MATRIX_LAYOUTS, placements):
         yield MatrixCase(dt, bs, d, h, pl, ragged_lengths(bs))
     if long_len:
         for bs, h in itertools.product((1, 16, 256), ("MHA", "GQA4")):
@@ -115,16 +130,20 @@ def precompile(cases, workers: int | None = None) -> float:
     """Compile every module the cases need, in parallel (see `lib.engine.kernels.precompile`)."""
     from lib.engine import kernels
 
-    keys = {(c.dtype, c.block_size, c.head_size, kernels.head_tile(*HEAD_LAYOUTS[c.heads], c.head_size))
-            for c in cases}
+    keys = set()
+    for c in cases:
+        keys |= kernels.modules_for(c.dtype, c.block_size, c.head_size, *HEAD_LAYOUTS[c.heads])
     return kernels.precompile(keys, workers)
 
 
 def case_of(point: dict) -> MatrixCase:
     bs = int(point["block_size"])
-    lengths = ragged_lengths(bs) if point.get("lengths", "ragged") == "ragged" else (32768, 3001)
+    kind = point.get("lengths", "ragged")
+    if kind != "ragged" and kind not in LONG_LENGTHS:
+        raise ValueError(f"lengths={kind!r}: choose ragged or {', '.join(LONG_LENGTHS)}")
+    lengths = ragged_lengths(bs) if kind == "ragged" else LONG_LENGTHS[kind]
     return MatrixCase(point["dtype"], bs, int(point["head_size"]), point["heads"],
-                      point["placement"], lengths)
+                      point["placement"], lengths, str(point.get("variant") or ""))
 
 
 def backends_of(point: dict) -> tuple[str, ...] | None:

@@ -15,12 +15,28 @@ CORRECTNESS = check(Experiment(
          "placement": ["identity", "shuffled", "single_content"], "lengths": ["ragged"]},
         {"dtype": ["float16"], "block_size": [1, 16, 256], "head_size": [128],
          "heads": ["MHA", "GQA4"], "placement": ["shuffled"], "lengths": ["long"]},
+        # v3, the matrix-unit kernel (fp16/bf16): every block and head size, GQA 2:1 to 16:1, MQA
+        {"dtype": ["float16", "bfloat16"], "block_size": [1, 2, 4, 8, 16, 32, 64, 128, 256],
+         "head_size": [64, 80, 96, 112, 128, 256],
+         "heads": ["MHA", "GQA2", "GQA4", "GQA6", "GQA8", "GQA16", "MQA", "MQA32"],
+         "placement": ["identity", "shuffled", "single_content"], "lengths": ["ragged"],
+         "variant": ["v3"]},
+        {"dtype": ["float16", "bfloat16"], "block_size": [1, 16, 256], "head_size": [128],
+         "heads": ["GQA8", "MQA32"], "placement": ["shuffled"], "lengths": ["long64k"],
+         "variant": ["v3"]},
         # FlexAttention compiles one kernel per shape: a smaller grid, block sizes it supports
         {"dtype": ["float16", "bfloat16", "float32"], "block_size": [16, 256], "head_size": [64, 128],
          "heads": ["MHA", "GQA4", "MQA"], "placement": ["identity", "shuffled"], "lengths": ["ragged"],
          "backends": ["flex_paged"]},
     ],
 ))
+
+#: kernel_speed's shapes (batch, tokens, query heads, KV heads): MHA 32:32, Llama-3-8B's 32:8,
+#: the seed's (and Llama-70B's) 64:8, 40:8, MQA 32:1, at batch 1-128 x 4096, 1 x 32768, 256 x 1024
+SPEED_SHAPES = [(b, n, h, kv) for h, kv in [(32, 32), (32, 8), (64, 8), (40, 8), (32, 1)]
+                for b, n in [(1, 4096), (8, 4096), (32, 4096), (128, 4096), (1, 32768), (256, 1024)]]
+SPEED_BACKENDS = ("own-auto-paged+own-auto-contiguous+own-v1-paged+own-v2-paged+own-v3-paged"
+                  "+own-v3-contiguous+vllm+sdpa_dense+flashinfer+flex_paged")
 
 KERNEL_SPEED = check(Experiment(
     name="kernel_speed",
@@ -32,8 +48,6 @@ KERNEL_SPEED = check(Experiment(
            "head_size": [128], "block_size": [16], "dtype": ["float16"],
            "placement": ["identity"], "memory_kind": ["device"], "protocol": ["rigorous"],
            "partition_size": [0], "seed": [0],
-           "backends": ["own-auto-paged+own-auto-contiguous+own-v1-paged+own-v2-paged+vllm+sdpa_dense"
-                        "+flex_paged"]}
-          for b, n, h, kv in [(1, 4096, 32, 32), (16, 1024, 32, 32), (32, 1024, 32, 32),
-                              (32, 4096, 32, 32), (128, 4096, 32, 32), (32, 4096, 32, 8)]],
+           "backends": [SPEED_BACKENDS]}
+          for b, n, h, kv in SPEED_SHAPES],
 ))

@@ -45,8 +45,10 @@ def _translation_unit(key) -> str:
     t = kernels.CTYPE[dtype]
     lines = [f'#include "{kernels.SOURCE}"']
     for a in kernels.ADDRESSING.values():
+        kernel = (f"paged_attention_mma<{t}, {bs}, {d}, {a}>" if tile == kernels.MMA_TILE
+                  else f"paged_attention_decode<{t}, {bs}, {d}, {tile}, {a}>")
         lines.append(
-            f"template __global__ void upa::paged_attention_decode<{t}, {bs}, {d}, {tile}, {a}>("
+            f"template __global__ void upa::{kernel}("
             f"{t}*, float*, float*, float*, const {t}*, const {t}*, const {t}*, const int*, "
             "const int*, const int*, int, int, int, float, int, int, int);")
     lines.append(f"template __global__ void upa::paged_attention_reduce<{t}, {d}>({t}*, const float*, "
@@ -76,6 +78,8 @@ def _name_expression(row: dict) -> str:
     if row["kernel"] == "decode":
         return kernels.decode_name(row["dtype"], row["block_size"], row["head_size"], row["tile"],
                                    row["addressing"])
+    if row["kernel"] == "mma":
+        return kernels.mma_name(row["dtype"], row["block_size"], row["head_size"], row["addressing"])
     return kernels.reduce_name(row["dtype"], row["head_size"])
 
 

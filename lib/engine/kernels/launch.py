@@ -7,7 +7,7 @@ import os
 
 import lib.engine.kernels.cache as kernel_cache
 from lib.engine.kernels.plan import (NUM_THREADS, NUM_WARPS, SOURCE, LaunchPlan, compile_options,
-                                     decode_name, instantiations, reduce_name)
+                                     instantiations, kernel_name, reduce_name)
 
 
 def get_module(dtype: str, block_size: int, head_size: int, tile: int):
@@ -30,7 +30,7 @@ def _module(dtype: str, block_size: int, head_size: int, tile: int, options: tup
 
 class OwnDecode:
     """A prepared launch of our kernel on fixed buffers (classic layout): `launch()` enqueues it
-    (graph-safe: scratch for v2 is allocated here, never inside `launch`)."""
+    (graph-safe: scratch for partitions is allocated here, never inside `launch`)."""
 
     def __init__(self, plan: LaunchPlan, *, q, k_cache, v_cache, block_tables, seq_first,
                  seq_lens, out, scale: float):
@@ -39,14 +39,14 @@ class OwnDecode:
 
         self.plan = plan
         mod = get_module(plan.dtype, plan.block_size, plan.head_size, plan.tile)
-        self._decode = mod.get_function(
-            decode_name(plan.dtype, plan.block_size, plan.head_size, plan.tile, plan.addressing))
+        self._decode = mod.get_function(kernel_name(plan))
         if plan.shared_bytes > 48 * 1024:
             self._decode.max_dynamic_shared_size_bytes = plan.shared_bytes
         num_seqs = q.shape[0]
-        tiles = plan.num_heads // plan.num_kv_heads // plan.tile
-        self._grid = (plan.num_kv_heads * tiles, num_seqs, plan.max_partitions)
-        if plan.version == 2:
+        self._grid = (plan.num_kv_heads * plan.head_tiles, num_seqs, plan.max_partitions)
+        # v2 always merges partials (even one); v3 only when it splits sequences
+        self._reduces = plan.version == 2 or (plan.version == 3 and plan.max_partitions > 1)
+        if self._reduces:
             shape = (num_seqs, plan.num_heads, plan.max_partitions)
             self._part_max = cupy.empty(shape, dtype=cupy.float32)
             self._part_sum = cupy.empty(shape, dtype=cupy.float32)
@@ -65,12 +65,12 @@ class OwnDecode:
                       np.int32(plan.num_heads), np.int32(plan.num_kv_heads),
                       np.int32(block_tables.shape[1]), np.float32(scale),
                       np.int32(plan.partition_size), np.int32(plan.max_partitions),
-                      np.int32(1 if plan.version == 1 else 0))
+                      np.int32(0 if self._reduces else 1))
         self._num_seqs = num_seqs
 
     def launch(self) -> None:
         self._decode(self._grid, (NUM_THREADS,), self._args, shared_mem=self.plan.shared_bytes)
-        if self.plan.version == 2:
+        if self._reduces:
             self._reduce((self.plan.num_heads, self._num_seqs), (NUM_THREADS,),
                          self._reduce_args, shared_mem=self._reduce_smem)
 

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from lib.engine.kernels.plan import ADDRESSING, compile_options
+from lib.engine.kernels.plan import ADDRESSING, MMA_TILE, compile_options
 
 _DTYPE_OF_MANGLED = {"6__half": "float16", "13__nv_bfloat16": "bfloat16", "f": "float32"}
 _ADDRESSING_OF = {v: k for k, v in ADDRESSING.items()}
@@ -21,7 +21,7 @@ _USED = re.compile(r"Used (?P<regs>\d+) registers")
 _BARRIERS = re.compile(r"used (?P<n>\d+) barriers")
 _SMEM = re.compile(r"(?P<n>\d+) bytes smem")
 _MANGLED = re.compile(
-    r"^_ZN3upa\d+paged_attention_(?P<kernel>decode|reduce)I(?P<type>6__half|13__nv_bfloat16|f)"
+    r"^_ZN3upa\d+paged_attention_(?P<kernel>decode|reduce|mma)I(?P<type>6__half|13__nv_bfloat16|f)"
     r"(?P<ints>(?:Li\d+E)+)E")
 
 
@@ -71,6 +71,12 @@ def parse_mangled(name: str) -> dict:
             raise ValueError(f"decode kernel with {len(ints)} integer arguments: {name!r}")
         bs, d, tile, addr = ints
         return dict(kernel="decode", dtype=dtype, block_size=bs, head_size=d, tile=tile,
+                    addressing=_ADDRESSING_OF[addr])
+    if m["kernel"] == "mma":
+        if len(ints) != 3:
+            raise ValueError(f"mma kernel with {len(ints)} integer arguments: {name!r}")
+        bs, d, addr = ints
+        return dict(kernel="mma", dtype=dtype, block_size=bs, head_size=d, tile=MMA_TILE,
                     addressing=_ADDRESSING_OF[addr])
     if len(ints) != 1:
         raise ValueError(f"reduce kernel with {len(ints)} integer arguments: {name!r}")

@@ -429,4 +429,397 @@ paged_attention_reduce(T* __restrict__ out, const float* __restrict__ part_out,
   }
 }
 
+
+// ============================================================================================
+// v3: the grouped-query decode kernel on the matrix units (mma.sync m16n8k16, fp32 accumulate).
+//
+//   * one thread block per (KV head, tile of up to 8 query heads that share it, sequence,
+//     partition): the block reads each K/V element once for all its query heads;
+//   * each warp takes chunks of 16 tokens of the partition (warp w: chunks w, w + 4, ...) and
+//     keeps an online softmax (running max and sum per head) and its output in registers;
+//   * S = Q K^T with Q as the 16-row A operand (rows 8-15 are zero), K^T as B (8 tokens per
+//     n-tile); then O^T += V^T P^T with V^T as A (16 head-dim rows) and P^T as B (8 heads), so
+//     the accumulators hold only the tile's 8 heads, and the probabilities go from S's
+//     accumulator registers to PV's B operand without a shuffle;
+//   * both products sum over an index whose order is free: thread j of a quad takes head-dim
+//     elements 32p + 8j .. 8j+7 (one 16-byte key vector) and tokens 4j .. 4j+3 (one 8-byte value
+//     vector), and Q and P are laid out to match, so every load is a whole vector;
+//   * K and V loads of the warp's next chunk are issued as soon as this chunk's have been used
+//     (K after Q K^T, V after P V), so each warp keeps one chunk of loads in flight;
+//   * the warps of a block merge in shared memory in a fixed order; a single partition writes
+//     the output, several write normalised partials that paged_attention_reduce merges.
+// Addressing is the same compile-time switch as v1/v2 (physical_block<ADDR>), so the paged,
+// contiguous and no_offset instantiations differ only in how a block address is computed.
+// Partitions are multiples of 16 tokens; block sizes 1-256; head sizes multiples of 16.
+
+constexpr int MMA_HEADS = 8;     // query heads per thread block (PV's n dimension)
+constexpr int MMA_CHUNK = 16;    // tokens per warp step (PV's k dimension)
+
+template <typename T> struct MmaType;
+template <> struct MmaType<__half> {
+  static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&h);
+  }
+};
+template <> struct MmaType<__nv_bfloat16> {
+  static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&h);
+  }
+};
+
+// d[0..3] += A(16x16, row) * B(16x8, col) with fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma16816(float* d, unsigned a0, unsigned a1, unsigned a2,
+                                         unsigned a3, unsigned b0, unsigned b1);
+template <>
+__device__ __forceinline__ void mma16816<__half>(float* d, unsigned a0, unsigned a1, unsigned a2,
+                                                 unsigned a3, unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float* d, unsigned a0, unsigned a1,
+                                                        unsigned a2, unsigned a3, unsigned b0,
+                                                        unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Token (0..15) of a chunk that S's n-tile `nt`, column `n` stands for: thread j of a quad then
+// holds tokens 4j .. 4j+3 in both S's accumulators and PV's operands.
+__device__ __forceinline__ int mma_token(int nt, int n) { return 4 * (n / 2) + 2 * nt + (n % 2); }
+
+// Physical blocks one thread needs for a chunk: its two key tokens and its four value tokens.
+template <int BS>
+struct ChunkBlocks {
+  static constexpr int NV = BS >= 4 ? 1 : 4 / BS;  // value tokens 4j..4j+3 span NV blocks
+  int k[2];
+  int v[NV];
+};
+
+// physical_block for the matrix-unit kernel: NO_OFFSET's zero is opaque to the optimiser, so it
+// cannot hoist the (then loop-invariant) addresses into extra registers and the no_offset
+// instantiation compiles like the paged one.
+template <int ADDR>
+__device__ __forceinline__ int mma_block(const int* __restrict__ table_row, int first, int logical) {
+  if (ADDR != NO_OFFSET) return physical_block<ADDR>(table_row, first, logical);
+  int zero;
+  asm volatile("mov.b32 %0, 0;" : "=r"(zero));
+  return zero;
+}
+
+template <int ADDR, int BS>
+__device__ __forceinline__ ChunkBlocks<BS> chunk_blocks(const int* __restrict__ table_row,
+                                                        int first, int c0, int end, int lane) {
+  ChunkBlocks<BS> b;
+  const int j = lane % 4, n = lane / 4;
+  if constexpr (BS >= MMA_CHUNK) {  // the whole chunk lies in one block: one (warp-uniform) lookup
+    const int p = mma_block<ADDR>(table_row, first, c0 / BS);
+    b.k[0] = b.k[1] = p;
+    b.v[0] = p;
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const int t = c0 + mma_token(nt, n);
+      b.k[nt] = t < end ? mma_block<ADDR>(table_row, first, t / BS) : 0;
+    }
+#pragma unroll
+    for (int i = 0; i < ChunkBlocks<BS>::NV; ++i) {
+      const int t = c0 + 4 * j + i * (BS >= 4 ? 4 : BS);
+      b.v[i] = t < end ? mma_block<ADDR>(table_row, first, t / BS) : 0;
+    }
+  }
+  return b;
+}
+
+template <typename T, int BS, int D>
+struct ChunkRegs {
+  static constexpr int KP = D / 32;           // 16-byte key vectors per token and thread
+  static constexpr int KR = (D % 32) ? 1 : 0; // an 8-byte remainder (head sizes 80, 112)
+  static constexpr int MT = D / 16;           // 16-row tiles of the head dimension
+  uint4 k[2][KP > 0 ? KP : 1];
+  uint2 kr[2];
+  uint2 v[MT][2];                             // rows d0 and d0 + 8 of each tile
+};
+
+// Issue the loads of the key vectors of one chunk (tokens >= end give zeros).
+template <typename T, int BS, int D>
+__device__ __forceinline__ void load_keys(ChunkRegs<T, BS, D>& r, const T* __restrict__ k_cache,
+                                          const ChunkBlocks<BS>& b, int kvh, int num_kv_heads,
+                                          int c0, int end, int lane) {
+  constexpr int X = 16 / sizeof(T);
+  const int j = lane % 4, n = lane / 4;
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+    const int t = c0 + mma_token(nt, n);
+    const bool ok = t < end;
+    const T* base = k_cache + ((size_t)b.k[nt] * num_kv_heads + kvh) * (size_t)D * BS + (t % BS) * X;
+#pragma unroll
+    for (int p = 0; p < ChunkRegs<T, BS, D>::KP; ++p) {
+      const int e = 32 * p + 8 * j;  // first element: one whole x-vector of the classic layout
+      r.k[nt][p] = ok ? __ldg(reinterpret_cast<const uint4*>(base + (e / X) * BS * X))
+                      : make_uint4(0, 0, 0, 0);
+    }
+    if (ChunkRegs<T, BS, D>::KR) {
+      const int e = 32 * ChunkRegs<T, BS, D>::KP + 4 * j;
+      r.kr[nt] = ok ? __ldg(reinterpret_cast<const uint2*>(base + (e / X) * BS * X + e % X))
+                    : make_uint2(0, 0);
+    }
+  }
+}
+
+// Issue the loads of the value vectors of one chunk: tokens 4j..4j+3 of head-dim rows
+// d0 = 16 mt + n and d0 + 8 (tokens >= end give zeros: the cache may hold NaN there).
+template <typename T, int BS, int D>
+__device__ __forceinline__ void load_values(ChunkRegs<T, BS, D>& r, const T* __restrict__ v_cache,
+                                            const ChunkBlocks<BS>& b, int kvh, int num_kv_heads,
+                                            int c0, int end, int lane) {
+  const int j = lane % 4, n = lane / 4;
+  const int t0 = c0 + 4 * j;
+  const bool full = t0 + 3 < end;
+#pragma unroll
+  for (int mt = 0; mt < ChunkRegs<T, BS, D>::MT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int d = 16 * mt + n + 8 * h;
+      if (BS >= 4) {
+        const T* p = v_cache + (((size_t)b.v[0] * num_kv_heads + kvh) * D + d) * BS + t0 % BS;
+        if (full) {
+          r.v[mt][h] = __ldg(reinterpret_cast<const uint2*>(p));
+        } else {
+          unsigned short e[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            e[i] = t0 + i < end ? __ldg(reinterpret_cast<const unsigned short*>(p) + i) : 0;
+          r.v[mt][h] = make_uint2(e[0] | (unsigned)e[1] << 16, e[2] | (unsigned)e[3] << 16);
+        }
+      } else {
+        unsigned short e[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int t = t0 + i;
+          const T* p = v_cache + (((size_t)b.v[i / BS] * num_kv_heads + kvh) * D + d) * BS + t % BS;
+          e[i] = t < end ? __ldg(reinterpret_cast<const unsigned short*>(p)) : 0;
+        }
+        r.v[mt][h] = make_uint2(e[0] | (unsigned)e[1] << 16, e[2] | (unsigned)e[3] << 16);
+      }
+    }
+  }
+}
+
+#ifndef UPA_MMA_MIN_BLOCKS
+#define UPA_MMA_MIN_BLOCKS 1  // resident v3 blocks per SM to allocate registers for (head <= 128);
+                              // 4 (128 registers) spills at head 128
+#endif
+
+template <typename T, int BS, int D, int ADDR>
+__global__ void __launch_bounds__(NUM_THREADS, (D <= 128 ? UPA_MMA_MIN_BLOCKS : 1))
+paged_attention_mma(T* __restrict__ out, float* __restrict__ part_out,
+                    float* __restrict__ part_max, float* __restrict__ part_sum,
+                    const T* __restrict__ q, const T* __restrict__ k_cache,
+                    const T* __restrict__ v_cache, const int* __restrict__ block_tables,
+                    const int* __restrict__ seq_first, const int* __restrict__ seq_lens,
+                    int num_heads, int num_kv_heads, int max_blocks, float scale,
+                    int partition_size, int max_partitions, int write_final) {
+  static_assert(sizeof(T) == 2, "the matrix-unit kernel takes fp16 or bf16");
+  static_assert(D % 16 == 0, "head size must be a multiple of 16");
+  using R = ChunkRegs<T, BS, D>;
+  constexpr float LOG2E = 1.4426950408889634f;
+  constexpr float LN2 = 0.6931471805599453f;
+
+  constexpr bool Q_IN_REGS = D <= 128;
+  constexpr int Q_ROW = D + 32;                     // elements per padded row of q_s
+  extern __shared__ float smem[];
+  float* out_s = smem;                              // [MMA_HEADS][D]
+  float* max_s = out_s + MMA_HEADS * D;             // [NUM_WARPS][MMA_HEADS]
+  float* sum_s = max_s + NUM_WARPS * MMA_HEADS;     // [NUM_WARPS][MMA_HEADS]
+
+  const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+  const int j = lane % 4, g = lane / 4;             // quad lane; this thread's head in S
+  T* q_s = reinterpret_cast<T*>(sum_s + NUM_WARPS * MMA_HEADS) + warp * MMA_HEADS * Q_ROW;
+  const int group = num_heads / num_kv_heads;
+  const int tiles = (group + MMA_HEADS - 1) / MMA_HEADS;
+  const int kvh = blockIdx.x / tiles;
+  const int tile0 = (blockIdx.x % tiles) * MMA_HEADS;
+  const int rows = min(MMA_HEADS, group - tile0);  // heads of this tile (the rest are padding)
+  const int head0 = kvh * group + tile0;
+  const int seq = blockIdx.y, part = blockIdx.z;
+
+  const int seq_len = seq_lens[seq];
+  const int part_start = part * partition_size;
+  if (part_start >= seq_len) return;
+  const int end = min(seq_len, part_start + partition_size);
+  const int* table_row = block_tables + (size_t)seq * max_blocks;
+  const int first = seq_first[seq];
+
+  // Q as the A operand: row g = this thread's head, k positions matching the key vectors. Up to
+  // head size 128 it stays in registers; above, in shared memory (rows padded by 64 bytes so a
+  // quarter-warp's 16-byte reads hit distinct banks), which keeps head size 256 from spilling.
+  uint4 qa[Q_IN_REGS ? (R::KP > 0 ? R::KP : 1) : 1];
+  uint2 qr = make_uint2(0, 0);
+  {
+    const T* qh = q + ((size_t)seq * num_heads + head0 + g) * D;
+    const bool ok = g < rows;
+#pragma unroll
+    for (int p = 0; p < R::KP; ++p) {
+      const uint4 x = ok ? __ldg(reinterpret_cast<const uint4*>(qh + 32 * p + 8 * j))
+                         : make_uint4(0, 0, 0, 0);
+      if (Q_IN_REGS) qa[Q_IN_REGS ? p : 0] = x;
+      else *reinterpret_cast<uint4*>(q_s + g * Q_ROW + 32 * p + 8 * j) = x;
+    }
+    if (R::KR && ok) qr = __ldg(reinterpret_cast<const uint2*>(qh + 32 * R::KP + 4 * j));
+  }
+  if (!Q_IN_REGS) __syncwarp();  // each warp wrote, and reads, the whole tile itself
+  const float qk_scale = scale * LOG2E;  // logits in base-2 units: p = exp2(s - m)
+
+  float acc[R::MT][4];  // O^T: rows d = 16 mt + g (+8), columns heads 2j, 2j+1
+#pragma unroll
+  for (int mt = 0; mt < R::MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+  float run_max = NEG_INF(), run_sum = 0.f;  // of head g (base 2)
+
+  int c0 = part_start + warp * MMA_CHUNK;
+  R r;
+  ChunkBlocks<BS> blk;
+  if (c0 < end) {
+    blk = chunk_blocks<ADDR, BS>(table_row, first, c0, end, lane);
+    load_keys<T, BS, D>(r, k_cache, blk, kvh, num_kv_heads, c0, end, lane);
+    load_values<T, BS, D>(r, v_cache, blk, kvh, num_kv_heads, c0, end, lane);
+  }
+  for (; c0 < end; c0 += NUM_WARPS * MMA_CHUNK) {
+    const int c1 = c0 + NUM_WARPS * MMA_CHUNK;  // this warp's next chunk
+    ChunkBlocks<BS> next = blk;
+    if (c1 < end) next = chunk_blocks<ADDR, BS>(table_row, first, c1, end, lane);
+
+    // ---- S = Q K^T (two n-tiles of 8 tokens) ----
+    float s[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+      for (int p = 0; p < R::KP; ++p) {
+        const uint4 a = Q_IN_REGS ? qa[Q_IN_REGS ? p : 0] : *reinterpret_cast<const uint4*>(q_s + g * Q_ROW + 32 * p + 8 * j);
+        mma16816<T>(s[nt], a.x, 0u, a.y, 0u, r.k[nt][p].x, r.k[nt][p].y);
+        mma16816<T>(s[nt], a.z, 0u, a.w, 0u, r.k[nt][p].z, r.k[nt][p].w);
+      }
+      if (R::KR) mma16816<T>(s[nt], qr.x, 0u, qr.y, 0u, r.kr[nt].x, r.kr[nt].y);
+    }
+    if (c1 < end) load_keys<T, BS, D>(r, k_cache, next, kvh, num_kv_heads, c1, end, lane);
+
+    // ---- online softmax of head g over tokens 4j..4j+3 ----
+    float l[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int t = c0 + 4 * j + i;  // s[i / 2][i % 2] is token 4j + i
+      l[i] = t < end ? s[i / 2][i % 2] * qk_scale : NEG_INF();
+    }
+    float cmax = fmaxf(fmaxf(l[0], l[1]), fmaxf(l[2], l[3]));
+    cmax = fmaxf(cmax, __shfl_xor_sync(FULL, cmax, 1));
+    cmax = fmaxf(cmax, __shfl_xor_sync(FULL, cmax, 2));
+    const float new_max = fmaxf(run_max, cmax);
+    const float alpha = exp2f(run_max - new_max);  // 0 on the first chunk (run_max = -inf)
+    float pr[4], psum = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      pr[i] = exp2f(l[i] - new_max);
+      psum += pr[i];
+    }
+    psum += __shfl_xor_sync(FULL, psum, 1);
+    psum += __shfl_xor_sync(FULL, psum, 2);
+    run_sum = run_sum * alpha + psum;
+    run_max = new_max;
+    // The accumulators' columns are heads 2j and 2j+1: take their factors from those quads.
+    const float a_lo = __shfl_sync(FULL, alpha, 8 * j);
+    const float a_hi = __shfl_sync(FULL, alpha, 8 * j + 4);
+    const unsigned pb0 = MmaType<T>::pack(pr[0], pr[1]);  // P^T rows (tokens) 4j, 4j+1
+    const unsigned pb1 = MmaType<T>::pack(pr[2], pr[3]);  // tokens 4j+2, 4j+3
+
+    // ---- O^T += V^T P^T ----
+#pragma unroll
+    for (int mt = 0; mt < R::MT; ++mt) {
+      acc[mt][0] *= a_lo; acc[mt][1] *= a_hi; acc[mt][2] *= a_lo; acc[mt][3] *= a_hi;
+      mma16816<T>(acc[mt], r.v[mt][0].x, r.v[mt][1].x, r.v[mt][0].y, r.v[mt][1].y, pb0, pb1);
+    }
+    if (c1 < end) load_values<T, BS, D>(r, v_cache, next, kvh, num_kv_heads, c1, end, lane);
+    blk = next;
+  }
+
+  // ---- merge the warps (fixed order) ----
+  if (j == 0) {
+    max_s[warp * MMA_HEADS + g] = run_max;
+    sum_s[warp * MMA_HEADS + g] = run_sum;
+  }
+  __syncthreads();
+  float my_w[2], tot_max[2], tot_sum[2];  // for heads 2j, 2j+1
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const int h = 2 * j + c;
+    float m = NEG_INF();
+#pragma unroll
+    for (int w = 0; w < NUM_WARPS; ++w) m = fmaxf(m, max_s[w * MMA_HEADS + h]);
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < NUM_WARPS; ++w) {
+      const float mw = max_s[w * MMA_HEADS + h];
+      sum += mw == NEG_INF() ? 0.f : sum_s[w * MMA_HEADS + h] * exp2f(mw - m);
+    }
+    const float mine = max_s[warp * MMA_HEADS + h];
+    my_w[c] = mine == NEG_INF() ? 0.f : exp2f(mine - m);
+    tot_max[c] = m;
+    tot_sum[c] = sum;
+  }
+#pragma unroll
+  for (int w = 0; w < NUM_WARPS; ++w) {
+    if (warp == w) {
+#pragma unroll
+      for (int mt = 0; mt < R::MT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int d = 16 * mt + g + 8 * (e / 2), h = 2 * j + (e % 2);
+          float* o = out_s + h * D + d;
+          const float x = acc[mt][e] * my_w[e % 2];
+          *o = (w == 0) ? x : *o + x;
+        }
+    }
+    __syncthreads();
+  }
+  if (!write_final && warp == 0 && g == 0) {  // lanes 0-3: heads 2j, 2j+1
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int h = 2 * j + c;
+      if (h < rows) {
+        const size_t idx = ((size_t)seq * num_heads + head0 + h) * max_partitions + part;
+        part_max[idx] = tot_max[c] * LN2;  // natural-log units, as v2's partials
+        part_sum[idx] = tot_sum[c];
+      }
+    }
+  }
+  // Every thread needs the sums of all heads for the write-out: recompute them from shared memory.
+  for (int i = threadIdx.x; i < rows * D; i += NUM_THREADS) {
+    const int h = i / D, d = i % D;
+    float m = NEG_INF();
+#pragma unroll
+    for (int w = 0; w < NUM_WARPS; ++w) m = fmaxf(m, max_s[w * MMA_HEADS + h]);
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < NUM_WARPS; ++w) {
+      const float mw = max_s[w * MMA_HEADS + h];
+      sum += mw == NEG_INF() ? 0.f : sum_s[w * MMA_HEADS + h] * exp2f(mw - m);
+    }
+    const float o = out_s[h * D + d] / sum;
+    if (write_final) {
+      out[((size_t)seq * num_heads + head0 + h) * D + d] = from_float<T>(o);
+    } else {
+      part_out[(((size_t)seq * num_heads + head0 + h) * max_partitions + part) * D + d] = o;
+    }
+  }
+}
+
 }  // namespace upa

@@ -27,6 +27,17 @@ HEAD_TILES = (4, 2, 1)
 MAX_TILE_FOR_HEAD = {64: 4, 80: 4, 96: 4, 112: 4, 128: 4, 256: 4}
 #: v1 keeps a whole sequence's logits in shared memory; above this it must be v2.
 V1_SMEM_LIMIT = 96 * 1024
+#: v3 (the matrix-unit kernel): query heads per thread block (the n dimension of its P V product)
+#: and tokens per warp step; its partitions are multiples of NUM_WARPS chunks.
+MMA_TILE = 8
+MMA_CHUNK = 16
+MMA_PARTITION_QUANTUM = NUM_WARPS * MMA_CHUNK
+#: the smallest v3 partition worth its partial writes and reduce (tokens)
+MMA_MIN_PARTITION = 256
+#: v3 splits sequences until the grid has this many thread blocks per SM (3 are resident at
+#: ~165 registers a thread, so 3 is one full wave)
+MMA_BLOCKS_PER_SM = 3
+MMA_DTYPES = ("float16", "bfloat16")
 
 
 def head_tile(num_heads: int, num_kv_heads: int, head_size: int) -> int:
@@ -39,6 +50,28 @@ def head_tile(num_heads: int, num_kv_heads: int, head_size: int) -> int:
 def smem_bytes(tile: int, head_size: int, partition_tokens: int) -> int:
     """Dynamic shared memory of the decode kernel: q, output, reduction scratch, logits."""
     return 4 * (2 * tile * head_size + NUM_WARPS * tile + tile * partition_tokens)
+
+
+def mma_smem_bytes(head_size: int) -> int:
+    """Dynamic shared memory of v3: the block's output, per-warp max and sum, and (head size
+    above 128) each warp's padded copy of the tile's queries (2-byte elements)."""
+    q = NUM_WARPS * MMA_TILE * (head_size + 32) * 2 if head_size > 128 else 0
+    return 4 * (MMA_TILE * head_size + 2 * NUM_WARPS * MMA_TILE) + q
+
+
+def mma_partition(*, num_seqs: int, num_heads: int, num_kv_heads: int, max_seq_len: int,
+                  num_sms: int = 132) -> int:
+    """v3 partition (tokens): split sequences (flash-decoding) into as many partitions as keep the
+    grid within one wave of resident blocks (MMA_BLOCKS_PER_SM per SM), never below
+    MMA_MIN_PARTITION tokens; a grid of (KV head, head tile, sequence) blocks that already fills
+    a wave keeps whole sequences. Measured on an H200 (64:8, 8 x 4096): 4 or 6 partitions (256 or
+    384 blocks) ran in 49-54 us, 8 (512 blocks, 1.3 waves) in 59 us: a partial second wave of
+    long-running blocks leaves most of the GPU idle."""
+    blocks = num_seqs * num_kv_heads * math.ceil(num_heads // num_kv_heads / MMA_TILE)
+    whole = _round_up(max_seq_len, MMA_PARTITION_QUANTUM)
+    fits = MMA_BLOCKS_PER_SM * num_sms // blocks
+    parts = max(1, min(fits, max_seq_len // MMA_MIN_PARTITION))
+    return min(whole, _round_up(math.ceil(max_seq_len / parts), MMA_PARTITION_QUANTUM))
 
 
 def choose_version(
@@ -82,24 +115,51 @@ def decode_name(dtype: str, block_size: int, head_size: int, tile: int, addressi
             f"{ADDRESSING[addressing]}>")
 
 
+def mma_name(dtype: str, block_size: int, head_size: int, addressing: str) -> str:
+    return (f"upa::paged_attention_mma<{CTYPE[dtype]}, {block_size}, {head_size}, "
+            f"{ADDRESSING[addressing]}>")
+
+
 def reduce_name(dtype: str, head_size: int) -> str:
     return f"upa::paged_attention_reduce<{CTYPE[dtype]}, {head_size}>"
 
 
+def kernel_name(plan: "LaunchPlan") -> str:
+    """Name expression of the decode kernel a plan launches."""
+    if plan.version == 3:
+        return mma_name(plan.dtype, plan.block_size, plan.head_size, plan.addressing)
+    return decode_name(plan.dtype, plan.block_size, plan.head_size, plan.tile, plan.addressing)
+
+
+def modules_for(dtype: str, block_size: int, head_size: int, num_heads: int,
+                num_kv_heads: int) -> set[tuple]:
+    """The modules (dtype, block, head, tile) any own version may launch for one shape."""
+    keys = {(dtype, block_size, head_size, head_tile(num_heads, num_kv_heads, head_size))}
+    if dtype in MMA_DTYPES and head_size % 16 == 0:
+        keys.add((dtype, block_size, head_size, MMA_TILE))
+    return keys
+
+
 def instantiations(dtype: str, block_size: int, head_size: int, tile: int) -> list[str]:
-    """Name expressions of one module: three addressing modes and the reduce kernel."""
-    names = [decode_name(dtype, block_size, head_size, tile, a) for a in ADDRESSING]
+    """Name expressions of one module: three addressing modes and the reduce kernel. Tile
+    MMA_TILE is v3's module (the matrix-unit kernel); 1, 2 and 4 are v1/v2's."""
+    if tile == MMA_TILE:
+        names = [mma_name(dtype, block_size, head_size, a) for a in ADDRESSING]
+    else:
+        names = [decode_name(dtype, block_size, head_size, tile, a) for a in ADDRESSING]
     return names + [reduce_name(dtype, head_size)]
 
 
 def all_modules():
-    """Every (dtype, block size, head size, tile) the registry can launch."""
+    """Every (dtype, block size, head size, tile) the registry can launch (tile MMA_TILE: v3)."""
     for dtype in SUPPORTED_DTYPES:
         for head_size in SUPPORTED_HEAD_SIZES:
             for block_size in SUPPORTED_BLOCK_SIZES:
                 for tile in HEAD_TILES:
                     if tile <= MAX_TILE_FOR_HEAD[head_size]:
                         yield dtype, block_size, head_size, tile
+                if dtype in MMA_DTYPES:
+                    yield dtype, block_size, head_size, MMA_TILE
 
 
 def compile_options() -> tuple[str, ...]:
@@ -129,7 +189,14 @@ class LaunchPlan:
 
     @property
     def shared_bytes(self) -> int:
+        if self.version == 3:
+            return mma_smem_bytes(self.head_size)
         return smem_bytes(self.tile, self.head_size, self.partition_size)
+
+    @property
+    def head_tiles(self) -> int:
+        """Thread blocks per KV head (each serves `tile` query heads, v3's last one padded)."""
+        return math.ceil(self.num_heads // self.num_kv_heads / self.tile)
 
 
 def plan_launch(
@@ -139,10 +206,19 @@ def plan_launch(
 ) -> LaunchPlan:
     """Decide version, head tile and partitioning; raise ValueError for what cannot run.
 
-    `partition_size=None` picks it (`auto_partition`); v1 ignores it.
+    `partition_size=None` picks it (`auto_partition`; v3: `mma_partition`); v1 ignores it.
+    `version="auto"` takes v3 where `auto_uses_mma`, else v1 or v2 by `choose_version`.
     """
     if addressing not in ADDRESSING:
         raise ValueError(f"addressing={addressing!r}: choose one of {sorted(ADDRESSING)}")
+    if version == "auto" and auto_uses_mma(dtype=dtype, num_heads=num_heads,
+                                           num_kv_heads=num_kv_heads):
+        version = 3
+    if version == 3:
+        return _plan_mma(dtype=dtype, block_size=block_size, head_size=head_size,
+                         num_heads=num_heads, num_kv_heads=num_kv_heads, num_seqs=num_seqs,
+                         max_seq_len=max_seq_len, addressing=addressing,
+                         partition_size=partition_size, num_sms=num_sms)
     if partition_size is None:
         partition_size = auto_partition(
             num_seqs=num_seqs, num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -157,7 +233,7 @@ def plan_launch(
             head_size=head_size, block_size=block_size, max_seq_len=max_seq_len,
             num_sms=num_sms, partition_size=partition_size)
     if version not in (1, 2):
-        raise ValueError(f"version={version!r}: choose 1, 2 or 'auto'")
+        raise ValueError(f"version={version!r}: choose 1, 2, 3 or 'auto'")
     if version == 1:
         part, parts = _round_up(max_seq_len, block_size), 1
         if smem_bytes(tile, head_size, part) > 227 * 1024:
@@ -170,3 +246,29 @@ def plan_launch(
                       version, tile, part, parts)
 
 
+
+
+def auto_uses_mma(*, dtype: str, num_heads: int, num_kv_heads: int) -> bool:
+    """Whether `own-auto` picks v3 (matrix units): grouped-query and multi-query attention in
+    fp16 and bf16, where it reads each K/V byte once for all of a KV head's query heads;
+    otherwise v1/v2 by `choose_version`. The kernel chapter's speed table is the evidence."""
+    return dtype in MMA_DTYPES and num_heads > num_kv_heads
+
+
+def _plan_mma(*, dtype, block_size, head_size, num_heads, num_kv_heads, num_seqs, max_seq_len,
+              addressing, partition_size, num_sms) -> LaunchPlan:
+    if dtype not in MMA_DTYPES:
+        raise ValueError(f"v3 (the matrix-unit kernel) takes {' or '.join(MMA_DTYPES)}, not "
+                         f"{dtype}: use version 1 or 2 for {dtype}")
+    if head_size % 16:
+        raise ValueError(f"v3 needs a head size that is a multiple of 16, not {head_size}")
+    if partition_size is None:
+        partition_size = mma_partition(num_seqs=num_seqs, num_heads=num_heads,
+                                       num_kv_heads=num_kv_heads, max_seq_len=max_seq_len,
+                                       num_sms=num_sms)
+    if partition_size <= 0 or partition_size % MMA_PARTITION_QUANTUM:
+        raise ValueError(f"v3 partition_size={partition_size} must be a positive multiple of "
+                         f"{MMA_PARTITION_QUANTUM} tokens ({NUM_WARPS} warps x {MMA_CHUNK})")
+    parts = math.ceil(max_seq_len / partition_size)
+    return LaunchPlan(dtype, block_size, head_size, num_heads, num_kv_heads, addressing,
+                      3, MMA_TILE, partition_size, parts)

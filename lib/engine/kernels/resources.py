@@ -63,8 +63,9 @@ def expected(modules: Iterable[tuple[str, int, int, int]] | None = None) -> set[
     """Every `KEY` that compiling `modules` (default: all launchable) must produce per arch."""
     keys = set()
     for dtype, block_size, head_size, tile in _modules(modules):
+        kind = "mma" if tile == kernels.MMA_TILE else "decode"
         for addressing in kernels.ADDRESSING:
-            keys.add(("decode", dtype, block_size, head_size, tile, addressing))
+            keys.add((kind, dtype, block_size, head_size, tile, addressing))
         keys.add(("reduce", dtype, None, head_size, None, None))
     return keys
 
@@ -94,6 +95,8 @@ def dynamic_smem(kernel: str, tile: int | None, head_size: int) -> int:
     """Dynamic shared memory the launcher requests in a typical v2 launch (see module constants)."""
     if kernel == "decode":
         return kernels.smem_bytes(tile, head_size, PARTITION_TOKENS)
+    if kernel == "mma":
+        return kernels.mma_smem_bytes(head_size)
     parts = -(-REDUCE_SEQ_TOKENS // PARTITION_TOKENS)
     return 4 * (parts + kernels.NUM_WARPS)  # as OwnDecode sizes the reduce launch
 
