@@ -1,7 +1,8 @@
 """Command line: ``python -m lib <command>`` (also installed as ``uvm-study``).
 
-Commands: sweep, list, env, merge, reproduce, wheelhouse, vllm-kernel (``<command> --help`` says
-more). Usage errors (unknown experiment or parameter, bad shard) print one line and exit with 2.
+Commands: sweep, list, env, merge, reproduce, wheelhouse, vllm-kernel, flashinfer-kernel
+(``<command> --help`` says more). Usage errors (unknown experiment or parameter, bad shard) print
+one line and exit with 2.
 """
 
 from __future__ import annotations
@@ -116,7 +117,9 @@ def cmd_wheelhouse(args) -> int:
 
     return wheelhouse.build(args.dest, python_version=args.python_version, platform=args.platform,
                             book=not args.no_book, extra=args.with_ or (), vllm_wheel=args.vllm_wheel,
-                            vllm_python=args.vllm_python, dry_run=args.dry_run)
+                            vllm_python=args.vllm_python, flashinfer_wheel=args.flashinfer_wheel,
+                            tvm_ffi_wheel=args.tvm_ffi_wheel, flashinfer_version=args.flashinfer,
+                            flashinfer_python=args.flashinfer_python, dry_run=args.dry_run)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -126,7 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="measure an experiment's grid (resumes; appends rows as it goes)",
                        epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("experiment")
-    s.add_argument("-p", "--param", action="append", metavar="K=V", help="override a parameter: k=v or k=v1,v2 (repeatable)")
+    s.add_argument("-p", "--param", action="append", metavar="K=V",
+                   help="override a parameter: k=v or k=v1,v2 (repeatable; -p K V is an alias)")
     s.add_argument("--shard", metavar="I/N", help="run shard I of N (0-based, round-robin): for array jobs")
     s.add_argument("--devices", metavar="0,1,..", help="one worker process per listed GPU")
     s.add_argument("--workers-per-device", type=int, default=1, metavar="N",
@@ -151,7 +155,9 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("reproduce", help="run chapters through papermill (mode=run), then rebuild the book")
     s.add_argument("chapters", nargs="*", help="chapter names or paths (default: every experiment chapter)")
-    s.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"), help="chapter parameter (repeatable)")
+    s.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
+                   help="chapter parameter, as for sweep (repeatable; -p NAME VALUE is an alias; "
+                        "-p force=1 measures points that have rows again, as a new run)")
     s.add_argument("--mode", choices=("run", "replay"), default="run")
     s.add_argument("--out", metavar="DIR", help="executed notebooks (default _executed/)")
     s.add_argument("--no-build", action="store_true", help="do not rebuild the book afterwards")
@@ -166,13 +172,38 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dest", default=str(ROOT / "wheelhouse"))
     s.add_argument("--vllm-wheel", metavar="PATH", help="a vllm-*.whl: add its kernel-only install")
     s.add_argument("--vllm-python", metavar="PYTHON", help="python with torch+triton for the kernel-only probe")
+    s.add_argument("--flashinfer", metavar="VERSION", nargs="?", const="0.7.2.post1",
+                   help="add a kernel-only FlashInfer install, downloading its wheels (default 0.7.2.post1)")
+    s.add_argument("--flashinfer-wheel", metavar="PATH", help="... or from this flashinfer_python-*.whl")
+    s.add_argument("--tvm-ffi-wheel", metavar="PATH", help="the apache_tvm_ffi-*.whl for the node's python")
+    s.add_argument("--flashinfer-python", metavar="PYTHON", help="python with torch for FlashInfer's probe (needs nvcc here)")
     s.add_argument("--with", dest="with_", action="append", metavar="PKG", help="one more package (repeatable)")
     s.add_argument("--no-book", action="store_true", help="leave out jupyter-book (no book rebuild on the node)")
     s.add_argument("--dry-run", action="store_true", help="print the pip command only")
     s.set_defaults(func=cmd_wheelhouse)
 
     sub.add_parser("vllm-kernel", help="kernel-only vLLM install (python -m lib vllm-kernel --help)", add_help=False)
+    sub.add_parser("flashinfer-kernel", add_help=False,
+                   help="kernel-only FlashInfer install, or its GPU check (python -m lib flashinfer-kernel --help)")
     return p
+
+
+def param_alias(argv: list[str]) -> list[str]:
+    """``-p NAME VALUE`` (reproduce's older form) as ``-p NAME=VALUE``: one -p syntax for every
+    command, the old one kept as an alias."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        val = argv[i + 2] if i + 2 < len(argv) else None
+        if (a in ("-p", "--param") and nxt is not None and "=" not in nxt and not nxt.startswith("-")
+                and val is not None and (not val.startswith("-") or val[1:2].isdigit() or val[1:2] == ".")):
+            out += [a, f"{nxt}={val}"]
+            i += 3
+            continue
+        out.append(a)
+        i += 1
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         from lib.tools import vllm_install
 
         return int(vllm_install.cli(argv[1:]) or 0)
-    args = _parser().parse_args(argv)
+    if argv and argv[0] == "flashinfer-kernel":
+        from lib.tools import flashinfer_install
+
+        return int(flashinfer_install.cli(argv[1:]) or 0)
+    args = _parser().parse_args(param_alias(argv))
     from lib.harness.sweep import NeedsGPU
 
     try:

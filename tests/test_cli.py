@@ -143,3 +143,54 @@ def test_chapter_parameters_keep_the_type_of_their_default():
     assert coerce_param("false", True) is False
     with pytest.raises(ValueError):
         coerce_param("many", 4096)
+
+
+def test_one_param_syntax_for_sweep_and_reproduce_with_the_old_one_as_alias():
+    from lib.__main__ import _parser, param_alias
+    from lib.tools.reproduce import parse_params
+
+    assert param_alias(["reproduce", "seed", "-p", "tables", "1", "--no-build"]) == \
+        ["reproduce", "seed", "-p", "tables=1", "--no-build"]
+    assert param_alias(["sweep", "x", "-p", "n=1,2", "-p", "seed", "-1"]) == ["sweep", "x", "-p", "n=1,2", "-p", "seed=-1"]
+    assert param_alias(["sweep", "x", "-p", "n", "--force"]) == ["sweep", "x", "-p", "n", "--force"]  # left for the error
+    for argv in (["reproduce", "seed", "-p", "tables=1"], ["reproduce", "seed", "-p", "tables", "1"]):
+        args = _parser().parse_args(param_alias(argv))
+        assert parse_params(args.param) == [("tables", "1")]
+    args = _parser().parse_args(param_alias(["sweep", "selftest", "-p", "n", "1,2"]))
+    assert args.param == ["n=1,2"]
+    assert parse_params([("a", "1"), "b=2"]) == [("a", "1"), ("b", "2")]  # the library API takes both
+    with pytest.raises(ValueError, match="name=value"):
+        parse_params(["tables"])
+
+
+def test_reproduce_takes_k_equals_v_like_sweep(capsys):
+    assert main(["reproduce", "seed", "--mode", "replay", "-p", "tabels=1", "--no-build"]) == 2
+    assert "declared by none" in capsys.readouterr().err  # parsed as a name and a value
+
+
+def test_sweep_takes_the_alias_too(tmp_path, capsys):
+    assert main(["sweep", "selftest", "-p", "sleep_s", "0", "-p", "n", "1", "--out", str(tmp_path),
+                 "--no-progress"]) == 0
+    assert "measured 2 points" in capsys.readouterr().out
+    assert main(["sweep", "selftest", "-p", "sleep_s=0", "-p", "n=1", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "replayed" in out and "--force" in out
+
+
+def test_reproduce_force_sets_the_frames_variable_without_a_declared_parameter(monkeypatch, tmp_path):
+    """-p force=1 is understood by every chapter: mode = "run" then measures afresh."""
+    pytest.importorskip("papermill")
+    from lib.book.frame import FORCE_ENV
+    from lib.tools import reproduce as P
+
+    monkeypatch.delenv(FORCE_ENV, raising=False)
+    assert P.FORCE_ENV == FORCE_ENV
+    seen = {}
+    monkeypatch.setattr("papermill.execute_notebook",
+                        lambda *a, parameters=None, **k: seen.update(parameters=parameters, env=__import__("os").environ.get(FORCE_ENV)))
+    try:
+        rc = P.reproduce([P.chapter_path("seed")], [("force", "1")], mode="replay", out=str(tmp_path),
+                         build=False, progress=False)
+    finally:
+        env = __import__("os").environ.pop(FORCE_ENV, None)
+    assert rc == 0 and seen["env"] == env == "1" and "force" not in seen["parameters"]

@@ -84,20 +84,41 @@ class Plain(str):
 
 def card_facts(gpu: str, root=None, experiment: str = "seed_tables") -> dict:
     """What the provenance of this card's runs of ``experiment`` says about the machine (the
-    latest run's values): name, driver, CUDA, SMs, L2 size, clocks, the read ceiling measured."""
+    latest run's values): name, driver, CUDA, SMs, L2 size, clocks, the read ceiling measured and
+    the datasheet's peaks beside it, and what is wrong in that provenance.
+
+    ``sm_clock_mhz`` is the median clock under load where the run sampled it, else the idle
+    snapshot taken before the run (older runs); ``sm_clock_label`` says which.
+    ``provenance_issues``: the run's notes (:func:`lib.harness.results.load`), "" where none.
+    """
+    from lib.harness import known_issues
+    from lib.harness import provenance
+
     runs = R.load_provenance(experiment, gpu, root=root)
     if not runs:
         raise ValueError(f"no provenance for {experiment!r} on {gpu!r}")
     run_id = max(runs)  # run ids start with a UTC timestamp
     p = runs[run_id]
     g, c, snap = p.get("gpu", {}), p.get("ceilings", {}), p.get("snapshot_before", {})
+    load = (p.get("clocks_under_load") or {}).get("sm_clock_mhz")
+    sheet = p.get("datasheet") or provenance.datasheet(g.get("name"), g.get("pcie"))
+    libs = {**(p.get("libraries") or {}), **{k: v for k, v in ((p.get("end") or {}).get("libraries") or {}).items() if v}}
+    issues = [*known_issues.known_issues(experiment, run_id), *(p.get("provenance_issues") or []),
+              *provenance.run_issues(p)]
     return {
         "run_id": run_id, "runs": len(runs), "name": g.get("name", gpu),
         "driver": g.get("driver_version"), "cuda_driver": g.get("cuda_driver_version"),
         "sm_count": g.get("sm_count"), "l2_mib": (g.get("l2_cache_bytes") or 0) / 2**20,
-        "sm_clock_mhz": snap.get("sm_clock_mhz"), "sm_clock_max_mhz": snap.get("sm_clock_max_mhz"),
-        "read_gbps": c.get("read_gbps"), "read_nbytes": c.get("nbytes"), "commit": (p.get("git") or {}).get("commit"),
-        "wall_s": (p.get("end") or {}).get("wall_s"), "torch": (p.get("libraries") or {}).get("torch"),
+        "sm_clock_mhz": load["median"] if load else snap.get("sm_clock_mhz"),
+        "sm_clock_label": "under load" if load else "idle, before the run",
+        "sm_clock_max_mhz": snap.get("sm_clock_max_mhz"),
+        "read_gbps": c.get("read_gbps"), "read_nbytes": c.get("nbytes"),
+        "datasheet_hbm_gbps": sheet.get("hbm_gbps"), "datasheet_pcie_gbps": sheet.get("pcie_gbps_per_direction"),
+        "graph_floor_us": (p.get("graph_floor") or {}).get("median_us"),
+        "commit": (p.get("git") or {}).get("commit"),
+        "wall_s": (p.get("end") or {}).get("wall_s"), "torch": libs.get("torch"), "vllm": libs.get("vllm"),
+        "flashinfer": libs.get("flashinfer"),
+        "provenance_issues": R.ISSUE_SEPARATOR.join(dict.fromkeys(issues)),
     }
 
 
@@ -123,30 +144,69 @@ class Frame:
         wall = self.facts["wall_s"]
         base = {"card": Plain(self.facts["name"]), "wall_s": float("nan") if wall is None else wall,
                 "rows": len(self.rows), "points": self.rows["point_key"].nunique(),
-                "max_err": float(self.rows["rel_error"].max())}
+                "max_err": float(self.rows["rel_error"].max()),
+                "provenance_note": Plain(provenance_note(self.rows))}
         for name, value in {**base, **values}.items():
             G.glue(f"{prefix}_{name}", value, display=False)
 
 
+def provenance_note(rows: pd.DataFrame) -> str:
+    """One sentence for a chapter: what is wrong in the provenance of the runs behind ``rows``
+    ("" when nothing is known to be wrong)."""
+    if "provenance_issues" not in rows.columns:
+        return ""
+    notes = list(dict.fromkeys(n for cell in rows["provenance_issues"].dropna().unique()
+                               for n in R.provenance_issue_list(cell)))
+    if not notes:
+        return ""
+    return ("The provenance of these measurements is incomplete or wrong until they are "
+            "re-measured: " + "; ".join(notes) + ".")
+
+
+#: Set to 1 (e.g. ``python -m lib reproduce <chapter> -p force=1``) to make ``mode = "run"``
+#: measure every point afresh, into a new run, even where rows exist.
+FORCE_ENV = "UVM_STUDY_FORCE"
+
+
+def _force_from_env() -> bool:
+    import os
+
+    return os.environ.get(FORCE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def measure_if_asked(experiment: Experiment, mode: str, root: str | None,
-                     overrides: Mapping[str, Any] | None = None) -> None:
-    """With ``mode = "run"``: measure every point of ``experiment`` not yet in the results."""
+                     overrides: Mapping[str, Any] | None = None, *, force: bool | None = None):
+    """With ``mode = "run"``: measure every point of ``experiment`` not yet in the results, and
+    say plainly what happened. Points that already have rows on this card are *not* measured
+    again (the chapter replays them) unless ``force`` (default: ``$UVM_STUDY_FORCE``), which
+    measures every point again into a new run (loaders keep the newest). Returns the sweep's
+    summary (None in replay mode)."""
     if mode not in MODES:
         raise ValueError(f"mode must be 'replay' or 'run', got {mode!r}")
-    if mode == "run":
-        from lib.harness import sweep
+    if mode != "run":
+        return None
+    from lib.harness import sweep
 
-        print(sweep.run_sweep(experiment, overrides, out_dir=root).line())
+    force = _force_from_env() if force is None else bool(force)
+    summary = sweep.run_sweep(experiment, overrides, out_dir=root, force=force)
+    print(summary.line())
+    if summary.replayed:
+        print(f'mode = "run" measured nothing: every point of {experiment.name} already has rows for '
+              f"this card, so this chapter REPLAYS them. To measure afresh (a new run, which then "
+              f"supersedes them): set {FORCE_ENV}=1 before running the chapter, or "
+              f"`python -m lib reproduce {experiment.chapter or '<chapter>'} -p force=1`, or "
+              f"`python -m lib sweep {experiment.name} --force`.")
+    return summary
 
 
 def open_chapter(experiment: Experiment, *, mode: str = "replay", gpu: str = "", results_root: str = "",
                  load: Callable[..., pd.DataFrame] | None = None,
-                 overrides: Mapping[str, Any] | None = None) -> Frame:
-    """Check the parameters, measure when asked, load the checked rows of one card (``gpu`` empty:
-    the first card found); ``load(gpu, root=...)`` is the chapter's own loader (default
-    :func:`load_checked`)."""
+                 overrides: Mapping[str, Any] | None = None, force: bool | None = None) -> Frame:
+    """Check the parameters, measure when asked (:func:`measure_if_asked`, ``force`` included),
+    load the checked rows of one card (``gpu`` empty: the first card found); ``load(gpu,
+    root=...)`` is the chapter's own loader (default :func:`load_checked`)."""
     root = results_root or None
-    measure_if_asked(experiment, mode, root, overrides)
+    measure_if_asked(experiment, mode, root, overrides, force=force)
     rows = (load or (lambda g, root: load_checked(experiment.name, g, root=root)))(gpu or None, root=root)
     card = gpu or sorted(rows["gpu_slug"].unique())[0]
     rows = rows[rows["gpu_slug"] == card]

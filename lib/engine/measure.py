@@ -37,25 +37,38 @@ def check_then_time(step: Callable[[], object], out, reference, *, dtype: str,
     """Poison ``out``, run ``step`` once, check it against the float64 ``reference`` within
     ``TOLERANCE[dtype]``, then time ``step`` with ``protocol`` (None: check only).
 
+    A launcher whose result lands in an array of its own (SDPA's, :func:`lib.engine.backends.
+    output_of`) is checked there, and its held result poisoned first (``poison_output``).
     ``before`` re-makes a memory state before the checked call and every timed sample. ``row`` is
-    filled as each field is known, so a failed timing still leaves the check's verdict in it.
+    filled as each field is known, so a failed timing still leaves the check's verdict in it; how
+    the stopping rule ended goes to ``row["extra"]["timing"]``.
     """
     from lib.engine.reference import TOLERANCE, relative_error
 
     row = {} if row is None else row
     poison(out)
+    poison_own = getattr(step, "poison_output", None)
+    if callable(poison_own):
+        poison_own()
     if before is not None:
         before()
     _sync(out)
     step()
     _sync(out)
-    err = relative_error(out, reference, dtype_name=dtype)
+    result = B.output_of(step, out)
+    if result is None:
+        raise RuntimeError("the launcher wrote no output array (its output() returned None)")
+    err = relative_error(result, reference, dtype_name=dtype)
     row.update(rel_error=err, check_passed=bool(err <= TOLERANCE[dtype]))
     if protocol is not None:
         if timer is None:
             from lib.engine.timing import time_fn as timer
         kw = {k: v for k, v in (("before", before), ("max_seconds", max_seconds)) if v is not None}
-        row.update(timer(step, protocol, **kw).as_row())
+        t = timer(step, protocol, **kw)
+        row.update(t.as_row())
+        how = t.as_extra() if hasattr(t, "as_extra") else {}
+        if how:
+            row["extra"] = {**(row.get("extra") or {}), "timing": how}
     return row
 
 
@@ -122,9 +135,9 @@ def precompile_points(points: list[dict]) -> None:
     keys = set()
     for p in points:
         if "own-" in str(p.get("backends", "")):
-            keys.add((p.get("dtype", "float16"), int(p["block_size"]), int(p["head_size"]),
-                      kernels.head_tile(int(p["num_heads"]), int(p["num_kv_heads"]),
-                                        int(p["head_size"]))))
+            keys |= kernels.modules_for(p.get("dtype", "float16"), int(p["block_size"]),
+                                        int(p["head_size"]), int(p["num_heads"]),
+                                        int(p["num_kv_heads"]))
     kernels.precompile(keys)
 
 

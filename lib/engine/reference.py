@@ -3,6 +3,12 @@
 ``out[s, h] = softmax(scale * K_s q[s, h]) V_s``, query head h reading KV head
 ``h // (num_heads // num_kv_heads)``. Inputs are decoded to float64 first, so a kernel is compared
 with the exact attention of the *stored* values.
+
+The reference reads the pool on its own, token by token (:func:`token_rows`: token ``t`` of
+sequence ``s`` is row ``t % block_size`` of block ``tables[s, t // block_size]``), and shares no
+code with the layouts the backends are fed (:func:`lib.engine.kvcache.gather_sequence`,
+``to_dense``, ``to_classic``): a bug in the path that builds dense SDPA's input cannot also be in
+the answer SDPA is checked against.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import math
 
 import numpy as np
 
-from lib.engine.kvcache import as_float64, gather_sequence, infer_dtype_name
+from lib.engine.kvcache import as_float64, infer_dtype_name
 
 #: Largest relative error (:func:`relative_error`) a kernel's output may have, per storage dtype.
 TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5}
@@ -19,6 +25,29 @@ TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5}
 
 def _dtype_for(arr, dtype_name):
     return dtype_name if dtype_name is not None else infer_dtype_name(arr)
+
+
+def _table(tables) -> np.ndarray:
+    """The bare int table of a BlockTables or an array (host NumPy; small)."""
+    t = getattr(tables, "tables", tables)
+    if hasattr(t, "get") and not isinstance(t, np.ndarray):  # CuPy
+        t = t.get()
+    return np.asarray(t)
+
+
+def token_rows(pool, table: np.ndarray, seq_len: int, s: int, *, xp=np):
+    """Sequence ``s``'s K or V rows ``[seq_len, KVH, D]``, addressed one token at a time: token t
+    is row ``t % BS`` of physical block ``table[s, t // BS]`` (independent of kvcache's gather)."""
+    bs = int(pool.shape[1])
+    t = np.arange(int(seq_len), dtype=np.int64)
+    logical = t // bs
+    if seq_len and int(logical[-1]) >= table.shape[1]:
+        raise ValueError(f"sequence {s} of length {seq_len} needs {int(logical[-1]) + 1} blocks; "
+                         f"its table has {table.shape[1]}")
+    blocks = table[s, logical].astype(np.int64)
+    if blocks.size and (blocks.min() < 0 or blocks.max() >= pool.shape[0]):
+        raise ValueError(f"sequence {s}: block table entries outside the pool of {pool.shape[0]} blocks")
+    return pool[xp.asarray(blocks), xp.asarray(t % bs)]
 
 
 def decode_attention_reference(q, kpool, vpool, tables, seq_lens, *, scale=None,
@@ -40,10 +69,11 @@ def decode_attention_reference(q, kpool, vpool, tables, seq_lens, *, scale=None,
 
     qf = as_float64(q, _dtype_for(q, dtype_name), xp=xp).reshape(num_seqs, num_kv_heads, group, head_size)
     kname, vname = _dtype_for(kpool, dtype_name), _dtype_for(vpool, dtype_name)
+    table = _table(tables)
     out = xp.empty((num_seqs, num_kv_heads, group, head_size), dtype=xp.float64)
     for s, n in enumerate(lens.tolist()):
-        k = as_float64(gather_sequence(kpool, tables, n, s, xp=xp), kname, xp=xp)  # [n, KVH, D]
-        v = as_float64(gather_sequence(vpool, tables, n, s, xp=xp), vname, xp=xp)
+        k = as_float64(token_rows(kpool, table, n, s, xp=xp), kname, xp=xp)  # [n, KVH, D]
+        v = as_float64(token_rows(vpool, table, n, s, xp=xp), vname, xp=xp)
         scores = xp.einsum("kgd,nkd->kgn", qf[s], k) * scale
         p = xp.exp(scores - xp.max(scores, axis=-1, keepdims=True))
         p = p / xp.sum(p, axis=-1, keepdims=True)

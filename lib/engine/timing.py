@@ -4,10 +4,21 @@
 replayed; each sample is ``[flush L2] -> event -> graph replay -> event`` on one stream, so the
 CPU's launch cost is out of the number (vLLM decodes under CUDA graphs too) and every sample starts
 with a cold L2. The flush *reads* a buffer twice the L2 size: a write-based flush would leave dirty
-lines whose write-back the next timed kernel would pay for. Samples come in batches until the
-p10-p90 spread is within ``rel_spread`` of the median, or a sample or time cap is hit. One call
-per graph (N calls would hide per-call costs and allow no flush between them); the price is a
-floor of a few microseconds, which :func:`graph_floor_us` measures.
+lines whose write-back the next timed kernel would pay for. One call per graph (N calls would hide
+per-call costs and allow no flush between them); the price is a floor of a few microseconds, which
+:func:`graph_floor_us` measures with the same method (every sweep records it in its run's
+provenance, ``graph_floor``).
+
+The stopping rule (:func:`sample_adaptively`, in nvbench's spirit): samples come in batches until
+a *minimum* is reached, ``min_samples`` (25) samples or ``min_seconds`` (0.5 s) of sampling,
+whichever comes first, and the relative noise, the p10-p90 spread over the median, is within
+``rel_spread`` (5%); or until ``max_samples`` samples or ``max_seconds`` (the time-out). The
+:class:`Timing` says which of the three stopped it (``stop``) and the noise reached; rows carry
+both in ``extra["timing"]`` beside the ``samples`` column.
+
+While timed work runs, an optional *load probe* (:func:`set_load_probe`; the sweep installs one
+that reads the GPU's clocks through NVML) is called once per batch, right after the batch was
+enqueued, so clocks are sampled under load rather than idle.
 
 ``hot``: the same without the flush. ``seed``: the 2024 post's protocol
 (:func:`time_seed_protocol`), kept to show how much the method alone moves the numbers.
@@ -102,9 +113,15 @@ class Timing:
     samples: int
     method: str
     raw_us: tuple[float, ...] = field(default=(), repr=False, compare=False)
+    #: what ended the sampling: "noise" (target reached), "max_samples", "timeout", "fixed" (a
+    #: protocol with a fixed count, e.g. the seed's); "" where no stopping rule ran
+    stop: str = field(default="", compare=False)
+    #: the noise target the rule aimed for (None where no rule ran)
+    target: float | None = field(default=None, compare=False)
 
     @property
     def rel_spread(self) -> float:
+        """The relative noise: (p90 - p10) / median."""
         return (self.p90_us - self.p10_us) / self.median_us if self.median_us > 0 else math.inf
 
     def as_row(self) -> dict:
@@ -112,8 +129,14 @@ class Timing:
         return {"protocol": self.method, "median_us": self.median_us, "p10_us": self.p10_us,
                 "p90_us": self.p90_us, "samples": self.samples}
 
+    def as_extra(self) -> dict:
+        """What a row keeps in ``extra["timing"]``: how the stopping rule ended (empty: no rule)."""
+        if not self.stop:
+            return {}
+        return {"stop": self.stop, "noise": self.rel_spread, "noise_target": self.target}
+
     def as_dict(self) -> dict:
-        return {**self.as_row(), "method": self.method}
+        return {**self.as_row(), "method": self.method, **self.as_extra()}
 
 
 def _percentile(sorted_vals: Sequence[float], q: float) -> float:
@@ -125,30 +148,82 @@ def _percentile(sorted_vals: Sequence[float], q: float) -> float:
     return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
 
 
-def summarize(samples_us: Sequence[float], method: str) -> Timing:
+def summarize(samples_us: Sequence[float], method: str, *, stop: str = "",
+              target: float | None = None) -> Timing:
     if not samples_us:
         raise ValueError("no samples to summarize")
     s = sorted(float(x) for x in samples_us)
-    return Timing(_percentile(s, 50), _percentile(s, 10), _percentile(s, 90), len(s), method, tuple(samples_us))
+    return Timing(_percentile(s, 50), _percentile(s, 10), _percentile(s, 90), len(s), method,
+                  tuple(samples_us), stop=stop, target=target)
 
 
-def sample_adaptively(take: Callable[[int], list[float]], *, min_samples: int = 10, max_samples: int = 200,
-                      rel_spread: float = 0.05, max_seconds: float = 5.0, batch: int = 10,
-                      clock: Callable[[], float] = time.perf_counter) -> list[float]:
-    """Call ``take(k)`` (returns k samples) until, after ``min_samples``, (p90-p10)/median <=
-    ``rel_spread``, or ``max_seconds`` have passed, or ``max_samples`` were taken."""
+#: The stopping rule's defaults (module docstring): shared by every timing function.
+MIN_SAMPLES = 25
+MIN_SECONDS = 0.5
+MAX_SAMPLES = 400
+REL_SPREAD = 0.05
+MAX_SECONDS = 5.0
+
+
+class Sampled(list):
+    """The samples :func:`sample_adaptively` took (a list) and, in ``stop``, what stopped it."""
+
+    stop: str = ""
+
+
+def sample_adaptively(take: Callable[[int], list[float]], *, min_samples: int = MIN_SAMPLES,
+                      max_samples: int = MAX_SAMPLES, rel_spread: float = REL_SPREAD,
+                      min_seconds: float = MIN_SECONDS, max_seconds: float = MAX_SECONDS,
+                      batch: int = 10, clock: Callable[[], float] = time.perf_counter) -> Sampled:
+    """Call ``take(k)`` (returns k samples) in batches of at most ``batch`` until the minimum is
+    reached (``min_samples`` samples, or ``min_seconds`` since the start, whichever first) and
+    (p90-p10)/median <= ``rel_spread``; or until ``max_samples`` samples; or, once a batch is in,
+    ``max_seconds`` since the start. ``min_samples == max_samples`` asks for exactly that many
+    (no early stop). The result is a list with ``.stop`` naming the reason ("noise",
+    "max_samples", "timeout", "fixed")."""
     if not 1 <= min_samples <= max_samples:
         raise ValueError(f"want 1 <= min_samples <= max_samples, got {min_samples}, {max_samples}")
-    if rel_spread < 0 or max_seconds <= 0 or batch < 1:
-        raise ValueError("rel_spread must be >= 0, max_seconds > 0, batch >= 1")
+    if rel_spread < 0 or max_seconds <= 0 or min_seconds < 0 or batch < 1:
+        raise ValueError("rel_spread must be >= 0, min_seconds >= 0, max_seconds > 0, batch >= 1")
     t0 = clock()
-    samples = list(take(min_samples))
+    samples = Sampled()
+    fixed = min_samples == max_samples
     while len(samples) < max_samples:
-        t = summarize(samples, "")
-        if t.rel_spread <= rel_spread or clock() - t0 > max_seconds:
-            break
-        samples.extend(take(min(batch, max_samples - len(samples))))
+        n = len(samples)
+        if n and not fixed:
+            elapsed = clock() - t0
+            if (n >= min_samples or elapsed >= min_seconds) and summarize(samples, "").rel_spread <= rel_spread:
+                samples.stop = "noise"
+                return samples
+            if elapsed > max_seconds:
+                samples.stop = "timeout"
+                return samples
+        k = batch if n >= min_samples else min(batch, min_samples - n)
+        samples.extend(take(min(k, max_samples - n)))
+    samples.stop = "fixed" if fixed else "max_samples"
     return samples
+
+
+# ----------------------------------------------------------------------------- load probe
+
+_LOAD_PROBE: list[Callable[[], object]] = []
+
+
+def set_load_probe(probe: Callable[[], object] | None) -> None:
+    """Install ``probe`` (or None: remove it), called once per batch of timed samples right after
+    the batch is enqueued, while the GPU runs it (the sweep reads the clocks under load there).
+    It must not touch the GPU's streams; an exception in it is ignored."""
+    _LOAD_PROBE.clear()
+    if probe is not None:
+        _LOAD_PROBE.append(probe)
+
+
+def _probe_load() -> None:
+    for probe in _LOAD_PROBE:
+        try:
+            probe()
+        except Exception:  # a probe never stops a measurement
+            pass
 
 
 # ----------------------------------------------------------------------------- per-device state
@@ -286,13 +361,16 @@ def _capture(fn: Callable[[], object], stream):
     return graph, pool
 
 
-def time_graph(fn: Callable[[], object], *, flush: bool = True, warmup: int = 3, min_samples: int = 10,
-               max_samples: int = 200, rel_spread: float = 0.05, max_seconds: float = 5.0,
-               graph: bool = True, before: Callable[[], object] | None = None) -> Timing:
+def time_graph(fn: Callable[[], object], *, flush: bool = True, warmup: int = 3,
+               min_samples: int = MIN_SAMPLES, max_samples: int = MAX_SAMPLES,
+               rel_spread: float = REL_SPREAD, min_seconds: float = MIN_SECONDS,
+               max_seconds: float = MAX_SECONDS, graph: bool = True,
+               before: Callable[[], object] | None = None) -> Timing:
     """Time ``fn`` with the study's method (module docstring); ``flush=False`` is ``hot``.
 
     ``before`` runs eagerly before every sample, outside the timed region, on the same stream
-    (e.g. to move managed pages back to the host before a first-touch measurement).
+    (e.g. to move managed pages back to the host before a first-touch measurement). The sampling
+    keywords are :func:`sample_adaptively`'s.
     """
     cp = _cp()
     st = _device()
@@ -323,6 +401,7 @@ def time_graph(fn: Callable[[], object], *, flush: bool = True, warmup: int = 3,
                 call()
                 end.record(s)
                 pairs.append((start, end))
+        _probe_load()  # the batch is queued and running: clocks under load
         pairs[-1][1].synchronize()
         return [cp.cuda.get_elapsed_time(a, b) * 1e3 for a, b in pairs]
 
@@ -332,14 +411,15 @@ def time_graph(fn: Callable[[], object], *, flush: bool = True, warmup: int = 3,
                 call()
         s.synchronize()
         samples = sample_adaptively(take, min_samples=min_samples, max_samples=max_samples,
-                                    rel_spread=rel_spread, max_seconds=max_seconds)
+                                    rel_spread=rel_spread, min_seconds=min_seconds,
+                                    max_seconds=max_seconds)
     finally:
         s.synchronize()
         g = None  # release the graph before its memory pool
         if pool is not None:
             pool.free_all_blocks()
     method = ("rigorous" if flush else "hot") if graph else ("eager" if flush else "eager-hot")
-    return summarize(samples, method)
+    return summarize(samples, method, stop=samples.stop, target=rel_spread)
 
 
 def time_seed_protocol(fn: Callable[[], object], *, warmup: int = 3, iters: int = 100, repeats: int = 1) -> Timing:
@@ -362,7 +442,12 @@ def time_seed_protocol(fn: Callable[[], object], *, warmup: int = 3, iters: int 
                 fn()
             dev.synchronize()
             means.append((time.perf_counter() - t0) / iters * 1e6)
-    return summarize(means, "seed")
+        if _LOAD_PROBE:  # one more, untimed burst: the probe's host time stays out of the clock
+            for _ in range(iters):
+                fn()
+            _probe_load()
+            dev.synchronize()
+    return summarize(means, "seed", stop="fixed")
 
 
 def time_fn(fn: Callable[[], object], protocol: str = "rigorous", **kw) -> Timing:
@@ -381,9 +466,17 @@ def time_fn(fn: Callable[[], object], protocol: str = "rigorous", **kw) -> Timin
 
 
 def graph_floor_us(**kw) -> Timing:
-    """The method's floor: an empty kernel timed like any call (hot, nothing to flush)."""
+    """The method's floor: an empty kernel timed like any call (hot, nothing to flush). Every
+    sweep measures it once per run and records it in the run's provenance (``graph_floor``)."""
     st = _device()
     return time_graph(lambda: st.empty((1,), (32,), ()), flush=False, **kw)
+
+
+def graph_floor_record(**kw) -> dict:
+    """:func:`graph_floor_us` as a provenance entry: the timing plus what it is."""
+    t = graph_floor_us(**kw)
+    return {**t.as_dict(), "what": "an empty kernel in a CUDA graph, replayed between two events "
+                                   "(the rigorous method without the L2 flush): the method's floor"}
 
 
 # ----------------------------------------------------------------------------- ceilings

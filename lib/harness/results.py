@@ -16,7 +16,10 @@ column table (name, dtype as :func:`load` returns it, unit, meaning; a cell may 
 its column is required) is appended below from :data:`SCHEMA`. :func:`load` adds one derived
 column, ``memory_state``: the state a managed allocation was put in before each call (``cold``,
 ``prefetched``), which rows keep in ``extra`` beside ``memory_kind = managed`` (older rows wrote
-both as one label, ``managed_cold``; loading splits it).
+both as one label, ``managed_cold``; loading splits it). It adds ``provenance_issues`` too: what
+is wrong or missing in the provenance of the row's run (:func:`lib.harness.provenance.run_issues`,
+what the run wrote itself, and :mod:`lib.harness.known_issues` for committed runs), the notes
+joined by :data:`ISSUE_SEPARATOR`, empty where nothing is known to be wrong.
 
 Crash safety: :func:`append_rows` writes all rows of one point with a single ``os.write`` on an
 ``O_APPEND`` descriptor, then ``fsync``: a killed sweep loses at most the point in flight, and a
@@ -99,6 +102,8 @@ PROTOCOLS = ("rigorous", "hot", "seed", "eager", "eager-hot", "direct")
 STATUSES = ("ok", "error")
 #: relative tolerance for the derived columns (bandwidth, percent of ceiling)
 _DERIVED_RTOL = 0.005
+#: between two notes of the ``provenance_issues`` column :func:`load` adds
+ISSUE_SEPARATOR = " | "
 
 
 # ----------------------------------------------------------------------------- names and paths
@@ -433,9 +438,40 @@ def load(experiment: str, gpu: str | Iterable[str] | None = None, *, root: str |
     if dedupe and len(df):
         df = _dedupe(df)
     df = _with_memory_state(df)
+    df = _with_provenance_issues(df, experiment, root)
     if expand_extra and len(df):
         df = _expand_extra(df, pd)
     return df.reset_index(drop=True)
+
+
+def provenance_issue_list(cell) -> list[str]:
+    """The notes of one ``provenance_issues`` cell, as a list."""
+    return [x for x in str(cell or "").split(ISSUE_SEPARATOR) if x]
+
+
+def _with_provenance_issues(df, experiment: str, root):
+    """A ``provenance_issues`` column: per run, what its record shows is wrong or missing, what it
+    wrote itself (``provenance_issues`` in its JSON) and the committed notes on it."""
+    from lib.harness import known_issues
+    from lib.harness import provenance
+
+    df = df.copy()
+    if not len(df):
+        df["provenance_issues"] = []
+        return df
+    runs = load_provenance(experiment, root=root)
+    used = df.groupby("run_id")["backend"].agg(lambda b: {x for x in b if isinstance(x, str)})
+    notes = {}
+    for run_id in df["run_id"].unique():
+        prov = runs.get(run_id)
+        items = list(known_issues.known_issues(experiment, run_id))
+        if prov is None:
+            items.append(f"provenance: run {run_id} has no provenance record beside its rows")
+        else:
+            items += [*(prov.get("provenance_issues") or []), *provenance.run_issues(prov, used.get(run_id, ()))]
+        notes[run_id] = ISSUE_SEPARATOR.join(dict.fromkeys(items))
+    df["provenance_issues"] = df["run_id"].map(notes).fillna("")
+    return df
 
 
 def _typed_frame(raw: list[dict[str, str]], pd):

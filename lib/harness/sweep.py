@@ -2,12 +2,16 @@
 
 Each point's rows are appended as soon as they exist, so a killed sweep loses at most the point in
 flight and the same command again measures only what is missing (``force=True`` measures
-everything again; the loader keeps the newest rows). Each process of a multi-process sweep writes
+everything again into a new run; the loader keeps the newest rows). A sweep that finds every
+point measured measures nothing: :meth:`SweepSummary.line` says so and how to force a fresh
+measurement. Each process of a multi-process sweep writes
 its own part file (:mod:`lib.harness.results`), tagged ``d<dev>`` (one worker per GPU) and/or
 ``s<i>of<n>`` (a cluster shard); a multi-GPU sweep merges its parts when all workers are done,
 cluster shards are merged afterwards (``python -m lib merge <experiment>``). Each process records
-its provenance under its own run_id: the ceilings it measured and, at the end, a second GPU
-snapshot, its times and whether it completed.
+its provenance under its own run_id: the ceilings it measured, the timing method's graph floor
+(``graph_floor``), the clocks under load (``clocks_under_load``, also per row in ``extra``) and,
+at the end, a second GPU snapshot, the library versions again (a kernel-only install is only
+found once its backend loaded), its times, whether it completed and ``provenance_issues``.
 """
 
 from __future__ import annotations
@@ -60,16 +64,29 @@ class SweepSummary:
         work = self.measure_s + self.prepare_s + self.init_s
         return 0.0 if busy <= 0 else max(0.0, 1.0 - work / busy)
 
+    @property
+    def replayed(self) -> bool:
+        """True when nothing was measured because every point already had rows."""
+        return self.points_done == 0 and self.points_skipped == self.points_total
+
     def line(self) -> str:
-        if self.points_done == 0 and self.points_skipped == self.points_total:
-            return f"{self.experiment}: all {self.points_total} points already measured -> {self.csv}"
+        if self.replayed:
+            return (f"{self.experiment}: all {self.points_total} points already measured, nothing "
+                    f"measured now: the rows in {self.csv} are replayed ({FORCE_HINT.format(e=self.experiment)})")
         return (
             f"{self.experiment}: measured {self.points_done} points ({self.rows} rows, {self.errors} errors), "
             f"skipped {self.points_skipped} done; wall {self.wall_s:.1f} s, in measure {self.measure_s:.1f} s, "
             + (f"compiling {self.prepare_s:.1f} s, " if self.prepare_s else "")
             + (f"GPU start-up {self.init_s:.1f} s, " if self.init_s >= 0.05 else "")
             + f"harness overhead {100 * self.overhead_frac:.1f}% -> {self.csv}"
+            + (f"; {self.points_skipped} points already measured were not measured again "
+               f"({FORCE_HINT.format(e=self.experiment)})" if self.points_skipped else "")
         )
+
+
+#: How to measure points that already have rows again (appended as a new run; loaders keep it).
+FORCE_HINT = ("to measure them afresh: `python -m lib sweep {e} --force`, or in a chapter "
+              "mode = \"run\" with UVM_STUDY_FORCE=1 (`python -m lib reproduce <chapter> -p force=1`)")
 
 
 def new_run_id(tag: str | None = None) -> str:
@@ -231,16 +248,25 @@ def measure_points(exp: E.Experiment, points: Sequence[dict], path: str | os.Pat
             "status": "running"}
     provenance_s = time.perf_counter() - t_prov
     ceiling = None
+    clocks = None
     if exp.gpu:
         from lib.engine import memory, timing
 
         # what managed memory can do on this machine, in every GPU run's provenance (the uvm
         # chapter's own runner recorded it; one runner now records it for all)
         prov["managed_memory"] = memory.device_facts()
+        clocks = provenance.LoadClocks()
+        timing.set_load_probe(clocks)  # clocks under load from here on, ceilings included
         t_ceil = time.perf_counter()
         prov["ceilings"] = timing.measure_ceilings()
         prov["ceilings"]["measure_s"] = time.perf_counter() - t_ceil
+        if prov.get("datasheet"):  # the vendor's peaks beside what was measured, labelled so
+            prov["ceilings"]["datasheet"] = prov["datasheet"]
         ceiling = prov["ceilings"]["read_gbps"]
+        prov["graph_floor"] = timing.graph_floor_record()
+    if (prov["git"].get("check") or {}).get("status") == "mismatch":
+        print(f"[{exp.name}] warning: this tree's lib/ does not match the declared commit "
+              f"{prov['git']['commit']} ({prov['git']['check']['how']}); the run records both", file=sys.stderr)
     R.write_provenance(path, run_id, prov)
     measure = exp.resolve_measure()
     prepare = exp.resolve_prepare()
@@ -259,6 +285,8 @@ def measure_points(exp: E.Experiment, points: Sequence[dict], path: str | os.Pat
         for point in points:
             key = E.point_key(point)
             t1 = time.perf_counter()
+            if clocks is not None:
+                clocks.mark()
             try:
                 rows = _rows_of(measure(dict(point)))
                 failed = None
@@ -269,6 +297,11 @@ def measure_points(exp: E.Experiment, points: Sequence[dict], path: str | os.Pat
             counts["measure_s"] += dt
             ident = {**base, "point_key": key, "wall_s": dt}
             done = [_complete(row, ident, point) for row in rows]
+            if clocks is not None:
+                under_load = provenance.row_clocks(clocks.since_mark())
+                for row in done:
+                    if under_load:
+                        row["extra"] = {**under_load, **row["extra"]}
             if failed:
                 for row in done:
                     row["status"] = "error"
@@ -287,13 +320,31 @@ def measure_points(exp: E.Experiment, points: Sequence[dict], path: str | os.Pat
                 on_point(point, len(done), bool(failed))
         status = "complete"
     finally:
+        if clocks is not None:
+            from lib.engine import timing
+
+            timing.set_load_probe(None)
+            prov["clocks_under_load"] = clocks.summary()
         prov["status"] = status
         prov["end"] = {"time_utc": provenance._utc_now(), "snapshot_after": provenance.snapshot(),
+                       "libraries": provenance.library_versions(),
                        "wall_s": time.perf_counter() - t0, "setup_s": setup_s, "prepare_s": prepare_s,
                        "init_s": init_s, "provenance_s": provenance_s, **counts}
+        used = {r.get("backend") for r in _rows_written(path, run_id)}
+        prov["provenance_issues"] = provenance.run_issues(prov, used - {None})
+        if clocks is not None and not prov["clocks_under_load"].get("n"):
+            prov["provenance_issues"].append("clocks: none sampled under load (no NVML, or nothing timed)")
         R.write_provenance(path, run_id, prov)
     return {**counts, "setup_s": setup_s, "prepare_s": prepare_s, "init_s": init_s, "run_id": run_id,
             "status": status}
+
+
+def _rows_written(path, run_id: str) -> list[dict]:
+    """The rows run ``run_id`` appended to ``path`` (raw strings; for its closing provenance)."""
+    try:
+        return [r for r in R.iter_raw([Path(path)]) if r["run_id"] == run_id]
+    except (OSError, ValueError):
+        return []
 
 
 def _start_gpu() -> float:

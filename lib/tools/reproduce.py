@@ -1,5 +1,11 @@
 """``python -m lib reproduce``: run chapters through papermill (``mode = "run"``), then rebuild.
 
+Chapter parameters are given as ``-p name=value``, the syntax of ``python -m lib sweep``
+(:func:`parse_params`; the older ``-p NAME VALUE`` stays an alias). ``-p force=1`` is understood
+by every chapter, declared or not: ``mode = "run"`` then measures every point afresh into a new
+run instead of replaying points that already have rows (it sets ``UVM_STUDY_FORCE`` for the
+chapters' kernels, :func:`lib.book.frame.measure_if_asked`).
+
 Usage errors raise ValueError (the CLI prints one line and exits with 2).
 """
 
@@ -30,6 +36,33 @@ def _literal(text: str):
         except ValueError:
             pass
     return text
+
+
+#: The chapters' frame reads this variable (``lib.book.frame.FORCE_ENV``; tools cannot import book).
+FORCE_ENV = "UVM_STUDY_FORCE"
+
+
+def parse_params(items) -> list[tuple[str, str]]:
+    """``-p`` values as (name, text) pairs: each item ``"name=value"`` or, the older form, a
+    (name, value) pair; a clear ValueError otherwise."""
+    out = []
+    for item in items or []:
+        if isinstance(item, (list, tuple)):
+            if len(item) == 1:
+                item = item[0]
+            elif len(item) == 2:
+                name, value = item
+                if "=" in str(name):
+                    raise ValueError(f"parameter {name!r}: give name=value or NAME VALUE, not both")
+                out.append((str(name).strip(), str(value)))
+                continue
+            else:
+                raise ValueError(f"parameter {list(item)!r} must look like name=value")
+        name, sep, value = str(item).partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"parameter {item!r} must look like name=value (as for `sweep -p`)")
+        out.append((name.strip(), value))
+    return out
 
 
 def coerce_param(text: str, default):
@@ -96,7 +129,14 @@ def reproduce(chapters: list[Path], params, *, mode: str, out: str | None, build
     notebooks = [(c, jupytext.read(c)) for c in chapters]
     declared = {c: declared_parameters(nb) for c, nb in notebooks}
     user = {}
-    for name, value in params or []:
+    for name, value in parse_params(params):
+        if name == "force" and not any("force" in d for d in declared.values()):
+            if coerce_param(value, False):
+                os.environ[FORCE_ENV] = "1"  # the kernels inherit it: every point measured afresh
+                print(f"force: every point is measured afresh ({FORCE_ENV}=1)", file=sys.stderr)
+            else:
+                os.environ.pop(FORCE_ENV, None)
+            continue
         if not name.isidentifier():
             raise ValueError(f"parameter name {name!r} is not an identifier")
         defaults = [d[name] for d in declared.values() if name in d]

@@ -1,4 +1,5 @@
-"""Wheels for an offline GPU node: ``python -m lib wheelhouse`` (see README, Offline GPU nodes)."""
+"""Wheels for an offline GPU node: ``python -m lib wheelhouse`` (see README, Offline GPU nodes),
+with kernel-only vLLM and FlashInfer installs beside them."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # What a GPU node needs beyond a stock CUDA PyTorch image with CuPy (torch, triton, cupy, numpy,
@@ -13,6 +15,8 @@ from pathlib import Path
 RUN_PACKAGES = ["papermill>=2.6", "jupytext>=1.16", "nbclient", "nbformat", "ipykernel>=6.29", "tqdm>=4.66"]
 # ... and rebuilding the book there (`reproduce` ends with a build unless --no-build).
 BOOK_PACKAGES = ["jupyter-book==1.0.4.post1"]
+# FlashInfer's JIT runs `ninja` (a declared requirement of flashinfer-python; stock images may lack it).
+FLASHINFER_PACKAGES = ["ninja"]
 
 INSTALL_SH = """#!/usr/bin/env sh
 # Installs this wheelhouse into the Python environment of an offline GPU node (no index needed).
@@ -24,6 +28,11 @@ PY="${{PYTHON:-python3}}"
 if [ -d "$here/vllm-kernel" ]; then
   echo "vLLM kernel-only install: export UVM_STUDY_VLLM_DIR=$here/vllm-kernel"
   echo "  (or copy it to <repo>/.vllm-kernel)"
+fi
+if [ -d "$here/flashinfer-kernel" ]; then
+  echo "FlashInfer kernel-only install: export UVM_STUDY_FLASHINFER_DIR=$here/flashinfer-kernel"
+  echo "  (or copy it to <repo>/.flashinfer-kernel); its JIT cache: FLASHINFER_WORKSPACE_BASE,"
+  echo "  default <repo>/.flashinfer-cache (keep it between runs: the first compile takes ~20 s a kernel)"
 fi
 "$PY" -m lib env 2>/dev/null || echo "now run: $PY -m lib env (from the repository) to check"
 """
@@ -60,11 +69,25 @@ def _target_python(version: str) -> str:
 
 
 def build(dest: Path, *, python_version: str, platform: str, book: bool = True, extra=(),
-          vllm_wheel: str | None = None, vllm_python: str | None = None, dry_run: bool = False) -> int:
-    """Download the wheels (and make the kernel-only vLLM install) into `dest`; an exit code."""
+          vllm_wheel: str | None = None, vllm_python: str | None = None,
+          flashinfer_wheel: str | None = None, tvm_ffi_wheel: str | None = None,
+          flashinfer_version: str | None = None, flashinfer_python: str | None = None,
+          dry_run: bool = False) -> int:
+    """Download the wheels (and make the kernel-only vLLM and FlashInfer installs) into `dest`;
+    an exit code. FlashInfer: its two wheels given, or `flashinfer_version` to download them for
+    the target python and platform."""
     dest = Path(dest).resolve()
     packages = RUN_PACKAGES + (BOOK_PACKAGES if book else []) + list(extra)
     notes = []
+    if flashinfer_wheel and flashinfer_version:
+        raise ValueError("give either --flashinfer-wheel (with --tvm-ffi-wheel) or --flashinfer VERSION, not both")
+    if flashinfer_wheel and not tvm_ffi_wheel:
+        raise ValueError("--flashinfer-wheel needs --tvm-ffi-wheel (apache-tvm-ffi for the node's python)")
+    if flashinfer_wheel or flashinfer_version:
+        packages += [p for p in FLASHINFER_PACKAGES if p not in packages]
+        if not dry_run:
+            notes.append(_flashinfer_kernel(dest, packages, python_version, platform, flashinfer_wheel,
+                                            tvm_ffi_wheel, flashinfer_version, flashinfer_python))
     if vllm_wheel and not dry_run:
         from lib.tools import vllm_install
 
@@ -104,3 +127,24 @@ def build(dest: Path, *, python_version: str, platform: str, book: bool = True, 
         print(n)
     print(f"copy {dest.name}/ and this repository to the node, then: sh {dest.name}/install.sh")
     return 0
+
+
+def _flashinfer_kernel(dest: Path, packages: list, python_version: str, platform: str, wheel, tvm_wheel,
+                       version, python) -> str:
+    """Make `dest`/flashinfer-kernel (downloading its wheels to a scratch folder when asked);
+    add what FlashInfer imports beyond torch to `packages`; return the note to print."""
+    from lib.tools import flashinfer_install
+
+    scratch = Path(tempfile.mkdtemp(prefix="flashinfer-wheels-")) if version else None
+    try:
+        if version:
+            wheel, tvm_wheel = flashinfer_install.download_wheels(
+                version, scratch, python_version=python_version, platforms=platform_tags(platform))
+        rep = flashinfer_install.install_kernel_only(Path(wheel), Path(tvm_wheel), dest / "flashinfer-kernel",
+                                                     **({"python": python} if python else {}))
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    packages += [p for p in rep.third_party if p not in packages]
+    return (f"FlashInfer {rep.version} + tvm-ffi {rep.tvm_ffi_version} kernel-only install: "
+            f"{len(rep.files)} files, {rep.bytes / 1e6:.1f} MB in {rep.dest}")

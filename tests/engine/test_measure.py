@@ -114,3 +114,54 @@ def test_a_step_that_raises_is_never_timed():
     with pytest.raises(ValueError, match="launch failed"):
         M.check_then_time(boom, np.zeros((2, 2)), REF, dtype="float32", timer=timer)
     assert timer.calls == []
+
+
+class OwnOutput:
+    """A launcher whose result lands in an array of its own (as SDPA's does): the check reads
+    that, and poisons the held one first."""
+
+    def __init__(self, value):
+        self.value, self.held, self.poisoned = value, None, 0
+
+    def __call__(self):
+        self.held = np.array(self.value, dtype=np.float32)
+
+    def output(self):
+        return self.held
+
+    def poison_output(self):
+        self.poisoned += 1
+        if self.held is not None:
+            self.held[...] = np.nan
+
+
+def test_a_launcher_with_its_own_output_is_checked_there():
+    out = np.zeros((2, 2), np.float32)
+    step = OwnOutput(REF)
+    row = M.check_then_time(step, out, REF, dtype="float32", protocol=None)
+    assert row["check_passed"] is True and step.poisoned == 1
+    assert np.isnan(out).all()  # the harness's buffer is not what was checked
+    wrong = M.check_then_time(OwnOutput(2 * REF), out, REF, dtype="float32", protocol=None)
+    assert wrong["check_passed"] is False
+
+
+def test_a_launcher_that_produced_no_output_is_an_error():
+    class Silent(OwnOutput):
+        def __call__(self):
+            pass
+
+    with pytest.raises(RuntimeError, match="no output"):
+        M.check_then_time(Silent(REF), np.zeros((2, 2)), REF, dtype="float32", protocol=None)
+
+
+def test_how_the_stopping_rule_ended_goes_into_the_rows_extra():
+    class RuleTimer(FakeTimer):
+        def __call__(self, step, protocol, **kw):
+            return summarize([3.0, 1.0, 2.0], protocol, stop="noise", target=0.05)
+
+    out = np.zeros((2, 2))
+    row = M.check_then_time(writer(out, REF), out, REF, dtype="float32", timer=RuleTimer(),
+                            row={"extra": {"k": 1}})
+    assert row["extra"] == {"k": 1, "timing": {"stop": "noise", "noise": pytest.approx(0.8),
+                                               "noise_target": 0.05}}
+    assert row["samples"] == 3

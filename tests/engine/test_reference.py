@@ -113,3 +113,36 @@ def test_relative_error():
     assert bits.dtype == np.uint16 and relative_error(bits, ref) == 0.0
     assert relative_error(ref.astype(np.float16), ref) == 0.0
     assert relative_error(np.full((1, 2), 0x7FC0, np.uint16), ref) == math.inf  # bf16 NaN
+
+
+def test_the_reference_reads_the_pool_on_its_own(monkeypatch):
+    """SDPA's input (kvcache.to_dense) goes through gather_sequence; a bug there must not also be
+    in the answer SDPA is checked against: the reference shares no code with it."""
+    from lib.engine import reference as Ref
+
+    q, kpool, vpool, bt = _problem(8, 2, "float16", block_size=16, placement="shuffled")
+    want = decode_attention_reference(q, kpool, vpool, bt, LENS)
+    for s, n in enumerate(LENS):  # two independent addressings agree
+        assert np.array_equal(Ref.token_rows(kpool, bt.tables, n, s), kc.gather_sequence(kpool, bt, n, s))
+
+    def broken(pool, tables, seq_len, s, *, xp=np):
+        raise AssertionError("the reference used gather_sequence")
+
+    monkeypatch.setattr(kc, "gather_sequence", broken)
+    assert np.array_equal(decode_attention_reference(q, kpool, vpool, bt, LENS), want)
+    # ... and a dense input built wrongly (a shifted table) is caught against it
+    wrong = bt.tables.copy()
+    wrong[3] = np.roll(wrong[3], 1)
+    assert relative_error(decode_attention_reference(q, kpool, vpool, wrong, LENS), want) > 1e-3
+
+
+def test_the_reference_refuses_tables_outside_the_pool():
+    from lib.engine import reference as Ref
+
+    q, kpool, vpool, bt = _problem(4, 4, "float32", block_size=4)
+    bad = bt.tables.copy()
+    bad[3, 0] = kpool.shape[0]
+    with pytest.raises(ValueError, match="outside the pool"):
+        Ref.token_rows(kpool, bad, LENS[3], 3)
+    with pytest.raises(ValueError, match="needs"):
+        Ref.token_rows(kpool, bt.tables[:, :1], LENS[3], 3)

@@ -68,10 +68,62 @@ def test_time_cap_stops_sampling():
 
 
 @pytest.mark.parametrize("kw", [dict(min_samples=0), dict(min_samples=20, max_samples=10),
-                                dict(rel_spread=-1), dict(max_seconds=0)])
+                                dict(rel_spread=-1), dict(max_seconds=0), dict(min_seconds=-1)])
 def test_bad_sampling_settings(kw):
     with pytest.raises(ValueError):
         T.sample_adaptively(lambda k: [1.0] * k, **kw)
+
+
+def test_the_default_rule_takes_at_least_25_samples_and_says_why_it_stopped():
+    """nvbench's spirit: a noise target, a minimum of samples (25) or of time; rows say why."""
+    take, calls = _source(itertools.repeat(10.0))
+    xs = T.sample_adaptively(take, clock=itertools.count(0.0, 1e-6).__next__)
+    assert len(xs) == 25 and calls == [10, 10, 5] and xs.stop == "noise"
+    rng = random.Random(3)
+    take, _ = _source(rng.uniform(5, 15) for _ in itertools.count())
+    capped = T.sample_adaptively(take, max_samples=60, clock=itertools.count(0.0, 1e-6).__next__)
+    assert len(capped) == 60 and capped.stop == "max_samples"
+
+
+def test_slow_samples_meet_the_minimum_by_time():
+    """Each look at the clock is 0.2 s: after 0.5 s the minimum is met with fewer than 25 samples."""
+    take, calls = _source(itertools.repeat(10.0))
+    xs = T.sample_adaptively(take, batch=2, min_seconds=0.5, clock=itertools.count(0.0, 0.2).__next__)
+    assert len(xs) < 25 and xs.stop == "noise" and calls[0] == 2
+
+
+def test_a_fixed_count_is_taken_in_full():
+    take, calls = _source(itertools.repeat(10.0))
+    xs = T.sample_adaptively(take, min_samples=5, max_samples=5, clock=itertools.count(0.0, 10.0).__next__)
+    assert len(xs) == 5 and xs.stop == "fixed" and calls == [5]
+
+
+def test_the_timeout_ends_noisy_sampling_and_is_named():
+    rng = random.Random(4)
+    take, _ = _source(rng.uniform(5, 15) for _ in itertools.count())
+    xs = T.sample_adaptively(take, rel_spread=0.0, max_seconds=3.0, clock=itertools.count(0.0, 1.0).__next__)
+    assert xs.stop == "timeout" and len(xs) < 100
+
+
+def test_a_timing_reports_its_stop_in_extra_and_keeps_the_row_columns():
+    t = T.summarize([1.0, 2.0, 3.0], "rigorous", stop="noise", target=0.05)
+    assert t.as_row() == {"protocol": "rigorous", "median_us": 2.0, "p10_us": 1.2, "p90_us": 2.8,
+                          "samples": 3}
+    assert t.as_extra() == {"stop": "noise", "noise": pytest.approx(0.8), "noise_target": 0.05}
+    assert T.summarize([1.0], "seed").as_extra() == {}  # no rule ran: nothing to say
+
+
+def test_the_load_probe_is_installed_removed_and_never_raises():
+    seen = []
+    T.set_load_probe(lambda: seen.append(1))
+    try:
+        T._probe_load()
+        T.set_load_probe(lambda: 1 / 0)  # a broken probe never stops a measurement
+        T._probe_load()
+    finally:
+        T.set_load_probe(None)
+    T._probe_load()
+    assert seen == [1] and T._LOAD_PROBE == []
 
 
 def test_unknown_protocol_is_a_clear_error():
@@ -143,6 +195,10 @@ def test_protocols_run_and_capture_errors_are_clear():
         T.time_graph(lambda: float(x.sum()))  # a host sync cannot be captured
     T.time_graph(fn)  # the stream is usable again after a failed capture
     assert T.graph_floor_us().median_us < 50
+    floor = T.graph_floor_record()
+    assert 0 < floor["median_us"] < 50 and floor["samples"] >= T.MIN_SAMPLES and "floor" in floor["what"]
+    t = T.time_fn(fn, "rigorous")
+    assert t.samples >= T.MIN_SAMPLES and t.stop in ("noise", "max_samples", "timeout")
 
 
 def test_graph_copies_are_split_into_pieces(monkeypatch):

@@ -147,10 +147,27 @@ def test_page_table_grid_skips_caches_that_would_not_fit():
     assert {(1, 32768), (256, 512)} <= {(p["batch_size"], p["seq_len"]) for p in pts}
 
 
-def test_seed_tables_keep_their_measured_points_and_add_the_llama_shape():
+def test_seed_tables_are_a_two_by_two_factorial_that_keeps_the_committed_points():
+    """{seed, rigorous timing} x {the seed's 1024 reused random blocks, distinct blocks}: every
+    point in all four arms; the committed run's two arms keep their point keys (they resume)."""
+    from lib.chapters.seed_repro.experiment import ARMS, TABLES
+    from lib.harness import results as R
+
     pts = E.expand(catalog.get("seed_tables"))
-    assert len(pts) == 192
-    assert sum(p["num_heads"] == 64 for p in pts) == 96  # the committed run's points, unchanged
+    assert len(pts) == 384 and sum(p["num_heads"] == 64 for p in pts) == 192
+    arm = lambda p: (p["protocol"], p["placement"], p["physical_blocks"])  # noqa: E731
+    want = {(t, *TABLES[d]) for t, d in ARMS}
+    assert len(want) == 4 and {arm(p) for p in pts} == want
+    rest = lambda p: tuple(sorted((k, v) for k, v in p.items()  # noqa: E731
+                                  if k not in ("protocol", "placement", "physical_blocks")))
+    by_point: dict = {}
+    for p in pts:
+        by_point.setdefault(rest(p), set()).add(arm(p))
+    assert len(by_point) == 96 and all(arms == want for arms in by_point.values())
+    committed = R.load("seed_tables", include_errors=True)
+    diagonal = {("seed", "random", 1024), ("rigorous", "identity", 0)}
+    keys = {E.point_key(p) for p in pts if arm(p) in diagonal}
+    assert set(committed["point_key"]) == keys  # the 192 committed points are the diagonal arms
 
 
 @pytest.mark.parametrize("name", ["kernel_speed", "seed_tables", "page_table", "uvm_decode", "uvm",

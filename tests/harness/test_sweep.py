@@ -33,11 +33,21 @@ def test_sweep_writes_every_point_then_resumes(tmp_path):
     assert df.iloc[0]["extra"]["variant"] in ("a", "b") and "square" in df.iloc[0]["extra"]
     again = S.run_sweep(E.SELFTEST, FAST, out_dir=tmp_path, progress=False)
     assert (again.points_done, again.points_skipped) == (0, 16)
-    assert "already measured" in again.line()
+    assert again.replayed and "already measured" in again.line()
+    assert "replayed" in again.line() and "--force" in again.line()  # says so, and how to measure anew
     prov = R.load_provenance("selftest", root=tmp_path)
     (run,) = prov.values()
     assert run["status"] == "complete" and run["end"]["points"] == 16
     assert run["params"]["overrides"] == {"sleep_s": [0.0]}
+    assert run["git"]["lib_sha256"] and "libraries" in run["end"]
+    assert isinstance(run["provenance_issues"], list)
+
+
+def test_a_partly_measured_grid_says_what_it_did_not_measure(tmp_path):
+    S.run_sweep(E.SELFTEST, {**FAST, "n": 1}, out_dir=tmp_path, progress=False)
+    s = S.run_sweep(E.SELFTEST, {**FAST, "n": [1, 2]}, out_dir=tmp_path, progress=False)
+    assert (s.points_done, s.points_skipped) == (2, 2) and not s.replayed
+    assert "2 points already measured were not measured again" in s.line() and "--force" in s.line()
 
 
 def test_force_measures_again_and_loader_keeps_newest(tmp_path):

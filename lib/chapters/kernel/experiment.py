@@ -24,6 +24,13 @@ CORRECTNESS = check(Experiment(
         {"dtype": ["float16", "bfloat16"], "block_size": [1, 16, 256], "head_size": [128],
          "heads": ["GQA8", "MQA32"], "placement": ["shuffled"], "lengths": ["long64k"],
          "variant": ["v3"]},
+        # FlashInfer's paged decode (JIT-compiled per dtype, head size and tensor-core use); the
+        # same blocks as scripts/device/flashinfer_check.sh runs by default
+        {"dtype": ["float16", "bfloat16"], "block_size": [1, 2, 4, 8, 16, 32, 64, 128, 256],
+         "head_size": [64, 128, 256], "heads": ["MHA", "GQA2", "GQA4", "GQA6", "GQA8", "MQA", "MQA32"],
+         "placement": ["identity", "shuffled"], "lengths": ["ragged"], "backends": ["flashinfer"]},
+        {"dtype": ["float16"], "block_size": [16, 256], "head_size": [128], "heads": ["MHA", "GQA4"],
+         "placement": ["shuffled"], "lengths": ["long"], "backends": ["flashinfer"]},
         # FlexAttention compiles one kernel per shape: a smaller grid, block sizes it supports
         {"dtype": ["float16", "bfloat16", "float32"], "block_size": [16, 256], "head_size": [64, 128],
          "heads": ["MHA", "GQA4", "MQA"], "placement": ["identity", "shuffled"], "lengths": ["ragged"],
@@ -38,9 +45,16 @@ SPEED_SHAPES = [(b, n, h, kv) for h, kv in [(32, 32), (32, 8), (64, 8), (40, 8),
 SPEED_BACKENDS = ("own-auto-paged+own-auto-contiguous+own-v1-paged+own-v2-paged+own-v3-paged"
                   "+own-v3-contiguous+vllm+sdpa_dense+flashinfer+flex_paged")
 
+#: the first grid (the committed H100 runs): six shapes, the backends of then; kept so those rows
+#: stay points of the grid, and so a new card can be compared with them point for point
+H100_SHAPES = [(1, 4096, 32, 32), (16, 1024, 32, 32), (32, 1024, 32, 32), (32, 4096, 32, 32),
+               (128, 4096, 32, 32), (32, 4096, 32, 8)]
+H100_BACKENDS = ("own-auto-paged+own-auto-contiguous+own-v1-paged+own-v2-paged+vllm+sdpa_dense"
+                 "+flex_paged")
+
 KERNEL_SPEED = check(Experiment(
     name="kernel_speed",
-    description="Decode time of our kernels, vLLM's and dense SDPA at the issue's shapes "
+    description="Decode time of our kernels, vLLM's, FlashInfer's and dense SDPA's from MHA to MQA "
                 "(fp16, head 128, block 16, identity placement, rigorous protocol)",
     measure="lib.engine.measure:measure_decode",
     prepare="lib.engine.measure:precompile_points",
@@ -48,6 +62,7 @@ KERNEL_SPEED = check(Experiment(
            "head_size": [128], "block_size": [16], "dtype": ["float16"],
            "placement": ["identity"], "memory_kind": ["device"], "protocol": ["rigorous"],
            "partition_size": [0], "seed": [0],
-           "backends": [SPEED_BACKENDS]}
-          for b, n, h, kv in SPEED_SHAPES],
+           "backends": [backends]}
+          for shapes, backends in ((SPEED_SHAPES, SPEED_BACKENDS), (H100_SHAPES, H100_BACKENDS))
+          for b, n, h, kv in shapes],
 ))

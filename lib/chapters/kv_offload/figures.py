@@ -9,6 +9,10 @@ Input: the ``kv_offload`` rows (:func:`load_rows`, ``extra`` expanded). Derived 
   time beyond what its GPU-resident share would take, charged to the bytes that crossed the bus.
   A model (the two parts do not simply add inside one kernel), exact at f = 1; left empty where
   nothing crosses the bus per call (f = 0, ``migrate_resident``).
+* ``above_link_limit`` (:func:`with_link_flag`, through :mod:`lib.harness.guards`): a ``bus_gbps``
+  above the link's measured limit (the pinned host->device copy of the same run). Such a value is
+  no bandwidth (the extra time is shorter than the copy takes: overlap or noise); the figure draws
+  it apart and :func:`headline` never quotes it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 from lib.chapters.kv_offload import measure as K
+from lib.harness import guards
 from lib.harness import results as R
 from lib.book import frame
 from lib.book.plots import diagram_canvas, set_house_style
@@ -213,11 +218,13 @@ def headline(d: pd.DataFrame, ys: dict[str, float], *, backend: str) -> dict[str
     """The numbers the chapter quotes (NaN where a row is missing), for one backend.
 
     ``{layout}_dev_us``; ``{layout}_{tag}_s{q}``: slowdown of a variant at f = 1/q (q = 1: all on
-    the host); ``{layout}_{tag}_bus``: bus GB/s at f = 1; ``{tag}_bus_pct``: that as a percent of
-    pinned memcpy host->device (MHA); ratios between variants at f = 1 (MHA).
+    the host); ``{layout}_{tag}_bus``: bus GB/s at f = 1 (NaN where above the link's limit: not
+    a bandwidth); ``{tag}_bus_pct``: that as a percent of pinned memcpy host->device (MHA); ratios
+    between variants at f = 1 (MHA).
     """
     out: dict[str, float] = {}
-    s = d[d["backend"] == backend]
+    s = with_link_flag(d[d["backend"] == backend], ys)
+    s = s.assign(bus_gbps=s["bus_gbps"].where(~s[guards.FLAG]))
     for lay, heads in (("mha", HEAD_LABELS[(32, 32)]), ("gqa", HEAD_LABELS[(32, 8)])):
         h = s[s["heads"] == heads]
         out[f"{lay}_dev_us"] = float(h["device_us"].iloc[0]) if len(h) else float("nan")
@@ -418,25 +425,31 @@ ABOVE_LIMIT_STYLE = dict(linestyle="none", marker="o", markersize=8, markerfacec
 def above_limit(values, limit: float) -> np.ndarray:
     """Where a host-bytes / extra-time value exceeds the link's measured limit (none if the limit is
     unknown): such a value is no bandwidth, the extra time being shorter than the transfer takes."""
-    v = np.asarray(values, dtype=float)
-    if not math.isfinite(limit):
-        return np.zeros(v.shape, dtype=bool)
-    return np.isfinite(v) & (v > limit)
+    return guards.above_limit(values, limit)
+
+
+def with_link_flag(d: pd.DataFrame, ys: dict[str, float]) -> pd.DataFrame:
+    """``d`` with ``above_link_limit``: ``bus_gbps`` above the link's measured limit
+    (:data:`BUS_LIMIT` of ``ys``), computed by the harness's one guard."""
+    _need(d, ["bus_gbps"], "with_link_flag")
+    return guards.flag_above_link_limit(d, "bus_gbps", ys.get(BUS_LIMIT, float("nan")))
 
 
 def bus_figure(d: pd.DataFrame, ys: dict[str, float], *, backend: str) -> Figure:
     """Bytes over the bus per second of extra time, per variant, against the yardstick lines.
-    Values above the pinned host->device rate (the link's measured limit, :data:`BUS_LIMIT`) are not
-    data on the curve: they are drawn as hollow circles above the limit line, on a grey band."""
+    Values above the pinned host->device rate (the link's measured limit, :data:`BUS_LIMIT`;
+    flagged ``above_link_limit`` by :func:`with_link_flag`) are not data on the curve: they are
+    drawn as hollow circles above the limit line, on a grey band."""
     _need(d, ["backend", "heads", "variant", "fraction", "bus_gbps"], "bus_figure")
     s = d[(d["backend"] == backend) & (d["fraction"] > 0) & d["bus_gbps"].notna()]
     if s.empty:
         raise ValueError(f"no bus rates for backend {backend!r}")
     limit = ys.get(BUS_LIMIT, float("nan"))
+    s = with_link_flag(s, ys)
 
     def draw(ax, x, k, v, style):
         y = k["bus_gbps"].to_numpy(float)
-        over = above_limit(y, limit)
+        over = k[guards.FLAG].to_numpy(dtype=bool)
         ax.plot(x, np.where(over, np.nan, y), label=VARIANT_LABELS[v], **style)
         if over.any():
             ax.plot(np.asarray(x)[over], y[over], color=style["color"], markeredgecolor=style["color"],
@@ -452,7 +465,7 @@ def bus_figure(d: pd.DataFrame, ys: dict[str, float], *, backend: str) -> Figure
         if math.isfinite(limit):
             top = max(top, limit * 1.08)
             ax.axhspan(limit, top, color="0.9", zorder=0, lw=0)
-            if above_limit(g["bus_gbps"], limit).any():
+            if g[guards.FLAG].any():
                 ax.plot([], [], color="0.3", markeredgecolor="0.3", label=ABOVE_LIMIT_LABEL, **ABOVE_LIMIT_STYLE)
         ax.set_ylim(0, top)
 

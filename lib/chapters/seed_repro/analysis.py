@@ -4,6 +4,13 @@ Every seed cell's point was measured with our v1 and v2 kernels under the seed's
 and the rigorous one (`lib.engine.timing`); this module joins them cell by cell and derives every
 comparison `chapters/seed_repro.md` shows. The post never says v1 or v2, so both are kept; vLLM
 (`vllm`) and dense SDPA (`sdpa_dense`) are today's references for the "original" tables.
+
+The experiment is a 2 x 2 factorial (`lib.chapters.seed_repro.experiment.ARMS`): {seed timing,
+rigorous timing} x {the seed's tables, distinct blocks}. The seed-vs-ours comparisons use the two
+*diagonal* arms (:data:`DIAGONAL`: the seed's timing on the seed's tables, rigorous timing on
+distinct blocks), which change both factors at once; :func:`load_ours` keeps only those, so the
+comparisons are the same whether or not the other two arms were measured. :func:`load_arms` and
+:func:`factorial` give all four and split the change into its two factors.
 """
 
 from __future__ import annotations
@@ -38,6 +45,12 @@ COMPARISONS = {
     "no offset / original": ("no_offset", "original", S.no_offset_over_original),
 }
 OURS_COLUMNS = ["gpu_slug", "backend", "protocol", "median_us", "check_passed", "rel_error", *KEY]
+#: A row's placement -> the data factor of the factorial.
+TABLES_OF = {"random": "seed_tables", "identity": "distinct", "shuffled": "distinct"}
+TABLES_LABELS = {"seed_tables": "the seed's tables (1024 reused random blocks)",
+                 "distinct": "distinct blocks"}
+#: The arms the seed comparisons use (protocol, tables): the committed run's two.
+DIAGONAL = (("seed", "seed_tables"), ("rigorous", "distinct"))
 
 
 def backend_for(variant: str, version: str) -> str:
@@ -105,15 +118,98 @@ def check_ours(ours: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def load_ours(gpu: str | Iterable[str] | None = None, root=None, *,
-              heads: tuple[int, int] = (64, 8)) -> pd.DataFrame:
-    """Committed `seed_tables` rows (every card, or those named) of one (query heads, KV heads)
-    shape: the seed's 64:8 by default, or the Llama-2-7B-like (32, 32)."""
+def tables_of(placement) -> str | None:
+    """The data factor of a row's placement (None for an unknown one)."""
+    return TABLES_OF.get(placement) if isinstance(placement, str) else None
+
+
+def _load_shape(gpu, root, heads) -> pd.DataFrame:
     if isinstance(gpu, str):
         gpu = [g.strip() for g in gpu.split(",") if g.strip()] or None
     df = frame.load_checked(EXPERIMENT, gpu, root=root)
     df = df[(df["num_heads"] == heads[0]) & (df["num_kv_heads"] == heads[1])]
-    return check_ours(df)
+    return df.assign(tables=[tables_of(p) for p in df["placement"]])
+
+
+def load_ours(gpu: str | Iterable[str] | None = None, root=None, *,
+              heads: tuple[int, int] = (64, 8)) -> pd.DataFrame:
+    """Committed `seed_tables` rows (every card, or those named) of one (query heads, KV heads)
+    shape, the seed's 64:8 by default or the Llama-2-7B-like (32, 32), in the :data:`DIAGONAL`
+    arms only (see the module docstring)."""
+    df = _load_shape(gpu, root, heads)
+    keep = [(p, t) in DIAGONAL for p, t in zip(df["protocol"], df["tables"])]
+    return check_ours(df[keep])
+
+
+def load_arms(gpu: str | Iterable[str] | None = None, root=None, *,
+              heads: tuple[int, int] = (64, 8)) -> pd.DataFrame:
+    """Every arm's rows of one shape, with a ``tables`` column (``seed_tables`` or ``distinct``)."""
+    df = _load_shape(gpu, root, heads)
+    if df["tables"].isna().any():
+        bad = sorted(set(df.loc[df["tables"].isna(), "placement"].astype(str)))
+        raise ValueError(f"seed_tables rows with placements {bad}: not an arm of the factorial")
+    return df.reset_index(drop=True)
+
+
+#: The factorial's arms as column names of :func:`factorial`: "<timing>__<tables>_us".
+def arm_column(timing: str, tables: str) -> str:
+    return f"{timing}__{tables}_us"
+
+
+def factorial(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per card, backend and point: the median time of each arm present and the two factors'
+    effects, as ratios (NaN where an arm is missing):
+
+    * ``timing_at_seed_tables`` / ``timing_at_distinct``: rigorous over seed timing, holding the
+      tables fixed: what the timing method alone moves;
+    * ``tables_at_seed_timing`` / ``tables_at_rigorous``: distinct blocks over the seed's tables,
+      holding the timing fixed: what the data alone moves;
+    * ``diagonal``: rigorous on distinct over seed timing on the seed's tables (both at once, the
+      committed comparison), which equals ``timing_at_seed_tables * tables_at_rigorous``;
+    * ``interaction``: ``timing_at_distinct / timing_at_seed_tables`` (1: the effects multiply).
+    """
+    need = {"gpu_slug", "backend", "protocol", "tables", "median_us", *KEY}
+    missing = sorted(need - set(rows.columns))
+    if missing:
+        raise ValueError(f"factorial needs columns {missing}")
+    index = ["gpu_slug", "backend", *KEY]
+    dup = rows.duplicated(index + ["protocol", "tables"])
+    if dup.any():
+        raise ValueError(f"{int(dup.sum())} rows repeat one arm of one point")
+    r = rows.assign(arm=[arm_column(p, t) for p, t in zip(rows["protocol"], rows["tables"])])
+    wide = r.pivot_table(index=index, columns="arm", values="median_us", aggfunc="first")
+    cols = [arm_column(p, t) for p in PROTOCOLS for t in TABLES_LABELS]
+    wide = wide.reindex(columns=cols)
+    a = {c: wide[c] for c in cols}
+    ss, sd = a[arm_column("seed", "seed_tables")], a[arm_column("seed", "distinct")]
+    rs, rd = a[arm_column("rigorous", "seed_tables")], a[arm_column("rigorous", "distinct")]
+    wide["timing_at_seed_tables"] = rs / ss
+    wide["timing_at_distinct"] = rd / sd
+    wide["tables_at_seed_timing"] = sd / ss
+    wide["tables_at_rigorous"] = rd / rs
+    wide["diagonal"] = rd / ss
+    wide["interaction"] = wide["timing_at_distinct"] / wide["timing_at_seed_tables"]
+    wide.columns.name = None
+    return wide.reset_index()
+
+
+FACTORIAL_EFFECTS = ("timing_at_seed_tables", "timing_at_distinct", "tables_at_seed_timing",
+                     "tables_at_rigorous", "diagonal", "interaction")
+
+
+def factorial_summary(f: pd.DataFrame) -> pd.DataFrame:
+    """Per card and backend, each effect of :func:`factorial` over the points where it is known:
+    geometric mean, min and max."""
+    rows = []
+    for (gpu, backend), g in f.groupby(["gpu_slug", "backend"], sort=True):
+        for eff in FACTORIAL_EFFECTS:
+            v = g[eff].dropna().to_numpy(dtype=float)
+            if not len(v):
+                continue
+            rows.append({"gpu_slug": gpu, "backend": backend, "effect": eff, "points": len(v),
+                         "geomean": float(np.exp(np.log(v).mean())), "min": float(v.min()),
+                         "max": float(v.max())})
+    return pd.DataFrame(rows, columns=["gpu_slug", "backend", "effect", "points", "geomean", "min", "max"])
 
 
 def cards(ours: pd.DataFrame) -> list[str]:
@@ -368,7 +464,9 @@ def shape_mismatch(joined: pd.DataFrame, *, min_points: int = 3) -> pd.DataFrame
 
 def protocol_effect(ours: pd.DataFrame, backends: Iterable[str] = (
         "own-v1-paged", "own-v2-paged", *REFERENCE_BACKENDS), memory: str = "device") -> pd.DataFrame:
-    """Rigorous time over seed-protocol time, per card, backend and point: what the method alone moves."""
+    """Rigorous time over seed-protocol time, per card, backend and point, in the :data:`DIAGONAL`
+    arms: the method *and* the tables change at once (the seed's 1024 reused blocks against
+    distinct ones); :func:`factorial` separates the two where all four arms were measured."""
     backends = list(backends)
     wide = _by_protocol(check_ours(ours))
     out = wide[wide["backend"].isin(backends) & (wide["memory_kind"] == memory)].copy()

@@ -1,4 +1,12 @@
-"""The seed reproduction's experiment: the seed's six tables' points."""
+"""The seed reproduction's experiment: the seed's six tables' points, as a 2 x 2 factorial.
+
+The seed's numbers differ from a rigorous measurement in two ways at once: the timing (host clock
+around 100 eager launches, no L2 flush) and the data (1024 physical blocks, every table entry
+drawn from them at random, with replacement: a cache of a few MB that repeats). Each point is
+measured in all four arms of {seed timing, rigorous timing} x {the seed's tables, distinct
+blocks}, so each effect can be told apart (:data:`ARMS`). The two arms of the first committed run
+(seed timing with the seed's tables, rigorous timing with distinct blocks) keep their point keys.
+"""
 
 from lib.harness.experiments import Experiment, check
 from lib.harness.grids import LLAMA_SHAPE, SEED_SHAPE
@@ -9,12 +17,20 @@ SEED_BACKENDS = "+".join([
     "own-v2-paged", "own-v2-contiguous", "own-v2-no_offset", "vllm", "sdpa_dense"])
 #: The seed tables' (seq_len, batch) points.
 SEED_POINTS = [(4096, 1), (1024, 1), (1024, 16), (1024, 32)]
+#: The timing factor: the seed's protocol or the rigorous one (lib.engine.timing).
+TIMINGS = ("seed", "rigorous")
+#: The data factor: (placement, physical_blocks) of the seed's tables (1024 reused random blocks)
+#: and of distinct blocks (the identity table: every block once).
+TABLES = {"seed_tables": ("random", 1024), "distinct": ("identity", 0)}
+#: The four arms, (timing, tables); the first and the last are the committed run's two.
+ARMS = [("seed", "seed_tables"), ("seed", "distinct"), ("rigorous", "seed_tables"), ("rigorous", "distinct")]
 
 EXPERIMENT = check(Experiment(
     name="seed_tables",
     description="The seed's six tables' points (block 1-32; 4096x1, 1024x1, 1024x16, 1024x32), "
-                "device and managed memory, our variants, vLLM and SDPA, under the seed's "
-                "protocol (1024 reused random blocks, host clock, no flush) and the rigorous one",
+                "device and managed memory, our variants, vLLM and SDPA, in a 2 x 2 factorial: "
+                "{seed timing (host clock, eager, no flush), rigorous timing} x {the seed's "
+                "tables (1024 reused random blocks), distinct blocks (identity)}",
     chapter="chapters/seed_repro.md",
     measure="lib.engine.measure:measure_decode",
     prepare="lib.engine.measure:precompile_points",
@@ -24,5 +40,5 @@ EXPERIMENT = check(Experiment(
            "backends": [SEED_BACKENDS]}
           for shape in (SEED_SHAPE, LLAMA_SHAPE)
           for n, b in SEED_POINTS
-          for proto, place, phys in [("seed", "random", 1024), ("rigorous", "identity", 0)]],
+          for proto, place, phys in [(timing, *TABLES[tables]) for timing, tables in ARMS]],
 ))

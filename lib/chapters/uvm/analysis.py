@@ -1,25 +1,67 @@
 """Analysis of the chapter "Unified Memory in practice": the rows as tables, the numbers the
-prose quotes (:func:`headline`) and the comparisons it states in words (:func:`verdicts`)."""
+prose quotes (:func:`headline`) and the comparisons it states in words (:func:`verdicts`).
+
+Physical guards (:func:`with_link_guard`, applied by :func:`load`): a bandwidth over the link
+only from bytes that crossed it. A granularity row's ``bytes_moved`` (older rows: the drop in
+free GPU memory) is memory the driver reserved, not bytes that crossed, so those rows carry no
+bandwidth; any link-crossing row whose rate exceeds the link's measured limit (the fastest
+pinned ``cudaMemcpy`` of the same card) is flagged ``above_link_limit`` and its bandwidth blanked.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from lib.chapters.uvm.measure import READ_LABELS
+from lib.harness import guards
 
 MiB = 1 << 20
 GiB = 1 << 30
 
+#: gpu_read states whose bytes do not cross the link (all others do): resident in GPU memory, or
+#: never written (managed first touch: the pages are created on the GPU).
+RESIDENT_READS = {("device", "warm"), ("managed_gpu", "warm"), ("managed_readmostly", "warm"),
+                  ("managed", "cold")}
+#: cpu_read phases whose bytes cross the link (the others read host memory in place).
+CROSSING_CPU_PHASES = {"after_gpu_write", "prefetch_to_host"}
+
 
 def load(root=None):
-    """All ``uvm`` rows (``extra`` expanded into columns), or None when there are none yet."""
+    """All ``uvm`` rows (``extra`` expanded into columns, :func:`with_link_guard` applied), or
+    None when there are none yet."""
     from lib.harness import results as R
 
     try:
         df = R.load("uvm", root=root, expand_extra=True)
     except FileNotFoundError:
         return None
-    return df if len(df) else None
+    return with_link_guard(df) if len(df) else None
+
+
+def crosses_link(df) -> np.ndarray:
+    """Rows whose measured bytes cross the host-GPU link."""
+    m = df["measurement"]
+    phase = df["phase"] if "phase" in df.columns else np.full(len(df), None)
+    pairs = list(zip(df["memory_kind"], phase))
+    read = (m == "gpu_read").to_numpy() & np.array([p not in RESIDENT_READS for p in pairs], dtype=bool)
+    cpu = (m == "cpu_read").to_numpy() & np.array([ph in CROSSING_CPU_PHASES for ph in phase], dtype=bool)
+    return read | cpu | (m == "transfer").to_numpy() | (m == "granularity").to_numpy()
+
+
+def with_link_guard(df):
+    """``df`` with ``above_link_limit`` (per card, against the fastest pinned memcpy measured) and
+    no bandwidth where the bytes are not bytes that crossed the link (granularity rows) or the rate
+    is above the limit (see the module docstring)."""
+    out = df.copy()
+    out[guards.FLAG] = False
+    crosses = crosses_link(out)
+    for slug, idx in out.groupby("gpu_slug").groups.items():
+        sub = out.loc[idx]
+        limit = guards.link_limit_gbps(sub[sub["measurement"] == "transfer"])
+        flagged = guards.flag_above_link_limit(sub, "bandwidth_gbps", limit, crosses=crosses[out.index.get_indexer(idx)])
+        out.loc[idx, guards.FLAG] = flagged[guards.FLAG].to_numpy()
+    over = out[guards.FLAG].to_numpy(dtype=bool)
+    return guards.drop_bandwidth(out, over | (out["measurement"] == "granularity").to_numpy())
 
 
 def gpu_read_table(df):

@@ -285,13 +285,19 @@ def measure_granularity(point: dict) -> dict:
     med = lambda xs: float(np.median(xs))  # noqa: E731
     meminfo = max(0, int(med(moved_meminfo)))
     by_prefetch = resident_from_prefetch(nbytes, med(rest_us), med(full_us))
-    return event_row("gpu_touch", "managed_host_touched", touch_us, meminfo, protocol="direct",
-                     check=all(checks), extra={
-                         "touches": touches, "touched_pages_bytes": touches * 4096,
-                         "moved_meminfo_bytes": moved_meminfo, "moved_meminfo_median": meminfo,
-                         "moved_prefetch_estimate": by_prefetch, "prefetch_full_us": full_us,
-                         "prefetch_rest_us": rest_us,
-                         "bytes_moved_from": "cudaMemGetInfo drop across the touch (median)"})
+    row = event_row("gpu_touch", "managed_host_touched", touch_us, meminfo, protocol="direct",
+                    check=all(checks), extra={
+                        "touches": touches, "touched_pages_bytes": touches * 4096,
+                        "moved_meminfo_bytes": moved_meminfo, "moved_meminfo_median": meminfo,
+                        "moved_prefetch_estimate": by_prefetch, "prefetch_full_us": full_us,
+                        "prefetch_rest_us": rest_us,
+                        "bytes_moved_from": "none: what crossed the link is not measured (the drop "
+                                            "in free GPU memory is memory the driver reserved), so "
+                                            "the row has no bandwidth"})
+    # a bandwidth only from bytes that crossed the link: neither observation counts them
+    for key in ("bytes_moved", "bandwidth_gbps", "pct_of_read_ceiling"):
+        row.pop(key, None)
+    return row
 
 
 # ----------------------------------------------------------------------------- transfer

@@ -41,9 +41,18 @@ NoData = frame.NoData
 
 
 def load(gpu=None, root=None) -> pd.DataFrame:
-    """Every checked ok ``vmm_kv`` row, ``extra`` expanded; kernel rows carry a ``shape``."""
-    return frame.with_shape(frame.load_checked(EXPERIMENT, gpu, root=root, expand_extra=True, what="check",
+    """Every checked ok ``vmm_kv`` row, ``extra`` expanded; kernel rows carry a ``shape``. The
+    ``map`` rows time driver calls (map, unmap, ...), which move no bytes over any link: they carry
+    no bandwidth and no percent of the read ceiling (older rows stored the chunk size as
+    ``bytes_moved``, which made both up; they are blanked here, the chunk size stays in
+    ``chunk_bytes``)."""
+    from lib.harness import guards
+
+    rows = frame.with_shape(frame.load_checked(EXPERIMENT, gpu, root=root, expand_extra=True, what="check",
                                                show=("backend", "memory_kind", "point_key")), model=False)
+    calls = (rows["measurement"] == "map").to_numpy() if "measurement" in rows.columns else False
+    rows = guards.drop_bandwidth(rows, calls, cols=("bytes_moved", "bandwidth_gbps", "pct_of_read_ceiling"))
+    return rows
 
 
 # ----------------------------------------------------------------------------- kernel

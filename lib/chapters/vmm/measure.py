@@ -427,8 +427,8 @@ def measure_map(point: dict) -> list[dict]:
     for op in MAP_OPERATIONS:
         xs = res["samples_us"][op]
         t = summarize(xs, "direct")  # protocol "direct": host clock around each call
-        rows.append({
-            "backend": op, "memory_kind": "vmm", **t.as_row(), "bytes_moved": chunk,
+        rows.append({  # a driver call moves no bytes over any link: no bytes_moved, no bandwidth
+            "backend": op, "memory_kind": "vmm", **t.as_row(),
             "check_passed": bool(res["check"]),
             "extra": {"timer": "host_clock", "granularity": gran, "chunk_bytes": chunk, "chunks": n,
                       "operation": MAP_LABELS[op], "reserve_us": res["reserve_us"],

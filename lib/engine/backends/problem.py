@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -67,6 +68,11 @@ class DecodeCase:
 
     `alloc(shape, dtype)` makes every cache array (pools and layouts), so the KV cache can live in
     managed or pinned memory; q, tables and outputs use device memory.
+
+    The case keeps a digest of its tables as they were when it was made: its derived layouts and
+    reference were built from them, and a kernel launched with an edited table reads whatever
+    the new entries point at. :meth:`verify_tables` (run by every backend's ``prepare``) raises a
+    clear error before any launch when the host tables changed or a device copy differs.
     """
 
     problem: DecodeProblem
@@ -76,6 +82,10 @@ class DecodeCase:
     tables: kvcache.BlockTables
     alloc: Callable = _default_alloc
     _layouts: dict = field(default_factory=dict, repr=False)
+    _tables_digest: str = field(default="", init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        self._tables_digest = self.tables_digest()
 
     @classmethod
     def build(cls, problem: DecodeProblem, *, alloc: Callable = _default_alloc,
@@ -105,6 +115,48 @@ class DecodeCase:
                                             p.dtype, rng, xp=cupy)
             pools.append(pool)
         return cls(p, q, pools[0], pools[1], tables, alloc)
+
+    # -- table integrity -------------------------------------------------------------------
+    def _host_metadata(self) -> dict[str, np.ndarray]:
+        """The host arrays the device copies mirror: tables, seq_start, seq_lens."""
+        return {"device_tables": np.asarray(self.tables.tables),
+                "device_seq_start": np.asarray(self.tables.seq_start),
+                "device_seq_lens": np.asarray(self.problem.seq_lens, dtype=np.int32)}
+
+    def tables_digest(self) -> str:
+        """SHA-256 of the tables as they are now (entries, dtypes, shapes, pool size, lengths)."""
+        h = hashlib.sha256(f"num_blocks={self.tables.num_blocks};".encode())
+        for name, a in self._host_metadata().items():
+            a = np.ascontiguousarray(a)
+            h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()
+
+    def verify_tables(self) -> None:
+        """Raise ValueError unless the tables are the ones this case was made with, fit its pools,
+        and every device copy made so far still equals its host table (checked on the host)."""
+        if self.tables_digest() != self._tables_digest:
+            raise ValueError(
+                "the block tables of this DecodeCase changed after it was built: its layouts and "
+                "reference belong to the old tables, and a kernel would read whatever the new "
+                "entries point at. Build a new case (DecodeCase.build or DecodeCase(...)) with the "
+                "new tables instead of editing case.tables")
+        p = self.problem
+        validation.validate_decode_problem(
+            num_seqs=p.num_seqs, num_heads=p.num_heads, num_kv_heads=p.num_kv_heads,
+            head_size=p.head_size, block_size=p.block_size, dtype=p.dtype,
+            seq_lens=np.asarray(p.seq_lens), tables=self.tables.tables,
+            num_blocks=min(int(self.tables.num_blocks), int(self.kpool.shape[0])))
+        for name, host in self._host_metadata().items():
+            dev = self.__dict__.get(name)  # only the copies made so far (cached properties)
+            if dev is None:
+                continue
+            have = validation._host(dev)
+            if have.shape != host.shape or not np.array_equal(have, host):
+                raise ValueError(
+                    f"case.{name} on the GPU no longer equals the case's host table (changed on "
+                    "the device after the case was built): refusing to launch with it; build a "
+                    "new case")
 
     # -- device-side metadata --------------------------------------------------------------
     @cached_property

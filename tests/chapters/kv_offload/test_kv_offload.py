@@ -761,6 +761,14 @@ def test_bus_figure_flags_values_above_the_link_limit(frame):
     d.loc[fast, "bus_gbps"] = [1.8 * limit, 1.4 * limit]
     assert F.above_limit(d["bus_gbps"], limit).sum() == 2
     assert not F.above_limit(d["bus_gbps"], float("nan")).any()
+    flagged = F.with_link_flag(d, ys)  # the flag is a column, from the harness's one guard
+    assert flagged["above_link_limit"].sum() == 2 and flagged.loc[fast, "above_link_limit"].all()
+    at1 = (d["backend"] == "own-auto-paged") & (d["heads"] == "MHA 32:32") & (d["variant"] == "remote") \
+        & (d["fraction"] == 1.0)
+    over = d.copy()
+    over.loc[at1, "bus_gbps"] = 2 * limit
+    h = F.headline(over, ys, backend="own-auto-paged")
+    assert np.isnan(h["mha_remote_bus"]) and np.isfinite(h["mha_zc_bus"])  # never quoted as a rate
     fig = F.bus_figure(d, ys, backend="own-auto-paged")
     lines = _marker_lines(fig)
     # no value above the limit is drawn with a data (filled) marker ...

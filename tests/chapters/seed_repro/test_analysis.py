@@ -393,3 +393,78 @@ def test_chapter_parameters_and_toc():
     files = re.findall(r"file:\s*(\S+)", (ROOT / "_toc.yml").read_text())
     assert "chapters/seed_repro" in files
     assert files.index("chapters/seed_repro") == files.index("chapters/uvm") + 1
+
+
+# ----------------------------------------------------------------------------- the 2 x 2 factorial
+
+def synth_arms(*, timing=(1.0, 2.0), tables=(1.0, 1.5), interaction=1.0) -> pd.DataFrame:
+    """All four arms of two points: time = 10 x timing factor x tables factor (x interaction in
+    the rigorous-on-distinct arm), so every effect is known."""
+    rows = []
+    for block in (1, 16):
+        for (proto, ft), (tab, fd) in [((p, t), (d, u)) for p, t in zip(SR.PROTOCOLS, timing)
+                                       for d, u in zip(SR.TABLES_LABELS, tables)]:
+            extra = interaction if (proto, tab) == ("rigorous", "distinct") else 1.0
+            rows.append({"gpu_slug": "g", "backend": "own-v2-paged", "protocol": proto, "tables": tab,
+                         "memory_kind": "device", "seq_len": 1024, "batch_size": 1, "block_size": block,
+                         "median_us": 10.0 * ft * fd * extra})
+    return pd.DataFrame(rows)
+
+
+def test_the_factorial_splits_the_diagonal_into_timing_and_tables():
+    f = SR.factorial(synth_arms(timing=(1.0, 2.0), tables=(1.0, 1.5)))
+    assert len(f) == 2
+    assert f["timing_at_seed_tables"].tolist() == [2.0, 2.0] and f["timing_at_distinct"].tolist() == [2.0, 2.0]
+    assert f["tables_at_seed_timing"].tolist() == [1.5, 1.5] and f["tables_at_rigorous"].tolist() == [1.5, 1.5]
+    assert f["diagonal"].tolist() == [3.0, 3.0] and f["interaction"].tolist() == [1.0, 1.0]
+    assert np.allclose(f["diagonal"], f["timing_at_seed_tables"] * f["tables_at_rigorous"])
+    g = SR.factorial(synth_arms(interaction=1.2))
+    assert g["interaction"].tolist() == pytest.approx([1.2, 1.2])
+    s = SR.factorial_summary(f).set_index("effect")
+    assert s.loc["diagonal", "geomean"] == pytest.approx(3.0) and s.loc["diagonal", "points"] == 2
+
+
+def test_the_factorial_leaves_missing_arms_empty_and_refuses_repeats():
+    two = synth_arms()
+    diag = two[[(p, t) in SR.DIAGONAL for p, t in zip(two["protocol"], two["tables"])]]
+    f = SR.factorial(diag)
+    assert f["diagonal"].notna().all() and f["timing_at_seed_tables"].isna().all()
+    with pytest.raises(ValueError, match="repeat one arm"):
+        SR.factorial(pd.concat([two, two.iloc[:1]]))
+    with pytest.raises(ValueError, match="needs columns"):
+        SR.factorial(two.drop(columns="tables"))
+
+
+def test_committed_rows_are_the_diagonal_arms_and_the_comparisons_keep_them(ours):
+    arms = SR.load_arms(H100)
+    assert set(zip(arms["protocol"], arms["tables"])) == set(SR.DIAGONAL)
+    assert len(ours) == len(arms)  # load_ours keeps exactly the diagonal arms
+    f = SR.factorial(arms)
+    assert f["diagonal"].notna().all() and f["interaction"].isna().all()  # two arms still to measure
+
+
+def test_load_ours_ignores_the_other_arms_once_they_exist(tmp_path):
+    """Rows of the two new arms must not change what the seed comparisons read."""
+    import shutil
+
+    from lib.harness import results as R
+
+    src = R.csv_path("seed_tables", H100)
+    dst = R.csv_path("seed_tables", H100, root=tmp_path)
+    dst.parent.mkdir(parents=True)
+    shutil.copy(src, dst)
+    shutil.copy(R.provenance_path(src), R.provenance_path(dst))
+    before = SR.load_ours(H100, root=tmp_path)
+    rows = R.load("seed_tables", H100, root=tmp_path)
+    new = rows[rows["protocol"] == "seed"].head(8).copy()  # the same points, seed timing, distinct blocks
+    new["point_key"] = new["point_key"].str.replace("placement=random", "placement=identity") \
+                                       .str.replace("physical_blocks=1024", "physical_blocks=0")
+    new["placement"], new["run_id"] = "identity", "20991231T000000Z-ffffff"
+    new["median_us"] = new["p10_us"] = new["p90_us"] = 1.0
+    new = new.drop(columns=["memory_state", "provenance_issues", "bandwidth_gbps", "pct_of_read_ceiling"])
+    R.append_rows(dst, [{k: (None if isinstance(v, float) and math.isnan(v) else v)
+                         for k, v in r.items()} for r in new.to_dict("records")])
+    after = SR.load_ours(H100, root=tmp_path)
+    pd.testing.assert_frame_equal(before, after)
+    f = SR.factorial(SR.load_arms(H100, root=tmp_path))
+    assert f["tables_at_seed_timing"].notna().sum() == 8

@@ -311,6 +311,8 @@ def test_granularity_point(stride):
     (row,) = _finalized(U.measure_granularity({"nbytes": 64 * MiB, "stride_bytes": stride}))
     x = row["extra"]
     assert row["check_passed"] and x["touches"] == 64 * MiB // stride
+    # what crossed the link is not measured: no bytes_moved, so no bandwidth is derived
+    assert row.get("bytes_moved") is None and row.get("bandwidth_gbps") is None
     assert 0 <= x["moved_prefetch_estimate"] <= 64 * MiB
     if stride == 4096:  # every page touched: (nearly) everything must have moved, by either measure
         assert x["moved_prefetch_estimate"] > 32 * MiB
@@ -322,3 +324,34 @@ def test_transfer_point(method):
     rows = _finalized(U.measure_transfer({"method": method, "nbytes": 64 * MiB}))
     assert [r["extra"]["direction"] for r in rows] == ["h2d", "d2h"]
     assert all(r["check_passed"] and r["bandwidth_gbps"] > 0.5 for r in rows)
+
+
+# ----------------------------------------------------------------------------- physical guards
+
+def test_no_loaded_link_bandwidth_exceeds_the_links_measured_limit():
+    """Issue 14: the committed granularity row stored 84.8 GB/s over a link that carries ~55: its
+    bytes were reserved GPU memory, not bytes that crossed. Loaded, it is flagged and carries no
+    bandwidth; every other link-crossing rate stays at or below the pinned memcpy limit."""
+    from lib.harness import guards
+
+    d = A.load()
+    limit = guards.link_limit_gbps(d[d["measurement"] == "transfer"])
+    assert 50 < limit < 64
+    gran = d[d["measurement"] == "granularity"]
+    assert gran["bandwidth_gbps"].isna().all() and gran["pct_of_read_ceiling"].isna().all()
+    assert gran["above_link_limit"].sum() == 1  # the 2 MiB stride row, 84.8 GB/s as stored
+    crossing = d[A.crosses_link(d)]
+    assert (crossing["bandwidth_gbps"].dropna() <= limit).all()
+    assert not d.loc[~A.crosses_link(d), "above_link_limit"].any()
+    # resident reads at HBM speed are not link bandwidths, and keep their numbers
+    dev = d[(d["measurement"] == "gpu_read") & (d["memory_kind"] == "device")]
+    assert (dev["bandwidth_gbps"] > 2000).all()
+
+
+def test_the_guard_blanks_a_rate_above_the_limit_on_synthetic_rows(fake_df):
+    fast = fake_df.copy()
+    i = fast.index[(fast["measurement"] == "gpu_read") & (fast["memory_kind"] == "pinned")][0]
+    fast.loc[i, "bandwidth_gbps"] = 500.0  # a pinned read over PCIe cannot run at 500 GB/s
+    g = A.with_link_guard(fast)
+    assert g.loc[i, "above_link_limit"] and math.isnan(g.loc[i, "bandwidth_gbps"])
+    assert not g.drop(index=i)["above_link_limit"].any()

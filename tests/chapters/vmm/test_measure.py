@@ -443,6 +443,20 @@ def test_map_point_on_the_gpu():
     for r in rows:
         x = r["extra"]
         assert r["check_passed"] is True and r["protocol"] == "direct" and r["median_us"] > 0
-        assert r["bytes_moved"] == x["chunk_bytes"] == 2 * x["granularity"] and x["chunks"] == 4
+        assert x["chunk_bytes"] == 2 * x["granularity"] and x["chunks"] == 4
+        # a driver call moves no bytes over any link: no bytes_moved, no bandwidth, no % of ceiling
+        assert r.get("bytes_moved") is None and r.get("bandwidth_gbps") is None
+        assert r.get("pct_of_read_ceiling") is None
         assert x["counts"]["live_handles"] == 0
     assert [r["samples"] for r in rows] == [4, 8, 4, 4]
+
+
+def test_committed_driver_call_rows_carry_no_bandwidth():
+    """Issue 14: the map rows stored the chunk size as bytes moved, which gave driver calls a
+    bandwidth and a percent of the read ceiling (up to 105 %). Loaded, they carry neither; the
+    kernel rows keep theirs."""
+    rows = A.load()
+    calls, kernels = rows[rows["measurement"] == "map"], rows[rows["measurement"] == "kernel"]
+    assert len(calls) and calls[["bytes_moved", "bandwidth_gbps", "pct_of_read_ceiling"]].isna().all().all()
+    assert calls["chunk_bytes"].notna().all()  # the chunk size is still there, as what it is
+    assert len(kernels) and (kernels["bandwidth_gbps"] > 1000).all()

@@ -1,0 +1,181 @@
+"""The kernel chapter's section on v3, the grouped-query kernel on the matrix units: its tile
+diagram, its launch plans, its ptxas resources (paged against contiguous) and its speed table.
+
+Everything here is computed from `lib.engine.kernels.plan` (the plans the launcher uses), the
+committed ptxas table and committed kernel_speed rows; nothing is typed in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from lib.book.plots import diagram_canvas, require_columns
+from lib.engine import kernels
+
+#: the peers own-auto is held against (whichever of them is fastest at a shape)
+PEERS = ("sdpa_dense", "vllm", "flashinfer")
+#: kernel_speed columns of the speed table, in reading order
+SPEED_COLUMNS = ("own-auto-paged", "own-v3-paged", "own-v3-contiguous", "own-v2-paged",
+                 "own-v1-paged", "vllm", "flashinfer", "sdpa_dense", "flex_paged")
+
+
+def _box(ax, x, y, w, h, label="", *, color="0.85", hatch=None, fs=7.5, lw=0.8):
+    ax.add_patch(Rectangle((x, y), w, h, facecolor=color, edgecolor="0.25", lw=lw, hatch=hatch))
+    if label:
+        box = dict(facecolor="white", edgecolor="none", pad=1.0) if hatch else None
+        ax.text(x + w / 2, y + h / 2, label, ha="center", va="center", fontsize=fs, bbox=box)
+
+
+def tile_figure(heads: int = kernels.MMA_TILE, tokens: int = kernels.MMA_CHUNK) -> Figure:
+    """How one thread block's query heads share each K/V element: the two matrix products of one
+    warp step, drawn in rows of heads and tokens (the head dimension d is schematic)."""
+    fig, ax = diagram_canvas(72, 21, (9.0, 2.9))
+    c_q, c_k, c_v, c_s, c_o = "#9ecae1", "#fdae6b", "#a1d99b", "#dadaeb", "#fdd0a2"
+    d, u, y0 = 10, 0.62, 5.0  # drawn head dimension, one head/token row, baseline
+    tw, hw = tokens * u, heads * u
+    # ---- S = Q Kᵀ ----
+    _box(ax, 1, y0 + hw, d, hw, f"Q: the {heads} query\nheads of a KV head", color=c_q)
+    _box(ax, 1, y0, d, hw, "rows 8-15: zero", color="white", hatch="///")
+    ax.text(1 + d / 2, y0 + 2 * hw + 0.7, "A operand (16 × d)", ha="center", fontsize=7.5)
+    kx = 1 + d + 2.5
+    _box(ax, kx, y0 + 2 * hw - d, tw, d, f"Kᵀ: {tokens} tokens\n(two n-tiles of 8)", color=c_k)
+    ax.text(kx + tw / 2, y0 + 2 * hw + 0.7, f"B operand (d × {tokens})", ha="center", fontsize=7.5)
+    sx = kx + tw + 2.5
+    _box(ax, sx, y0 + hw, tw, hw, f"S: {heads} heads\n× {tokens} tokens", color=c_s)
+    _box(ax, sx, y0, tw, hw, "not used", color="white", hatch="///")
+    ax.text(kx - 1.25, y0 + 1.5 * hw, "×", ha="center", va="center", fontsize=12)
+    ax.text(sx - 1.25, y0 + 1.5 * hw, "=", ha="center", va="center", fontsize=12)
+    mid1 = (1 + sx + tw) / 2
+    ax.text(mid1, 1.8, "S = Q Kᵀ on mma.sync m16n8k16 (fp32 accumulators),\nthen an online "
+            "softmax per head", ha="center", va="center", fontsize=7.8)
+    # ---- Oᵀ += Vᵀ Pᵀ ----
+    x0 = sx + tw + 5
+    _box(ax, x0, y0, tw, d + 2, f"Vᵀ: d × {tokens}\ntokens (A, d/16\nm-tiles)", color=c_v)
+    px = x0 + tw + 2.5
+    _box(ax, px, y0 + d + 2 - tw, hw, tw, f"Pᵀ\n{tokens} × {heads}", color=c_s)
+    ox = px + hw + 3.0
+    _box(ax, ox, y0, hw, d + 2, f"Oᵀ\nd × {heads}\nheads", color=c_o)
+    ax.text(px - 1.25, y0 + (d + 2) / 2, "×", ha="center", va="center", fontsize=12)
+    ax.text(ox - 1.5, y0 + (d + 2) / 2, "+=", ha="center", va="center", fontsize=11)
+    mid2 = (x0 + ox + hw) / 2
+    ax.text(mid2, 1.8, "Oᵀ += Vᵀ Pᵀ: S's accumulator registers\nare Pᵀ's B operand as they are",
+            ha="center", va="center", fontsize=7.8)
+    ax.text(36, 19.6, f"One warp step: each K and V element of {tokens} tokens is loaded once and "
+            f"used by all {heads} query heads of its KV head", ha="center", fontsize=8.5,
+            weight="bold")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def plan_table(shapes, *, num_sms: int = 132, head_size: int = 128, block_size: int = 16,
+               dtype: str = "float16") -> pd.DataFrame:
+    """v3's launch plan at each (batch, tokens, heads, kv_heads): blocks before splitting,
+    partitions, grid, and the grid in waves of resident blocks (MMA_BLOCKS_PER_SM per SM)."""
+    rows = []
+    for b, n, h, kv in shapes:
+        p = kernels.plan_launch(dtype=dtype, block_size=block_size, head_size=head_size,
+                                num_heads=h, num_kv_heads=kv, num_seqs=b, max_seq_len=n,
+                                version=3, num_sms=num_sms)
+        auto = kernels.plan_launch(dtype=dtype, block_size=block_size, head_size=head_size,
+                                   num_heads=h, num_kv_heads=kv, num_seqs=b, max_seq_len=n,
+                                   num_sms=num_sms)
+        base = b * kv * p.head_tiles
+        grid = base * p.max_partitions
+        rows.append({"batch × tokens": f"{b} × {n}", "heads": f"{h}:{kv}",
+                     "blocks per KV head": p.head_tiles, "blocks unsplit": base,
+                     "partitions": p.max_partitions, "partition (tokens)": p.partition_size,
+                     "grid": grid,
+                     "waves": round(grid / (kernels.MMA_BLOCKS_PER_SM * num_sms), 2),
+                     "own-auto runs": f"v{auto.version}"})
+    return pd.DataFrame(rows)
+
+
+def resource_pairs(res: pd.DataFrame, arch: str = "sm_90") -> pd.DataFrame:
+    """v3's registers and spills per (dtype, head size, block size), one column per addressing
+    mode, and the largest register difference between the three."""
+    require_columns(res, ["arch", "kernel", "dtype", "head_size", "block_size", "addressing",
+                          "registers", "spill_stores"], "resource_pairs")
+    m = res[(res["kernel"] == "mma") & (res["arch"] == arch)]
+    if m.empty:
+        raise ValueError(f"resource_pairs: no v3 (kernel 'mma') rows for {arch} in the ptxas table")
+    regs = m.pivot_table(index=["dtype", "head_size", "block_size"], columns="addressing",
+                         values="registers", aggfunc="first")
+    spills = m.groupby(["dtype", "head_size", "block_size"])["spill_stores"].max()
+    out = regs[list(kernels.ADDRESSING)].copy()
+    out["max difference"] = out.max(axis=1) - out.min(axis=1)
+    out["paged - contiguous"] = out["paged"] - out["contiguous"]
+    out["spill bytes"] = spills
+    return out.reset_index()
+
+
+def resource_summary(pairs: pd.DataFrame) -> dict:
+    """Counts for the prose: kernels, spilling ones, the widest register gaps."""
+    return {"modules": len(pairs), "spilling": int((pairs["spill bytes"] > 0).sum()),
+            "max_pc_gap": int(pairs["paged - contiguous"].abs().max()),
+            "max_gap": int(pairs["max difference"].max()),
+            "regs_lo": int(pairs["paged"].min()), "regs_hi": int(pairs["paged"].max())}
+
+
+def speed_table(speed: pd.DataFrame) -> pd.DataFrame:
+    """Per kernel_speed shape: each backend's median µs, own-auto-paged over the fastest peer
+    (SDPA, vLLM, FlashInfer: whichever ran), and own-auto's % of the run's read ceiling."""
+    require_columns(speed, ["backend", "batch_size", "seq_len", "num_heads", "num_kv_heads",
+                            "median_us", "pct_of_read_ceiling", "bytes_moved"], "speed_table")
+    d = speed.copy()
+    d["shape"] = [f"{int(b)} × {int(n)}, {int(h)}:{int(k)}" for b, n, h, k in
+                  zip(d["batch_size"], d["seq_len"], d["num_heads"], d["num_kv_heads"])]
+    d["order"] = list(zip(d["num_heads"] // d["num_kv_heads"], d["num_heads"],
+                          d["batch_size"] * d["seq_len"], d["seq_len"]))
+    t = d.pivot_table(index=["order", "shape"], columns="backend", values="median_us",
+                      aggfunc="first")
+    peers = [p for p in PEERS if p in t.columns]
+    if "own-auto-paged" not in t.columns or not peers:
+        raise ValueError("speed_table needs own-auto-paged and at least one of " + ", ".join(PEERS))
+    pct = d[d["backend"] == "own-auto-paged"].set_index(["order", "shape"])["pct_of_read_ceiling"]
+    mib = d[d["backend"] == "own-auto-paged"].set_index(["order", "shape"])["bytes_moved"] / 2**20
+    out = t[[c for c in SPEED_COLUMNS if c in t.columns]].copy()
+    fastest = t[peers].min(axis=1)
+    out["fastest peer"] = t[peers].idxmin(axis=1)
+    out["auto / fastest peer"] = t["own-auto-paged"] / fastest
+    out["auto % of ceiling"] = pct
+    out["MiB moved"] = mib
+    out = out.sort_index().reset_index(level="order", drop=True)
+    return out
+
+
+def speed_claims(table: pd.DataFrame) -> dict:
+    """How the speed table stands against the kernel's targets (batch >= 8 within 1.05x of the
+    fastest peer; 90% of the read ceiling where K+V >= 256 MiB; batch 1 within 1.15x)."""
+    batch = table.index.str.split(" × ").str[0].astype(int)
+    heads = table.index.str.split(", ").str[1].str.split(":")
+    grouped = heads.str[0].astype(int) > heads.str[1].astype(int)
+    big = table["MiB moved"] >= 256
+    r = table["auto / fastest peer"]
+    return {"shapes": len(table),
+            "b8_within": int((r[batch >= 8] <= 1.05).sum()), "b8_n": int((batch >= 8).sum()),
+            "b8_worst": float(r[batch >= 8].max()),
+            "b8_worst_shape": str(r[batch >= 8].idxmax()),
+            "big_90": int((table.loc[big, "auto % of ceiling"] >= 90).sum()), "big_n": int(big.sum()),
+            "b1_within": int((r[batch == 1] <= 1.15).sum()), "b1_n": int((batch == 1).sum()),
+            "best_ratio": float(r.min()), "best_shape": str(r.idxmin()),
+            "v3_over_v2_lo": float((table["own-v2-paged"] / table["own-v3-paged"])[grouped].min())
+            if {"own-v2-paged", "own-v3-paged"} <= set(table.columns) else math.nan}
+
+
+def style_speed_table(table: pd.DataFrame, caption: str | None = None):
+    """The speed table in the chapter's compact style: µs to one decimal, ratios to two."""
+    from lib.chapters.kernel.figures import _compact
+
+    fmt = {c: "{:.1f}" for c in table.columns if c in SPEED_COLUMNS}
+    fmt.update({"auto / fastest peer": "{:.2f}", "auto % of ceiling": "{:.0f}",
+                "MiB moved": "{:.0f}"})
+    st = table.style.format(fmt, na_rep="–")
+    st = st.map(lambda v: "font-weight: bold; color: #b2182b" if isinstance(v, float) and v > 1.05
+                else "", subset=["auto / fastest peer"])
+    return _compact(st, caption)

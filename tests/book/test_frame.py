@@ -1,0 +1,55 @@
+"""The chapter frame: mode = "run" says plainly when it replays and how to force a measurement;
+card facts label their clock and carry the datasheet and the provenance notes."""
+
+import pytest
+
+from lib.book import frame
+from lib.harness import experiments as E
+from lib.harness import results as R
+
+FAST = {"sleep_s": [0.0], "n": [1, 2]}
+
+
+def test_run_mode_on_a_measured_card_says_it_replays_and_how_to_force(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(frame.FORCE_ENV, raising=False)
+    first = frame.measure_if_asked(E.SELFTEST, "run", str(tmp_path), FAST)
+    assert first.points_done == 4 and "REPLAYS" not in capsys.readouterr().out
+    again = frame.measure_if_asked(E.SELFTEST, "run", str(tmp_path), FAST)
+    text = capsys.readouterr().out
+    assert again.replayed and "REPLAYS" in text and f"{frame.FORCE_ENV}=1" in text and "--force" in text
+    monkeypatch.setenv(frame.FORCE_ENV, "1")
+    forced = frame.measure_if_asked(E.SELFTEST, "run", str(tmp_path), FAST)
+    assert forced.points_done == 4 and not forced.replayed  # a new run ...
+    rows = R.load("selftest", root=tmp_path)
+    assert set(rows["run_id"]) == set(forced.run_ids)  # ... which supersedes the old rows
+    assert frame.measure_if_asked(E.SELFTEST, "replay", str(tmp_path), FAST) is None
+    with pytest.raises(ValueError, match="mode"):
+        frame.measure_if_asked(E.SELFTEST, "rerun", str(tmp_path), FAST)
+
+
+def test_card_facts_of_the_committed_seed_run_name_an_idle_clock_and_the_datasheet():
+    f = frame.card_facts("h100-80gb-hbm3")
+    assert f["sm_clock_mhz"] == 345 and f["sm_clock_label"].startswith("idle")  # the glued value, labelled
+    assert f["datasheet_hbm_gbps"] == 3350.0 and f["read_gbps"] < f["datasheet_hbm_gbps"]
+    assert "64affe0" in f["provenance_issues"]
+
+
+def test_card_facts_prefer_the_clock_under_load(tmp_path):
+    p = R.csv_path("selftest", "cpu", root=tmp_path)
+    R.write_provenance(p, "20300101T000000Z-aaaaaa", {
+        "gpu": {"name": "NVIDIA H200"}, "snapshot_before": {"sm_clock_mhz": 345},
+        "clocks_under_load": {"label": "x", "n": 9, "sm_clock_mhz": {"median": 1980.0, "min": 1900.0, "max": 1980.0}},
+        "git": {"commit": "a" * 40, "dirty": False, "lib_sha256": "b" * 64}, "graph_floor": {"median_us": 2.5}})
+    f = frame.card_facts("cpu", root=tmp_path, experiment="selftest")
+    assert (f["sm_clock_mhz"], f["sm_clock_label"]) == (1980.0, "under load")
+    assert f["datasheet_hbm_gbps"] == 4800.0 and f["graph_floor_us"] == 2.5 and f["provenance_issues"] == ""
+
+
+def test_provenance_note_lists_each_note_once():
+    import pandas as pd
+
+    sep = R.ISSUE_SEPARATOR
+    rows = pd.DataFrame({"provenance_issues": [f"git: a{sep}clocks: b", "git: a", ""]})
+    assert frame.provenance_note(rows) == ("The provenance of these measurements is incomplete or wrong "
+                                           "until they are re-measured: git: a; clocks: b.")
+    assert frame.provenance_note(rows.iloc[[2]]) == ""
