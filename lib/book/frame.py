@@ -62,11 +62,12 @@ def refuse_failed(rows: pd.DataFrame, experiment: str, show=("backend", "point_k
 
 def load_checked(experiment: str, gpu=None, root=None, *, expand_extra: bool = False,
                  include_errors: bool = False, show=("backend", "point_key"),
-                 what: str = "correctness check") -> pd.DataFrame:
+                 what: str = "correctness check", dedupe: bool = True) -> pd.DataFrame:
     """The experiment's rows (ok ones unless ``include_errors``) through :func:`refuse_failed`;
     :class:`NoData`, saying how to measure them, where there are none."""
     try:
-        rows = R.load(experiment, gpu, root=root, expand_extra=expand_extra, include_errors=include_errors)
+        rows = R.load(experiment, gpu, root=root, expand_extra=expand_extra, include_errors=include_errors,
+                      dedupe=dedupe)  # dedupe=False: every run's rows (repeats, for their spread)
     except FileNotFoundError as exc:
         raise NoData(f"No {experiment} measurements in {R.results_root(root)}: "
                      f"{rerun_hint(experiment)} ({exc})") from None

@@ -91,7 +91,7 @@ def plan_table(shapes, *, num_sms: int = 132, head_size: int = 128, block_size: 
                      "blocks per KV head": p.head_tiles, "blocks unsplit": base,
                      "partitions": p.max_partitions, "partition (tokens)": p.partition_size,
                      "grid": grid,
-                     "waves": round(grid / (kernels.MMA_BLOCKS_PER_SM * num_sms), 2),
+                     "waves": f"{grid / (kernels.MMA_BLOCKS_PER_SM * num_sms):.2f}",
                      "own-auto runs": f"v{auto.version}"})
     return pd.DataFrame(rows)
 
@@ -111,15 +111,31 @@ def resource_pairs(res: pd.DataFrame, arch: str = "sm_90") -> pd.DataFrame:
     out["max difference"] = out.max(axis=1) - out.min(axis=1)
     out["paged - contiguous"] = out["paged"] - out["contiguous"]
     out["spill bytes"] = spills
-    return out.reset_index()
+    out = out.reset_index()
+    out["block_size"] = out["block_size"].astype(int)
+    return out
 
 
 def resource_summary(pairs: pd.DataFrame) -> dict:
     """Counts for the prose: kernels, spilling ones, the widest register gaps."""
-    return {"modules": len(pairs), "spilling": int((pairs["spill bytes"] > 0).sum()),
+    wide = pairs["block_size"] >= 4
+    spill = pairs[pairs["spill bytes"] > 0]
+    return {"modules": len(pairs), "spilling": len(spill),
+            "spilling_where": ", ".join(sorted({f"head {int(h)} block {int(b)}" for h, b in
+                                                zip(spill["head_size"], spill["block_size"])}))
+            or "none",
             "max_pc_gap": int(pairs["paged - contiguous"].abs().max()),
+            "max_pc_gap_b4": int(pairs.loc[wide, "paged - contiguous"].abs().max()),
             "max_gap": int(pairs["max difference"].max()),
             "regs_lo": int(pairs["paged"].min()), "regs_hi": int(pairs["paged"].max())}
+
+
+def v3_points(speed: pd.DataFrame) -> pd.DataFrame:
+    """The rows of kernel_speed points that timed v3 (the grid's 30 shapes), not the older
+    six-shape block that shares some shapes with them."""
+    require_columns(speed, ["point_key", "backend"], "v3_points")
+    keys = set(speed.loc[speed["backend"] == "own-v3-paged", "point_key"])
+    return speed[speed["point_key"].isin(keys)]
 
 
 def speed_table(speed: pd.DataFrame) -> pd.DataFrame:
@@ -149,6 +165,19 @@ def speed_table(speed: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def with_run_spread(table: pd.DataFrame, speed_all: pd.DataFrame) -> pd.DataFrame:
+    """`table` plus, per shape, the spread (largest minus smallest) of own-auto over the fastest
+    peer across every run in `speed_all` (separate processes on one card), and the run count."""
+    ratios = []
+    for _, run in speed_all.groupby("run_id"):
+        ratios.append(speed_table(v3_points(run))["auto / fastest peer"])
+    r = pd.concat(ratios, axis=1)
+    out = table.copy()
+    out["spread between runs"] = (r.max(axis=1) - r.min(axis=1)).reindex(out.index)
+    out.attrs["runs"] = r.shape[1]
+    return out
+
+
 def speed_claims(table: pd.DataFrame) -> dict:
     """How the speed table stands against the kernel's targets (batch >= 8 within 1.05x of the
     fastest peer; 90% of the read ceiling where K+V >= 256 MiB; batch 1 within 1.15x)."""
@@ -165,7 +194,19 @@ def speed_claims(table: pd.DataFrame) -> dict:
             "b1_within": int((r[batch == 1] <= 1.15).sum()), "b1_n": int((batch == 1).sum()),
             "best_ratio": float(r.min()), "best_shape": str(r.idxmin()),
             "v3_over_v2_lo": float((table["own-v2-paged"] / table["own-v3-paged"])[grouped].min())
-            if {"own-v2-paged", "own-v3-paged"} <= set(table.columns) else math.nan}
+            if {"own-v2-paged", "own-v3-paged"} <= set(table.columns) else math.nan,
+            "mha_n": int((~grouped).sum()),
+            "mha_v3_faster": int((table["own-v3-paged"] < table["own-auto-paged"])[~grouped].sum())
+            if "own-v3-paged" in table.columns else 0,
+            **_paged_cost(table)}
+
+
+def _paged_cost(table: pd.DataFrame) -> dict:
+    """v3 paged over v3 contiguous: the page table's cost to v3, at its largest."""
+    if not {"own-v3-paged", "own-v3-contiguous"} <= set(table.columns):
+        return {}
+    r = table["own-v3-paged"] / table["own-v3-contiguous"]
+    return {"pc_max": float(r.max()), "pc_max_shape": str(r.idxmax()), "pc_min": float(r.min())}
 
 
 def style_speed_table(table: pd.DataFrame, caption: str | None = None):
@@ -174,7 +215,7 @@ def style_speed_table(table: pd.DataFrame, caption: str | None = None):
 
     fmt = {c: "{:.1f}" for c in table.columns if c in SPEED_COLUMNS}
     fmt.update({"auto / fastest peer": "{:.2f}", "auto % of ceiling": "{:.0f}",
-                "MiB moved": "{:.0f}"})
+                "MiB moved": "{:.0f}", "spread between runs": "{:.3f}"})
     st = table.style.format(fmt, na_rep="–")
     st = st.map(lambda v: "font-weight: bold; color: #b2182b" if isinstance(v, float) and v > 1.05
                 else "", subset=["auto / fastest peer"])

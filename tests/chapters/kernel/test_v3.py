@@ -36,8 +36,8 @@ def test_resource_pairs_compare_the_addressing_modes_of_v3_only():
     pairs = v3.resource_pairs(res)
     assert len(pairs) == 2
     s = v3.resource_summary(pairs)
-    assert s == {"modules": 2, "spilling": 1, "max_pc_gap": 2, "max_gap": 7, "regs_lo": 165,
-                 "regs_hi": 240}
+    assert s == {"modules": 2, "spilling": 1, "spilling_where": "head 256 block 1", "max_pc_gap": 2,
+                 "max_pc_gap_b4": 2, "max_gap": 7, "regs_lo": 165, "regs_hi": 240}
     with pytest.raises(ValueError, match="no v3"):
         v3.resource_pairs(res[res["kernel"] == "decode"])
 
@@ -73,3 +73,15 @@ def test_speed_table_holds_auto_against_the_fastest_peer_that_ran():
 
 def test_tile_figure_draws():
     assert isinstance(v3.tile_figure(), Figure)
+
+
+def test_run_spread_is_the_ratio_range_over_runs():
+    rows = []
+    for run, auto in (("r1", 44.0), ("r2", 48.0)):
+        d = _speed({(8, 4096, 64, 8): {"own-auto-paged": auto, "own-v3-paged": auto, "sdpa_dense": 40.0}})
+        d["run_id"], d["point_key"] = run, "p"
+        rows.append(d)
+    speed = pd.concat(rows)
+    t = v3.with_run_spread(v3.speed_table(v3.v3_points(speed[speed.run_id == "r2"])), speed)
+    assert t.attrs["runs"] == 2
+    assert t["spread between runs"].iloc[0] == pytest.approx(0.1)
