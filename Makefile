@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-$(EXTRAS)
 EXTRAS ?= book,test
 
-.PHONY: book test gpu-test reproduce wheelhouse clean venv
+.PHONY: book test gpu-test reproduce wheelhouse clean venv pdf bundle
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -25,6 +25,16 @@ book: venv
 	$(VENV)/bin/jupyter-book build . -W --keep-going -q
 	@touch _build/.inputs-stamp
 	@echo "Open: file://$(CURDIR)/_build/html/index.html"
+
+## pdf: the whole book as one PDF (Chromium prints each page; pypdf joins them) -> _build/book.pdf
+pdf: book
+	bash scripts/ensure-chromium
+	$(PY) scripts/book_pdf.py
+
+## bundle: the built HTML as one archive a reader can host anywhere -> _build/book-html.tar.gz
+bundle: book
+	tar czf _build/book-html.tar.gz -C _build html
+	@echo "Static site: _build/book-html.tar.gz (unpack and serve html/, e.g. python -m http.server)"
 
 ## test: make a venv, install, run the test suite (GPU tests skip without a GPU)
 test: venv
