@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Rectangle
 
 from lib.book import frame
+from lib.book import tables
 from lib.engine import kvcache
 from lib.book.plots import _block_axis, set_house_style
 from lib.book.plots import require_columns as _need, diagram_canvas as _canvas
@@ -29,16 +30,6 @@ DTYPE_ORDER = ("float16", "bfloat16", "float32")
 FREE_C = "0.93"
 #: relative errors below this are drawn at it (log axis; exact outputs have errors near 1e-16)
 ERROR_FLOOR = 1e-9
-#: the table style of every styled table of the chapter
-_COMPACT = [
-    {"selector": "th", "props": [("text-align", "center"), ("font-size", "0.75em"),
-                                 ("padding", "2px 5px"), ("vertical-align", "bottom")]},
-    {"selector": "td", "props": [("text-align", "right"), ("font-size", "0.78em"),
-                                 ("padding", "2px 6px"), ("font-variant-numeric", "tabular-nums"),
-                                 ("white-space", "nowrap")]},
-    {"selector": "th.row_heading", "props": [("white-space", "nowrap"), ("text-align", "left")]},
-    {"selector": "caption", "props": [("caption-side", "top"), ("font-size", "0.9em")]},
-]
 
 
 def _ordered(values, order) -> list:
@@ -65,9 +56,8 @@ def _token_cells(ax, x0, y, c, block: int, bs: int, n_tokens: int, color) -> Non
 
 
 def _compact(styler, caption: str | None, extra=()):
-    """`styler` in the chapter's compact table style (`_COMPACT`), captioned if a caption is given."""
-    styler = styler.set_table_styles(_COMPACT + list(extra))
-    return styler.set_caption(caption) if caption else styler
+    """`styler` in the book's compact table style (:func:`lib.book.tables.compact`)."""
+    return tables.compact(styler, caption, extra)
 
 
 # ----------------------------------------------------------------------------- diagrams
