@@ -8,6 +8,8 @@ provenance. The rest are the tools a chapter's prose quotes numbers through (:fu
 
 from __future__ import annotations
 
+import ast
+
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -77,10 +79,19 @@ def load_checked(experiment: str, gpu=None, root=None, *, expand_extra: bool = F
 
 
 class Plain(str):
-    """Text for myst-nb's ``{glue:text}``, which prints a value's repr: here the text itself."""
+    """Text for myst-nb's ``{glue:text}``, which prints a value's repr: here the text itself.
+
+    The role passes that repr through ``ast.literal_eval`` and ``str``, so "1.000" would print as
+    "1.0" and "1,024" as a tuple: text that would not survive the round trip gets an invisible
+    word joiner (U+2060), which keeps it a plain string."""
 
     def __repr__(self) -> str:
-        return str(self)
+        text = str(self)
+        try:
+            survives = str(ast.literal_eval(text)) == text
+        except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+            return text
+        return text if survives else text + "\u2060"
 
 
 def card_facts(gpu: str, root=None, experiment: str = "seed_tables") -> dict:

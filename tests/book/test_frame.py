@@ -53,3 +53,17 @@ def test_provenance_note_lists_each_note_once():
     assert frame.provenance_note(rows) == ("The provenance of these measurements is incomplete or wrong "
                                            "until they are re-measured: git: a; clocks: b.")
     assert frame.provenance_note(rows.iloc[[2]]) == ""
+
+
+def test_plain_text_survives_the_glue_roles_literal_eval():
+    import ast
+
+    from lib.book.frame import Plain
+
+    for text in ("1.000", "1,024", "0.50", "NVIDIA H200", "12", "v3 tile=8"):
+        shown = repr(Plain(text))
+        try:
+            out = str(ast.literal_eval(shown))
+        except (SyntaxError, ValueError):
+            out = shown
+        assert out.replace("\u2060", "") == text, text

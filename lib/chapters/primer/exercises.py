@@ -9,7 +9,6 @@ committed run measured reads as a dash, so a chapter without data still builds.
 
 from __future__ import annotations
 
-import ast
 import math
 
 from lib.book.frame import Plain
@@ -26,19 +25,7 @@ def fmt(value, spec: str = ".1f") -> Plain:
         return Plain(DASH)
     if not math.isfinite(v):
         return Plain(DASH)
-    return Plain(_as_shown(format(v, spec).replace(",", "\u202f")))
-
-
-def _as_shown(text: str) -> str:
-    """``text`` such that ``{glue:text}`` prints it unchanged. The role passes a value through
-    ``ast.literal_eval`` and ``str`` first, so "1.000" would print as "1.0" and "1,024" as a
-    tuple: thousands get thin spaces (above), and a number that would not survive the round trip
-    gets an invisible word joiner, which makes it a plain string."""
-    try:
-        survives = str(ast.literal_eval(text)) == text
-    except (SyntaxError, ValueError):
-        return text
-    return text if survives else text + "\u2060"
+    return Plain(format(v, spec).replace(",", "\u202f"))  # Plain keeps "1.000" as it is
 
 
 def _get(d: dict, key: str) -> float:
