@@ -220,6 +220,38 @@ def make_random_block_tables(seq_lens, block_size, num_physical_blocks, rng) -> 
                        block_size=int(block_size), seq_lens=lens.astype(np.int32))
 
 
+def used_pages(tables: np.ndarray, seq_lens: np.ndarray, block_size: int, num_blocks: int | None = None):
+    """The entries a paged kernel reads of host block tables (int ``[S, W]``; only the first
+    ceil(len / block_size) of a row), checked: ``(lens, pages, used, entries)`` with ``used`` the
+    ``[S, W]`` mask of read entries and ``entries`` them in row-major order (sequence after
+    sequence, page order), int64. ValueError for a table a peer library would misread: wrong
+    shapes, no sequences, a length < 1, too few columns, a page outside ``num_blocks`` (default:
+    the int32 range)."""
+    if tables.ndim != 2 or not np.issubdtype(tables.dtype, np.integer):
+        raise ValueError(f"block_tables must be a 2-D integer array, got {tables.dtype} {tables.shape}")
+    if seq_lens.shape != (tables.shape[0],) or not np.issubdtype(seq_lens.dtype, np.integer):
+        raise ValueError(f"seq_lens must be {tables.shape[0]} integers (one per table row), "
+                         f"got {seq_lens.dtype} {seq_lens.shape}")
+    if seq_lens.size == 0:
+        raise ValueError("no sequences: block_tables has no rows")
+    if (seq_lens < 1).any():
+        raise ValueError(f"seq_lens must all be >= 1, got min {int(seq_lens.min())}")
+    lens = seq_lens.astype(np.int64)
+    pages = -(-lens // block_size)
+    width = tables.shape[1]
+    if pages.max() > width:
+        s = int(np.argmax(pages))
+        raise ValueError(f"sequence {s} of length {int(lens[s])} needs {int(pages[s])} pages of "
+                         f"{block_size}; block_tables has {width} columns")
+    used = np.arange(width)[None, :] < pages[:, None]
+    entries = tables[used].astype(np.int64)
+    limit = np.iinfo(np.int32).max if num_blocks is None else int(num_blocks)
+    bad = entries[(entries < 0) | (entries >= limit)]
+    if bad.size:
+        raise ValueError(f"block_tables holds page {int(bad[0])}, outside the pool's {limit} pages")
+    return lens, pages, used, entries
+
+
 def _table_array(tables) -> np.ndarray:  # a BlockTables or a bare 2-D table
     return np.asarray(getattr(tables, "tables", tables))
 

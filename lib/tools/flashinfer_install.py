@@ -23,20 +23,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import re
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
 import zipfile
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from lib import ROOT
+from lib.engine.backends.vllm import canonical_name
+from lib.tools.wheel_files import (check_members, find_metadata, sha256_file,  # noqa: F401
+                                   swap_in, unsafe_member)
 from lib.engine.backends.flashinfer import (DEFAULT_KERNEL_DIR, ENV_DIR, MANIFEST_NAME,
                                             SUPPORTED_DTYPES, flashinfer_status)
 
@@ -69,35 +70,6 @@ class InstallReport:
 # --------------------------------------------------------------------------- archives
 
 
-def unsafe_member(info: zipfile.ZipInfo | str) -> str | None:
-    """Why an archive member must not be extracted (absolute, drive, '..', link, odd name), or None."""
-    name = info.filename if isinstance(info, zipfile.ZipInfo) else info
-    if not name or "\x00" in name:
-        return "empty or NUL-containing name"
-    if name.startswith(("/", "\\")) or PurePosixPath(name).is_absolute():
-        return "absolute path"
-    if PureWindowsPath(name).drive:
-        return "drive letter"
-    if ".." in re.split(r"[/\\]", name):
-        return "'..' component"
-    if isinstance(info, zipfile.ZipInfo) and stat.S_ISLNK(info.external_attr >> 16):
-        return "symbolic link"
-    return None
-
-
-def check_members(zf: zipfile.ZipFile, label: str) -> list[str]:
-    """Every member name of `zf`, after refusing the archive on the first unsafe one."""
-    for info in zf.infolist():
-        why = unsafe_member(info)
-        if why:
-            raise ValueError(f"refusing {label}: member {info.filename!r} is unsafe ({why})")
-    return zf.namelist()
-
-
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "_", name).lower()
-
-
 def read_metadata(text: str) -> dict[str, Any]:
     """A METADATA file's headers (first value of each; ``Requires-Dist`` as a list)."""
     fields: dict[str, Any] = {"Requires-Dist": []}
@@ -115,16 +87,6 @@ def read_metadata(text: str) -> dict[str, Any]:
     return fields
 
 
-def find_metadata(names: Iterable[str], dist: str, label: str) -> str:
-    """The wheel's ``<dist>-<ver>.dist-info/METADATA`` member."""
-    found = [n for n in names if re.fullmatch(r"[^/]+\.dist-info/METADATA", n)
-             and canonical(n.split("/")[0].split("-", 1)[0]) == canonical(dist)]
-    if len(found) != 1:
-        raise ValueError(f"{label} is not a wheel of {dist}: expected one {canonical(dist)}-<version>"
-                         f".dist-info/METADATA, found {found or 'none'}")
-    return found[0]
-
-
 def wheel_tags(filename: str) -> tuple[str, str, str]:
     """(python, abi, platform) tags of a wheel file name (PEP 427)."""
     parts = Path(filename).name[:-4].split("-") if filename.endswith(".whl") else []
@@ -137,14 +99,6 @@ def _python_tag(tvm_wheel: Path) -> str | None:
     """The one CPython a compiled wheel runs on (``cp312``), or None (abi3 / pure)."""
     py, abi, _ = wheel_tags(tvm_wheel.name)
     return py if abi.startswith("cp") and re.fullmatch(r"cp\d+", py) else None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclasses.dataclass
@@ -186,7 +140,7 @@ def _check_tvm_requirement(fi: Wheel, tvm: Wheel) -> None:
         return
     for text in fi.meta["Requires-Dist"]:
         req = Requirement(text)
-        if canonical(req.name) == canonical(TVM_DIST) and not req.marker:
+        if canonical_name(req.name) == canonical_name(TVM_DIST) and not req.marker:
             if not req.specifier.contains(Version(tvm.version), prereleases=True):
                 raise ValueError(f"{fi.path.name} requires {text}; {tvm.path.name} is {tvm.version}")
 
@@ -525,8 +479,8 @@ def _copy_install(tree: Path, tvm_tree: Path, dest: Path, fi: Wheel, tvm: Wheel,
         manifest = {
             "flashinfer_version": fi.version, "tvm_ffi_version": tvm.version,
             "python_tag": _python_tag(tvm.path),
-            "wheels": {"flashinfer": {"name": fi.path.name, "sha256": _sha256(fi.path)},
-                       "tvm_ffi": {"name": tvm.path.name, "sha256": _sha256(tvm.path)}},
+            "wheels": {"flashinfer": {"name": fi.path.name, "sha256": sha256_file(fi.path)},
+                       "tvm_ffi": {"name": tvm.path.name, "sha256": sha256_file(tvm.path)}},
             "files": fi_files, "tvm_ffi_files": tvm_files, "total_bytes": total,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "probe": {**settings, **{k: result.get(k) for k in (
@@ -536,13 +490,7 @@ def _copy_install(tree: Path, tvm_tree: Path, dest: Path, fi: Wheel, tvm: Wheel,
                     "FLASHINFER_WORKSPACE_BASE": "the JIT cache root (default <repo>/.flashinfer-cache)"},
         }
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        if dest.exists():  # an earlier install (checked above): swap it out
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / "x")
-            os.replace(staging, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, dest)
+        swap_in(staging, dest)  # an earlier install (checked above) is swapped out
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -574,7 +522,7 @@ def download_wheels(version: str, wheelhouse: Path, *, python_version: str = "3.
     if not found:
         raise RuntimeError(f"pip download left no flashinfer_python-{version}-*.whl in {wheelhouse}")
     fi = open_wheel(found[-1], DIST)
-    spec = next((r for r in fi.meta["Requires-Dist"] if canonical(re.split(r"[<>=!~;\[ (]", r)[0]) == canonical(TVM_DIST)
+    spec = next((r for r in fi.meta["Requires-Dist"] if canonical_name(re.split(r"[<>=!~;\[ (]", r)[0]) == canonical_name(TVM_DIST)
                  and "extra ==" not in r), TVM_DIST)
     spec = spec.split(";")[0].replace(" ", "").replace("(", "").replace(")", "")
     target = ["--python-version", python_version, "--implementation", "cp"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -28,12 +27,13 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from lib import ROOT
 from lib.engine.backends.vllm import (DEFAULT_KERNEL_DIR, KERNEL_MODULE, MANIFEST_NAME, PYNVML_SHIM,
-                                      canonical_name, read_metadata, vllm_status)
+                                      read_metadata, vllm_status)
+from lib.tools.wheel_files import find_metadata, sha256_file, swap_in, unsafe_member
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,33 +48,8 @@ class InstallReport:
     third_party: tuple[str, ...] = ()
 
 
-def _unsafe_member(name: str) -> str | None:
-    """Why an archive member name must not be extracted, or None when it is safe."""
-    if name.startswith(("/", "\\")) or PurePosixPath(name).is_absolute():
-        return "absolute path"
-    if PureWindowsPath(name).drive:
-        return "drive letter"
-    if ".." in re.split(r"[/\\]", name):
-        return "'..' component"
-    return None
-
-
-def _find_metadata(names: list[str], package: str) -> str:
-    """The wheel's `<dist>-<ver>.dist-info/METADATA` member for `package`."""
-    candidates = [n for n in names if re.fullmatch(r"[^/]+\.dist-info/METADATA", n)]
-    matching = [n for n in candidates if canonical_name(n.split("-")[0]) == canonical_name(package)]
-    if len(matching) != 1:
-        raise ValueError(f"expected one {package}-<version>.dist-info/METADATA in the wheel, "
-                         f"found {candidates or 'none'}")
-    return matching[0]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+#: the checks every install makes (kept under this module's old name)
+_unsafe_member = unsafe_member
 
 
 # Runs in the target python. argv: root, module, out.json. Writes what the import
@@ -225,7 +200,7 @@ def install_kernel_only(wheel: Path, dest: Path, *, python: str = sys.executable
             why = _unsafe_member(name)
             if why:
                 raise ValueError(f"refusing {wheel.name}: member {name!r} has an {why}")
-        meta_member = _find_metadata(names, top)
+        meta_member = find_metadata(names, top, wheel.name)
         meta = read_metadata(zf.read(meta_member).decode("utf-8", "replace"))
         if dest.is_file():
             raise ValueError(f"{dest} is a file, not a directory")
@@ -266,20 +241,14 @@ def _copy_install(tree: Path, dest: Path, wheel: Path, meta_member: str, version
             total += target.stat().st_size
         manifest = {
             "vllm_version": version, "kernel_module": module,
-            "wheel": {"name": wheel.name, "sha256": _sha256(wheel)},
+            "wheel": {"name": wheel.name, "sha256": sha256_file(wheel)},
             "files": files, "total_bytes": total,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "probe": {k: result.get(k) for k in ("python", "torch", "triton", "has_triton", "platform",
                                                  "third_party")},
         }
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        if dest.exists():  # an earlier install (checked above): swap it out
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / "x")
-            os.replace(staging, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, dest)
+        swap_in(staging, dest)  # an earlier install (checked above) is swapped out
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

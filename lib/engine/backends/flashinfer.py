@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from lib import ROOT
+from lib.engine import kvcache
 from lib.engine.validation import _host
 
 #: Where a kernel-only install is looked for when given no directory and no env var.
@@ -100,28 +101,7 @@ def plan_pages(block_tables, seq_lens, *, block_size: int, num_blocks: int | Non
     if isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     bs = int(block_size)
-    if tables.ndim != 2 or not np.issubdtype(tables.dtype, np.integer):
-        raise ValueError(f"block_tables must be a 2-D integer array, got {tables.dtype} {tables.shape}")
-    if lens.shape != (tables.shape[0],) or not np.issubdtype(lens.dtype, np.integer):
-        raise ValueError(f"seq_lens must be {tables.shape[0]} integers (one per table row), "
-                         f"got {lens.dtype} {lens.shape}")
-    if lens.size == 0:
-        raise ValueError("no sequences: block_tables has no rows")
-    if (lens < 1).any():
-        raise ValueError(f"seq_lens must all be >= 1, got min {int(lens.min())}")
-    lens = lens.astype(np.int64)
-    pages = -(-lens // bs)
-    width = tables.shape[1]
-    if pages.max() > width:
-        s = int(np.argmax(pages))
-        raise ValueError(f"sequence {s} of length {int(lens[s])} needs {int(pages[s])} pages of "
-                         f"{bs}; block_tables has {width} columns")
-    used = np.arange(width)[None, :] < pages[:, None]
-    indices = tables[used].astype(np.int64)  # row-major: sequence after sequence, in page order
-    limit = np.iinfo(np.int32).max if num_blocks is None else int(num_blocks)
-    bad = indices[(indices < 0) | (indices >= limit)]
-    if bad.size:
-        raise ValueError(f"block_tables holds page {int(bad[0])}, outside the pool's {limit} pages")
+    lens, pages, _, indices = kvcache.used_pages(tables, lens, bs, num_blocks)
     indptr = np.zeros(lens.size + 1, dtype=np.int64)
     np.cumsum(pages, out=indptr[1:])
     if indptr[-1] > np.iinfo(np.int32).max:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lib.engine import kvcache
 from lib.engine.validation import _host
 
 #: The sparse-block (page) sizes FlexAttention's Triton decode kernel can walk (see module doc).
@@ -96,31 +97,12 @@ def plan_pages(block_tables, seq_lens, *, block_size: int, num_blocks: int,
     bs = check_block_size(block_size)
     tables = _host(block_tables)
     lens = _host(seq_lens)
-    if tables.ndim != 2 or not np.issubdtype(tables.dtype, np.integer):
-        raise ValueError(f"block_tables must be a 2-D integer array, got {tables.dtype} "
-                         f"{tables.shape}")
-    if lens.shape != (tables.shape[0],) or not np.issubdtype(lens.dtype, np.integer):
-        raise ValueError(f"seq_lens must be {tables.shape[0]} integers (one per table row), "
-                         f"got {lens.dtype} {lens.shape}")
-    if (lens < 1).any():
-        raise ValueError(f"seq_lens must all be >= 1, got min {int(lens.min())}")
     num_blocks = int(num_blocks)
     if num_blocks * bs > np.iinfo(np.int32).max:
         raise ValueError(f"{num_blocks} pages of {bs} tokens overflow FlexAttention's int32 "
                          "token indices")
-    lens = lens.astype(np.int64)
-    pages = -(-lens // bs)
+    lens, pages, used, entries = kvcache.used_pages(tables, lens, bs, num_blocks)
     width = tables.shape[1]
-    if pages.max() > width:
-        s = int(np.argmax(pages))
-        raise ValueError(f"sequence {s} of length {int(lens[s])} needs {int(pages[s])} pages; "
-                         f"block_tables has {width} columns")
-    used = np.arange(width)[None, :] < pages[:, None]
-    entries = tables[used].astype(np.int64)
-    bad = entries[(entries < 0) | (entries >= num_blocks)]
-    if bad.size:
-        raise ValueError(f"block_tables holds page {int(bad[0])}, outside the pool's "
-                         f"{num_blocks} pages")
     if np.unique(entries).size != entries.size:
         raise ValueError("a physical page appears more than once in block_tables (e.g. the seed "
                          "protocol's random tables): flex_paged's mask marks each page with one "

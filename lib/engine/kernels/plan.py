@@ -64,9 +64,10 @@ def mma_partition(*, num_seqs: int, num_heads: int, num_kv_heads: int, max_seq_l
     """v3 partition (tokens): split sequences (flash-decoding) into as many partitions as keep the
     grid within one wave of resident blocks (MMA_BLOCKS_PER_SM per SM), never below
     MMA_MIN_PARTITION tokens; a grid of (KV head, head tile, sequence) blocks that already fills
-    a wave keeps whole sequences. Measured on an H200 (64:8, 8 x 4096): 4 or 6 partitions (256 or
-    384 blocks) ran in 49-54 us, 8 (512 blocks, 1.3 waves) in 59 us: a partial second wave of
-    long-running blocks leaves most of the GPU idle."""
+    a wave keeps whole sequences. Why one wave: in a partition-size probe on an H200
+    (scripts/device/v3_probe.py, not committed data) grids of 1.1 to 1.3 waves of these
+    long-running blocks ran slower than a grid just under one wave, whose blocks all start at
+    once; a partial second wave leaves most of the GPU idle."""
     blocks = num_seqs * num_kv_heads * math.ceil(num_heads // num_kv_heads / MMA_TILE)
     whole = _round_up(max_seq_len, MMA_PARTITION_QUANTUM)
     fits = MMA_BLOCKS_PER_SM * num_sms // blocks
