@@ -29,10 +29,18 @@ def shape_of(param: str) -> str:
 
 
 def load(gpu=None, root=None) -> pd.DataFrame:
-    """The checked ok rows, tagged with ``shape`` and ``subgrid`` (``grid`` or ``blocks``)."""
+    """The checked ok rows, tagged with ``shape`` and ``subgrid`` (``grid``, ``blocks`` or
+    ``flashinfer``)."""
     rows = frame.with_shape(frame.load_checked(EXPERIMENT, gpu, root=root))
-    rows["subgrid"] = ["blocks" if NO_OFFSET in key else "grid" for key in rows["point_key"]]
+    rows["subgrid"] = [subgrid_of(key) for key in rows["point_key"]]
     return rows
+
+
+def subgrid_of(point_key: str) -> str:
+    """Which of the experiment's sub-grids a point belongs to, read from its backends."""
+    if NO_OFFSET in point_key:
+        return "blocks"
+    return "flashinfer" if "flashinfer" in point_key else "grid"
 
 
 def errors(gpu, root=None) -> pd.DataFrame:

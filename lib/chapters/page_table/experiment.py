@@ -8,6 +8,9 @@ from lib.harness.grids import ALL_BLOCKS, LLAMA_SHAPE, RIGOROUS_DEVICE, SEED_SHA
 MAX_KV_BYTES = 8 << 30
 GRID_BACKENDS = "own-auto-paged+own-auto-contiguous+own-v1-paged+own-v2-paged+vllm+sdpa_dense"
 NO_OFFSET_BACKENDS = "own-auto-paged+own-auto-contiguous+own-auto-no_offset+vllm"
+#: The page table under FlashInfer, a memory-bound paged GQA decode: its time by block size and
+#: placement beside dense SDPA (no table at all) and our own, on the same points
+FLASHINFER_BACKENDS = "flashinfer+own-auto-paged+sdpa_dense"
 
 
 def kv_fits(point: dict) -> bool:
@@ -22,7 +25,8 @@ EXPERIMENT = check(Experiment(
     description="The price of the page table: batch 1-256 x 512-32768 tokens at block 16 (paged vs "
                 "contiguous on identity placement, same bytes; paged on shuffled placement; vLLM; "
                 "dense SDPA; caches above 8 GiB of K+V skipped), and block sizes 1-256 x batch "
-                "1-128 at 1024 tokens with the no_offset floor",
+                "1-128 at 1024 tokens with the no_offset floor; FlashInfer's paged decode at block sizes 1-256 "
+                "x identity/shuffled placement x batch 8-128 at 4096 tokens beside dense SDPA",
     chapter="chapters/page_table.md",
     measure="lib.engine.measure:measure_decode",
     prepare="lib.engine.measure:precompile_points",
@@ -34,6 +38,10 @@ EXPERIMENT = check(Experiment(
                                   ("shuffled", "own-auto-paged+vllm+sdpa_dense")]]
     + [{**shape, **RIGOROUS_DEVICE, "batch_size": [1, 8, 32, 128], "seq_len": [1024],
         "block_size": ALL_BLOCKS, "backends": [NO_OFFSET_BACKENDS]}
+       for shape in (LLAMA_SHAPE, SEED_SHAPE)]
+    + [{**shape, **RIGOROUS_DEVICE, "batch_size": [8, 32, 128], "seq_len": [4096],
+        "block_size": ALL_BLOCKS, "placement": ["identity", "shuffled"],
+        "backends": [FLASHINFER_BACKENDS]}
        for shape in (LLAMA_SHAPE, SEED_SHAPE)],
     where=kv_fits,
 ))
