@@ -41,6 +41,37 @@ def with_shape(rows: pd.DataFrame, *, model: bool = True) -> pd.DataFrame:
     return out
 
 
+#: The cards of the committed data, in the order the book shows them, and their short names.
+CARDS = {"h100-80gb-hbm3": "H100", "h200": "H200"}
+
+
+def card_label(slug: str) -> str:
+    """``"H100"`` for ``"h100-80gb-hbm3"``; an unknown card's slug as it is."""
+    return CARDS.get(slug, slug)
+
+
+def card_slugs(rows: pd.DataFrame) -> list[str]:
+    """The cards in ``rows`` (a loader's output over every card), known ones in :data:`CARDS`
+    order first: what a chapter draws side by side."""
+    have = set(rows["gpu_slug"].dropna().unique())
+    return [c for c in CARDS if c in have] + sorted(have - set(CARDS))
+
+
+def physical_cards(experiment: str, root=None) -> dict[str, str]:
+    """run id -> the physical card that ran it (``gpu.uuid_sha16`` in its provenance; "" where
+    not recorded): the unit of the between-card spread, since every lent machine is a new card."""
+    return {run: (p.get("gpu") or {}).get("uuid_sha16") or ""
+            for run, p in R.load_provenance(experiment, root=root).items()}
+
+
+def with_physical_card(rows: pd.DataFrame, experiment: str, root=None) -> pd.DataFrame:
+    """``rows`` with a ``card_id`` column: the physical card of each row's run."""
+    ids = physical_cards(experiment, root=root)
+    out = rows.copy()
+    out["card_id"] = [ids.get(r, "") for r in out["run_id"]]
+    return out
+
+
 class NoData(FileNotFoundError):
     """A chapter has no committed rows to draw from (say how to measure them)."""
 

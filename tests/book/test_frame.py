@@ -67,3 +67,23 @@ def test_plain_text_survives_the_glue_roles_literal_eval():
         except (SyntaxError, ValueError):
             out = shown
         assert out.replace("\u2060", "") == text, text
+
+
+def test_card_slugs_put_known_cards_first_in_book_order():
+    import pandas as pd
+
+    rows = pd.DataFrame({"gpu_slug": ["zz-card", "h200", "h100-80gb-hbm3", "h200", None]})
+    assert frame.card_slugs(rows) == ["h100-80gb-hbm3", "h200", "zz-card"]
+    assert frame.card_label("h100-80gb-hbm3") == "H100" and frame.card_label("zz-card") == "zz-card"
+
+
+def test_with_physical_card_reads_each_runs_uuid_hash(tmp_path):
+    import pandas as pd
+
+    csv = R.csv_path("demo", "h200", root=tmp_path)
+    csv.parent.mkdir(parents=True)
+    R.write_provenance(csv, "run-a", {"gpu": {"uuid_sha16": "aaaa"}})
+    R.write_provenance(csv, "run-b", {"gpu": {}})
+    rows = pd.DataFrame({"run_id": ["run-a", "run-b", "run-c"]})
+    got = frame.with_physical_card(rows, "demo", root=tmp_path)
+    assert got["card_id"].tolist() == ["aaaa", "", ""]
