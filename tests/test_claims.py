@@ -64,3 +64,15 @@ def test_intro_card_claims_hold_on_both_cards():
     for name in ("fault_gbps", "prefetch_gbps", "ko_mha_copy_bus", "ko_mha_remote_bus", "ko_ys_pinned_h2d"):
         assert abs(b[name] / a[name] - 1) <= 0.10, name
     assert a["pt_kernel_seed"] == "v1, v2" and b["pt_kernel_seed"] == "v3"
+
+
+def test_conclusions_host_share_costs_more_on_the_faster_card():
+    """conclusions.md: with blocks on the host the H200's ratios are the larger ones (same link,
+    faster memory), and the resident floor stays within a few per cent on both cards."""
+    from lib.chapters.conclusions import summary as S
+
+    a, b = (S.conclusions_numbers(None, c) for c in (H100, "h200"))
+    for key in ("part_best", "part_worst", "all_best", "all_worst", "host_byte_cost"):
+        assert b[key] > a[key], key
+    assert a["gpu_worst_pct"] < 5 and b["gpu_worst_pct"] < 5
+    assert str(a["k_gqa_kernel"]) == "v2" and str(b["k_gqa_kernel"]) == "v3"

@@ -271,6 +271,27 @@ def one(df: pd.DataFrame, col: str, **where):
     return v.item() if hasattr(v, "item") else v
 
 
+def single_point(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of one grid point. Where a card measured the same shape as two points of one grid
+    (the H200's kernel_speed repeats the H100 grid's shapes with more backends), the one with the
+    most rows, so a ratio of two backends is always taken within one point of one run."""
+    if df["point_key"].nunique() <= 1:
+        return df
+    counts = df["point_key"].value_counts()
+    return df[df["point_key"] == counts.index[0]]
+
+
+def kernels_used(df: pd.DataFrame, backend: str = "own-auto-paged") -> str:
+    """Which of our kernels ``own-auto`` ran in these rows ("v2", "v3" or "v1, v2"), read from
+    each row's launch plan (``extra.plan``): the H100 runs predate v3, so the same backend name
+    is another kernel there."""
+    import json
+
+    plans = [(e if isinstance(e, dict) else json.loads(e)).get("plan", "")
+             for e in df.loc[df["backend"] == backend, "extra"].dropna()]
+    return ", ".join(sorted({p.split()[0] for p in plans if p})) or "unknown"
+
+
 def value_range(df: pd.DataFrame, col: str, **where) -> tuple[float, float]:
     """(min, max) of `col` over the rows that match every `column=value` given (at least one)."""
     mask = pd.Series(True, index=df.index)

@@ -87,3 +87,20 @@ def test_with_physical_card_reads_each_runs_uuid_hash(tmp_path):
     rows = pd.DataFrame({"run_id": ["run-a", "run-b", "run-c"]})
     got = frame.with_physical_card(rows, "demo", root=tmp_path)
     assert got["card_id"].tolist() == ["aaaa", "", ""]
+
+
+def test_single_point_keeps_the_point_with_most_rows():
+    import pandas as pd
+
+    df = pd.DataFrame({"point_key": ["a", "b", "b", "b", "a"], "backend": list("xyzwv")})
+    assert frame.single_point(df)["point_key"].eq("b").all()
+    assert len(frame.single_point(df[df["point_key"] == "a"])) == 2
+
+
+def test_kernels_used_reads_the_launch_plan():
+    import pandas as pd
+
+    df = pd.DataFrame({"backend": ["own-auto-paged", "own-auto-paged", "vllm", "own-auto-paged"],
+                       "extra": ['{"plan": "v3 tile=8"}', {"plan": "v2 tile=4"}, '{"plan": "v1"}', None]})
+    assert frame.kernels_used(df) == "v2, v3"
+    assert frame.kernels_used(df, backend="sdpa_dense") == "unknown"

@@ -12,6 +12,7 @@ import math
 
 import pandas as pd
 
+from lib.book import frame
 from lib.book.frame import Plain
 from lib.chapters.conclusions import ladder as L
 from lib.engine import memory
@@ -109,15 +110,18 @@ def kernel_numbers(root, card: str) -> dict:
     """Our paged kernel against dense SDPA at 32 x 4096 tokens, MHA and GQA (kernel chapter)."""
     from lib.harness import results as R
 
-    out = {"k_mha_over_sdpa": math.nan, "k_gqa_over_sdpa": math.nan}
+    out = {"k_mha_over_sdpa": math.nan, "k_gqa_over_sdpa": math.nan,
+           "k_mha_kernel": Plain("unknown"), "k_gqa_kernel": Plain("unknown")}
     ks = _quiet(lambda: R.load("kernel_speed", card, root=root), None)
     if ks is None:
         return out
     for key, kv in (("mha", 32), ("gqa", 8)):
-        s = ks[(ks["batch_size"] == 32) & (ks["seq_len"] == 4096) & (ks["num_heads"] == 32)
-               & (ks["num_kv_heads"] == kv) & (ks["status"] == "ok")].set_index("backend")["median_us"]
+        point = frame.single_point(ks[(ks["batch_size"] == 32) & (ks["seq_len"] == 4096) & (ks["num_heads"] == 32)
+                                  & (ks["num_kv_heads"] == kv) & (ks["status"] == "ok")]).set_index("backend")
+        s = point["median_us"]
         if {"own-auto-paged", "sdpa_dense"} <= set(s.index):
             out[f"k_{key}_over_sdpa"] = float(s["own-auto-paged"] / s["sdpa_dense"])
+            out[f"k_{key}_kernel"] = Plain(frame.kernels_used(point.reset_index()))
     return out
 
 

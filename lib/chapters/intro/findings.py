@@ -6,6 +6,7 @@ missing is left out, so the intro never states what no committed run measured.
 
 from __future__ import annotations
 
+from lib.book import frame
 from lib.harness import results as R
 
 
@@ -13,26 +14,6 @@ def _pick(df, **eq):
     for k, v in eq.items():
         df = df[df[k] == v]
     return df
-
-
-def _one_point(df):
-    """The rows of one grid point: where a card measured the same shape as two points (the H200's
-    grid repeats the H100 grid's shapes with more backends), the one with the most backends, so
-    every ratio is taken within one point of one run."""
-    if df["point_key"].nunique() <= 1:
-        return df
-    best = max(df["point_key"].unique(), key=lambda k: (df["point_key"] == k).sum())
-    return df[df["point_key"] == best]
-
-
-def _kernels(df, backend: str = "own-auto-paged") -> str:
-    """Which of our kernels ``own-auto`` ran in these rows ("v2", "v3" or "v2, v3"), read from each
-    row's launch plan: the H100 runs predate v3, so the same backend name is another kernel there."""
-    import json
-
-    plans = [(e if isinstance(e, dict) else json.loads(e)).get("plan", "")
-             for e in df.loc[df["backend"] == backend, "extra"].dropna()]
-    return ", ".join(sorted({p.split()[0] for p in plans if p})) or "unknown"
 
 
 def _loaded(load, *args, **kw):
@@ -56,7 +37,7 @@ def key_numbers(gpu: str | None = FINDINGS_GPU) -> dict[str, object]:
     ks = _loaded(R.load, "kernel_speed", gpu)
     if ks is not None and len(ks):
         out["gpu"] = ks.gpu_slug.iloc[0]
-        big = _one_point(_pick(ks, batch_size=32, seq_len=4096, num_heads=32, num_kv_heads=32))
+        big = frame.single_point(_pick(ks, batch_size=32, seq_len=4096, num_heads=32, num_kv_heads=32))
         t = big.set_index("backend").median_us
         if {"own-auto-paged", "sdpa_dense", "vllm"} <= set(t.index):
             out["own_us"] = round(float(t["own-auto-paged"]), 1)
@@ -65,12 +46,12 @@ def key_numbers(gpu: str | None = FINDINGS_GPU) -> dict[str, object]:
             out["own_pct_ceiling"] = round(float(
                 big.set_index("backend").pct_of_read_ceiling["own-auto-paged"]), 1)
             out["paged_over_contiguous"] = round(float(t["own-auto-paged"] / t["own-auto-contiguous"]), 3)
-            out["own_kernel"] = _kernels(big)
-        gqa = _one_point(_pick(ks, batch_size=32, seq_len=4096, num_heads=32, num_kv_heads=8))
+            out["own_kernel"] = frame.kernels_used(big)
+        gqa = frame.single_point(_pick(ks, batch_size=32, seq_len=4096, num_heads=32, num_kv_heads=8))
         g = gqa.set_index("backend").median_us
         if {"own-auto-paged", "sdpa_dense"} <= set(g.index):
             out["gqa_over_sdpa"] = round(float(g["own-auto-paged"] / g["sdpa_dense"]), 3)
-            out["gqa_kernel"] = _kernels(gqa)
+            out["gqa_kernel"] = frame.kernels_used(gqa)
     cm = _loaded(R.load, "correctness", gpu)
     if cm is not None and len(cm):
         own = cm[cm.backend.str.startswith("own-")]
@@ -122,7 +103,7 @@ def _decode_findings(gpu: str | None) -> dict[str, object]:
         summ = P.ratio_summary(P.grid_ratios(rows)).set_index(["shape", "ratio_name"])
         grid = rows[rows["subgrid"] == "grid"]
         for key, (h, kv) in [("llama", (32, 32)), ("seed", (64, 8))]:
-            out[f"pt_kernel_{key}"] = _kernels(grid[(grid["num_heads"] == h) & (grid["num_kv_heads"] == kv)])
+            out[f"pt_kernel_{key}"] = frame.kernels_used(grid[(grid["num_heads"] == h) & (grid["num_kv_heads"] == kv)])
         for key, shape in P.SHAPE_PARAM.items():
             for rkey, name in [("pc", "paged / contiguous"), ("sh", "shuffled / identity")]:
                 if (shape, name) in summ.index:
