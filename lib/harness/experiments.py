@@ -41,6 +41,9 @@ class Experiment:
     prepare: str | None = None
     # True for experiments that time nothing: several processes may share one GPU.
     concurrent_ok: bool = False
+    # Parameters that name a sub-grid (uvm's `measurement`): an override of one selects the
+    # sub-grids whose values it names, instead of relabelling every sub-grid with them.
+    selectors: tuple[str, ...] = ()
 
     @property
     def subgrids(self) -> list[dict[str, list]]:
@@ -202,7 +205,11 @@ def expand(exp: Experiment, overrides: Mapping[str, Any] | None = None) -> list[
     over = normalize_overrides(exp, overrides)
     seen: dict[str, dict] = {}
     for g in exp.subgrids:
-        g = {k: over.get(k, v) for k, v in g.items()}
+        chosen = {k: [x for x in g[k] if coerce(exp, k, x) in over[k]]
+                  for k in exp.selectors if k in over and k in g}
+        if any(not v for v in chosen.values()):
+            continue  # a selector names none of this sub-grid's values
+        g = {k: chosen.get(k, over.get(k, v) if k not in exp.selectors else v) for k, v in g.items()}
         g = {k: [coerce(exp, k, x) for x in v] for k, v in g.items()}
         for combo in itertools.product(*g.values()):
             p = dict(zip(g.keys(), combo))

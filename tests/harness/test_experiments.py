@@ -164,10 +164,12 @@ def test_seed_tables_are_a_two_by_two_factorial_that_keeps_the_committed_points(
     for p in pts:
         by_point.setdefault(rest(p), set()).add(arm(p))
     assert len(by_point) == 96 and all(arms == want for arms in by_point.values())
-    committed = R.load("seed_tables", include_errors=True)
+    committed = R.load("seed_tables", "h100-80gb-hbm3", include_errors=True)
     diagonal = {("seed", "random", 1024), ("rigorous", "identity", 0)}
     keys = {E.point_key(p) for p in pts if arm(p) in diagonal}
-    assert set(committed["point_key"]) == keys  # the 192 committed points are the diagonal arms
+    assert set(committed["point_key"]) == keys  # the H100's 192 points are the diagonal arms
+    h200 = R.load("seed_tables", "h200", include_errors=True)
+    assert set(h200["point_key"]) == {E.point_key(p) for p in pts}  # the H200 ran all four arms
 
 
 @pytest.mark.parametrize("name", ["kernel_speed", "seed_tables", "page_table", "uvm_decode", "uvm",
@@ -179,3 +181,27 @@ def test_every_committed_point_is_a_point_of_its_grid(name):
     keys = {E.point_key(p) for p in E.expand(catalog.get(name))}
     committed = set(R.load(name, include_errors=True)["point_key"])
     assert committed and committed <= keys, sorted(committed - keys)[:3]
+
+
+def test_a_selector_override_picks_sub_grids_instead_of_relabelling_them():
+    exp = E.Experiment(name="sel", description="", measure="x:y", selectors=("kind",),
+                       grid=[{"kind": ["read"], "size": [1, 2]}, {"kind": ["copy"], "method": ["a", "b"]}])
+    plain = {E.point_key(p) for p in E.expand(exp)}
+    reads = E.expand(exp, {"kind": "read"})
+    assert [p["size"] for p in reads] == [1, 2] and all(p["kind"] == "read" for p in reads)
+    assert {E.point_key(p) for p in reads} <= plain
+    assert len(E.expand(exp, {"kind": "read,copy"})) == 4
+    assert E.expand(exp, {"kind": "read", "size": 2}) == [{"kind": "read", "size": 2}]
+    assert E.expand(exp, {"kind": "neither"}) == []
+    # without the selector, an override relabels every sub-grid (the old behaviour)
+    loose = E.Experiment(name="loose", description="", measure="x:y", grid=exp.grid)
+    assert any("method" in p and p["kind"] == "read" for p in E.expand(loose, {"kind": "read"}))
+
+
+def test_uvm_only_parameter_measures_grid_points_only():
+    from lib.chapters.uvm.measure import overrides
+
+    grid = {E.point_key(p) for p in E.expand(catalog.UVM)}
+    only = E.expand(catalog.UVM, overrides(only="gpu_read"))
+    assert only and all(p["measurement"] == "gpu_read" for p in only)
+    assert {E.point_key(p) for p in only} <= grid

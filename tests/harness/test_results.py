@@ -287,11 +287,15 @@ def test_committed_runs_with_wrong_provenance_are_flagged_and_their_numbers_kept
 
     from lib.harness.known_issues import KNOWN_ISSUES
 
+    H100 = "h100-80gb-hbm3"
     for exp in ("seed_tables", "page_table", "uvm_decode"):
-        df = R.load(exp)
+        df = R.load(exp, H100)
         assert df["provenance_issues"].str.contains("64affe0").all(), exp
         assert df["provenance_issues"].str.contains("libraries: vllm").all(), exp
-    assert R.load("uvm")["provenance_issues"].str.contains("no commit").all()
+        # the H200 runs of 2026-12-02 declare a verified commit and record vLLM: no such notes
+        assert not R.load(exp, "h200")["provenance_issues"].str.contains("64affe0|libraries: vllm").any(), exp
+    assert R.load("uvm", H100)["provenance_issues"].str.contains("no commit").all()
+    assert not R.load("uvm", "h200")["provenance_issues"].str.contains("no commit").any()
     assert R.load("kernel_speed", "h100-80gb-hbm3")["provenance_issues"].str.contains("libraries: vllm").all()
     # the H200 runs record vLLM's and FlashInfer's versions and a verified commit: no such note
     assert not R.load("kernel_speed", "h200")["provenance_issues"].str.contains("vllm").any()
@@ -301,6 +305,6 @@ def test_committed_runs_with_wrong_provenance_are_flagged_and_their_numbers_kept
     # the loaded medians are the file's own numbers
     raw = {r["point_key"] + r["backend"]: r["median_us"] for r in
            R.iter_raw([R.csv_path("seed_tables", "h100-80gb-hbm3")]) if r["status"] == "ok"}
-    df = R.load("seed_tables")
+    df = R.load("seed_tables", H100)
     for key, med in zip(df["point_key"] + df["backend"], df["median_us"]):
         assert math.isclose(float(raw[key]), med)

@@ -11,4 +11,5 @@ EXPERIMENT = check(Experiment(
     chapter="chapters/uvm.md",
     measure="lib.chapters.uvm.measure:measure_point",
     grid=GRID,
+    selectors=("measurement",),  # `-p measurement=gpu_read` runs that sub-grid, nothing else
 ))
