@@ -18,6 +18,7 @@ Input: the ``kv_offload`` rows (:func:`load_rows`, ``extra`` expanded). Derived 
 from __future__ import annotations
 
 import math
+import re
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -150,6 +151,20 @@ def yardsticks(rows: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+#: Where a raw CUDA/PyTorch error message stops saying what went wrong and starts giving advice.
+_ADVICE = re.compile(r"\s*(Search for |CUDA kernel errors might|For debugging consider|Compile with )")
+_URL = re.compile(r"\s*\(?https?://\S+\)?")
+
+
+def short_reason(error: str, limit: int = 160) -> str:
+    """An error row's message as the chapter shows it: what went wrong, without the raw
+    message's links and debugging advice (issue 17: no CUDA error with a URL in the book), cut at
+    ``limit`` characters."""
+    text = _ADVICE.split(str(error), maxsplit=1)[0]
+    text = _URL.sub("", text).strip()
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
+
 def unavailable(rows: pd.DataFrame) -> pd.DataFrame:
     """Decode rows that errored: one line per (variant, backend, reason) with their fractions."""
     _need(rows, ["measurement", "status"], "unavailable")
@@ -158,7 +173,7 @@ def unavailable(rows: pd.DataFrame) -> pd.DataFrame:
     if e.empty:
         return pd.DataFrame(columns=cols)
     e = e.copy()
-    e["reason"] = e["error"].fillna("").str.slice(0, 240)
+    e["reason"] = [short_reason(x) for x in e["error"].fillna("")]
     e["heads"] = [frame.shape_label(h, k, model=False) for h, k in zip(e["num_heads"], e["num_kv_heads"])]
     out = []
     for (v, b, why), g in e.groupby(["variant", "backend", "reason"], sort=True):
@@ -358,26 +373,30 @@ FRACTION_LABEL = "share of each sequence's KV blocks in host memory (oldest firs
 
 def _variant_panels(s: pd.DataFrame, backend: str, *, draw, finish, ylabel: str, bottom: float,
                     ncol: int = 3, height: float = 3.8) -> Figure:
-    """One panel per head layout, the host fraction across; ``draw(ax, x, k, variant, style)``
-    draws one variant's rows ``k``, ``finish(ax, g)`` adds a panel's references. The fraction
-    axis is labelled once, below the panels, and the legend (of the first panel) below that."""
+    """One panel per card (rows, labelled H100/H200 when there are several) and head layout
+    (columns), the host fraction across; ``draw(ax, x, k, variant, style)`` draws one variant's
+    rows ``k``, ``finish(ax, g)`` adds a panel's references (``g``: that card's and layout's rows).
+    The fraction axis is labelled once, below the panels, and the legend below that."""
     set_house_style()
     layouts = _layouts(s)
-    fig, axes = plt.subplots(1, len(layouts), figsize=(4.4 * len(layouts), height), squeeze=False, sharey=False)
-    axes = list(axes.flat)
-    for ax, heads in zip(axes, layouts):
-        g = s[s["heads"] == heads]
-        pos = _fraction_axis(ax, g["fraction"])
-        ax.set_xlabel("")
-        for v in VARIANT_ORDER:
-            k = g[g["variant"] == v].sort_values("fraction")
-            if len(k):
-                draw(ax, [pos[f] for f in k["fraction"]], k, v, {"lw": 1.5, "ms": 5, **VARIANT_STYLE[v]})
-        finish(ax, g)
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{heads}, {backend}", fontsize=10)
+    cards = frame.card_slugs(s)
+    fig, axes = plt.subplots(len(cards), len(layouts), figsize=(4.4 * len(layouts), height * len(cards)),
+                             squeeze=False, sharey=False)
+    for r, card in enumerate(cards):
+        for ax, heads in zip(axes[r], layouts):
+            g = s[(s["heads"] == heads) & (s["gpu_slug"] == card)]
+            pos = _fraction_axis(ax, g["fraction"])
+            ax.set_xlabel("")
+            for v in VARIANT_ORDER:
+                k = g[g["variant"] == v].sort_values("fraction")
+                if len(k):
+                    draw(ax, [pos[f] for f in k["fraction"]], k, v, {"lw": 1.5, "ms": 5, **VARIANT_STYLE[v]})
+            finish(ax, g)
+            ax.set_ylabel(ylabel)
+            who = f"{frame.card_label(card)}: " if len(cards) > 1 else ""
+            ax.set_title(f"{who}{heads}, {backend}", fontsize=10)
     seen: dict[str, object] = {}
-    for ax in axes:  # every panel's entries, once each, in the order first drawn
+    for ax in axes.flat:  # every panel's entries, once each, in the order first drawn
         for hd, lb in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(lb, hd)
     legend = fig.legend(list(seen.values()), list(seen.keys()), loc="lower center", ncol=ncol,
@@ -385,11 +404,11 @@ def _variant_panels(s: pd.DataFrame, backend: str, *, draw, finish, ylabel: str,
     # room below the panels for the legend and, above it, the shared x label; measured, not guessed
     renderer = fig._get_renderer()
     legend_h = legend.get_window_extent(renderer).height / fig.bbox.height
-    label = fig.text(0.5, legend_h + 0.025, FRACTION_LABEL, ha="left", va="bottom",
+    label = fig.text(0.5, legend_h + 0.025 / len(cards), FRACTION_LABEL, ha="left", va="bottom",
                      fontsize=plt.rcParams["axes.labelsize"])
     label_h = label.get_window_extent(renderer).height / fig.bbox.height
     label.set_horizontalalignment("center")
-    fig.tight_layout(rect=(0, max(bottom, legend_h + label_h + 0.035), 1, 1))
+    fig.tight_layout(rect=(0, max(bottom / len(cards), legend_h + label_h + 0.035 / len(cards)), 1, 1))
     plt.close(fig)
     return fig
 
@@ -416,9 +435,10 @@ def time_figure(d: pd.DataFrame, *, backend: str) -> Figure:
 #: The yardstick whose rate is the link's measured limit in :func:`bus_figure`.
 BUS_LIMIT = "pinned_h2d"
 LIMIT_LABEL = "pinned cudaMemcpy H→D: the link's measured limit"
-#: Legend entry of the points above that limit (hollow circles, never the data marker).
-ABOVE_LIMIT_LABEL = "above the limit: not a bandwidth\n(the extra time is shorter than the copy: overlap or noise)"
-ABOVE_LIMIT_STYLE = dict(linestyle="none", marker="o", markersize=8, markerfacecolor="none", markeredgewidth=1.4,
+#: Legend entry of the points above that limit (hollow triangles on the limit line, never at their value).
+ABOVE_LIMIT_LABEL = ("above the limit: not a bandwidth, drawn on the limit line\n"
+                     "(the extra time is shorter than the copy: overlap or noise)")
+ABOVE_LIMIT_STYLE = dict(linestyle="none", marker="^", markersize=8, markerfacecolor="none", markeredgewidth=1.4,
                          zorder=6)
 
 
@@ -430,21 +450,39 @@ def above_limit(values, limit: float) -> np.ndarray:
 
 def with_link_flag(d: pd.DataFrame, ys: dict[str, float]) -> pd.DataFrame:
     """``d`` with ``above_link_limit``: ``bus_gbps`` above the link's measured limit
-    (:data:`BUS_LIMIT` of ``ys``), computed by the harness's one guard."""
+    (:data:`BUS_LIMIT` of ``ys``), computed by the harness's one guard. ``ys`` is one card's
+    yardsticks, or ``{slug: yardsticks}`` to flag each card's rows against its own run's link."""
     _need(d, ["bus_gbps"], "with_link_flag")
-    return guards.flag_above_link_limit(d, "bus_gbps", ys.get(BUS_LIMIT, float("nan")))
+    if not _per_card(ys):
+        return guards.flag_above_link_limit(d, "bus_gbps", ys.get(BUS_LIMIT, float("nan")))
+    _need(d, ["gpu_slug"], "with_link_flag")
+    parts = [guards.flag_above_link_limit(g, "bus_gbps", ys.get(card, {}).get(BUS_LIMIT, float("nan")))
+             for card, g in d.groupby("gpu_slug", sort=False)]
+    return pd.concat(parts).loc[d.index] if parts else guards.flag_above_link_limit(d, "bus_gbps", float("nan"))
 
 
-def bus_figure(d: pd.DataFrame, ys: dict[str, float], *, backend: str) -> Figure:
-    """Bytes over the bus per second of extra time, per variant, against the yardstick lines.
+def _per_card(ys) -> bool:
+    """Is ``ys`` ``{slug: yardsticks}`` rather than one card's yardsticks?"""
+    return bool(ys) and all(isinstance(v, dict) for v in ys.values())
+
+
+def _card_ys(ys, card: str) -> dict[str, float]:
+    return ys.get(card, {}) if _per_card(ys) else ys
+
+
+def bus_figure(d: pd.DataFrame, ys: dict, *, backend: str) -> Figure:
+    """Bytes over the bus per second of extra time, per variant, against the yardstick lines; one
+    row of panels per card in ``d`` (``ys``: one card's yardsticks, or ``{slug: yardsticks}``).
     Values above the pinned host->device rate (the link's measured limit, :data:`BUS_LIMIT`;
-    flagged ``above_link_limit`` by :func:`with_link_flag`) are not data on the curve: they are
-    drawn as hollow circles above the limit line, on a grey band."""
+    flagged ``above_link_limit`` by :func:`with_link_flag`) are not rates: they are not joined to
+    the curve and not drawn at their value, but as hollow triangles on the limit line (a grey band
+    above it marks what no transfer over that link can reach)."""
     _need(d, ["backend", "heads", "variant", "fraction", "bus_gbps"], "bus_figure")
     s = d[(d["backend"] == backend) & (d["fraction"] > 0) & d["bus_gbps"].notna()]
     if s.empty:
         raise ValueError(f"no bus rates for backend {backend!r}")
-    limit = ys.get(BUS_LIMIT, float("nan"))
+    if "gpu_slug" not in s:
+        s = s.assign(gpu_slug="")
     s = with_link_flag(s, ys)
 
     def draw(ax, x, k, v, style):
@@ -452,18 +490,22 @@ def bus_figure(d: pd.DataFrame, ys: dict[str, float], *, backend: str) -> Figure
         over = k[guards.FLAG].to_numpy(dtype=bool)
         ax.plot(x, np.where(over, np.nan, y), label=VARIANT_LABELS[v], **style)
         if over.any():
-            ax.plot(np.asarray(x)[over], y[over], color=style["color"], markeredgecolor=style["color"],
-                    label="_nolegend_", **ABOVE_LIMIT_STYLE)
+            limit = _card_ys(ys, k["gpu_slug"].iloc[0]).get(BUS_LIMIT, float("nan"))
+            ax.plot(np.asarray(x)[over], np.full(int(over.sum()), limit), color=style["color"],
+                    markeredgecolor=style["color"], label="_nolegend_", **ABOVE_LIMIT_STYLE)
 
     def finish(ax, g):
+        cy = _card_ys(ys, g["gpu_slug"].iloc[0]) if len(g) else {}
+        limit = cy.get(BUS_LIMIT, float("nan"))
         for key, label, ls in ((BUS_LIMIT, LIMIT_LABEL, "--"),
                                ("prefetch_h2d", "cudaMemPrefetchAsync H→D (yardstick)", ":")):
-            val = ys.get(key, float("nan"))
+            val = cy.get(key, float("nan"))
             if math.isfinite(val):
                 ax.axhline(val, color="black", lw=1.0, ls=ls, label=label)
-        top = float(g["bus_gbps"].max()) * 1.08
+        rates = g.loc[~g[guards.FLAG], "bus_gbps"]
+        top = float(rates.max()) * 1.08 if len(rates) else 1.0
         if math.isfinite(limit):
-            top = max(top, limit * 1.08)
+            top = max(top, limit * 1.15)
             ax.axhspan(limit, top, color="0.9", zorder=0, lw=0)
             if g[guards.FLAG].any():
                 ax.plot([], [], color="0.3", markeredgecolor="0.3", label=ABOVE_LIMIT_LABEL, **ABOVE_LIMIT_STYLE)
@@ -508,5 +550,56 @@ def modes_diagram() -> Figure:
         ax.add_patch(FancyArrowPatch((7.15, y + 0.45), (8.15, y + 0.45), arrowstyle="-|>",
                                      mutation_scale=12, lw=1.4, color="#444444"))
         ax.text(7.65, y + 0.6, "PCIe", ha="center", fontsize=8, color="#444444")
+    plt.close(fig)
+    return fig
+
+
+# ----------------------------------------------------------------------------- the cards side by side
+
+#: One colour per card in :func:`card_figure` (the variant is the line style and marker).
+CARD_COLORS = {"h100-80gb-hbm3": _CB[0], "h200": _CB[1]}
+#: The variants :func:`card_figure` draws: a copy, reading in place, faults.
+CARD_VARIANTS = ("explicit_copy", "zero_copy", "migrate_first")
+
+
+def card_figure(d: pd.DataFrame, *, backend: str, variants=CARD_VARIANTS) -> Figure:
+    """Both cards on one scale, one column per head layout. Top: slowdown (time / that card's
+    all-GPU step) against the host fraction, a line at 2 (the break-even: the host part costs as
+    much as the whole GPU step). Bottom: the host part's own time, time - (1 - f) x all-GPU time
+    (ms): the link's share, which should not move between the cards. Colour: card; line style
+    and marker: variant."""
+    _need(d, ["gpu_slug", "backend", "heads", "variant", "fraction", "slowdown", "excess_us"], "card_figure")
+    s = d[(d["backend"] == backend) & d["variant"].isin(list(variants))]
+    if s.empty:
+        raise ValueError(f"card_figure: no rows for backend {backend!r} and variants {list(variants)}")
+    set_house_style()
+    layouts, cards = _layouts(s), frame.card_slugs(s)
+    fig, axes = plt.subplots(2, len(layouts), figsize=(4.6 * len(layouts), 7.0), squeeze=False, sharex="col")
+    for c, heads in enumerate(layouts):
+        top, bottom = axes[0, c], axes[1, c]
+        g = s[s["heads"] == heads]
+        pos = _fraction_axis(bottom, g["fraction"])
+        for card in cards:
+            color = CARD_COLORS.get(card, "0.4")
+            for v in variants:
+                k = g[(g["gpu_slug"] == card) & (g["variant"] == v)].sort_values("fraction")
+                if k.empty:
+                    continue
+                st = VARIANT_STYLE[v]
+                style = dict(color=color, marker=st["marker"], linestyle=st["linestyle"], lw=1.5, ms=5)
+                label = f"{frame.card_label(card)}: {VARIANT_LABELS[v]}"
+                top.plot([pos[f] for f in k["fraction"]], k["slowdown"], label=label, **style)
+                h = k[k["fraction"] > 0]
+                bottom.plot([pos[f] for f in h["fraction"]], h["excess_us"] / 1e3, **style)
+        top.axhline(2.0, color="0.3", lw=0.9, ls="--", label="slowdown 2: break-even")
+        top.set_yscale("log")
+        top.set_ylabel("time / all-GPU time (log)")
+        top.set_title(f"{heads}, {backend}", fontsize=10)
+        bottom.set_yscale("log")
+        bottom.set_ylabel("host part: time − (1 − f) × all-GPU (ms, log)")
+        bottom.set_xlabel("share of each sequence's KV blocks on the host")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.03 + 0.022 * (-(-len(labels) // 2)), 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=2, bbox_to_anchor=(0.5, 0.0), fontsize=8)
     plt.close(fig)
     return fig

@@ -350,3 +350,141 @@ def summary_numbers(trace: pd.DataFrame) -> dict[str, float]:
     reqs = [T.Request(int(r.request_id), float(r.arrival_s), int(r.prompt_tokens), int(r.output_tokens))
             for r in trace.itertuples(index=False)]
     return T.trace_summary(reqs)
+
+
+# ----------------------------------------------------------------------------- the cards side by side
+
+#: Glue tag -> slug of the cards the book compares (lib.book.frame.CARDS): the prose names both
+#: always, so a card without rows gets NaN (a dash), not a missing key.
+CARD_TAGS = {frame.card_label(slug).lower(): slug for slug in frame.CARDS}
+
+
+def separated(ktab: pd.DataFrame, a: str, b: str) -> pd.Series:
+    """Per kernel point: do series ``a`` and ``b`` differ by more than their p10-p90 spreads
+    (the two bands do not overlap)? A difference inside the spread is not a finding."""
+    return (ktab[f"{a}_p10_us"] > ktab[f"{b}_p90_us"]) | (ktab[f"{a}_p90_us"] < ktab[f"{b}_p10_us"])
+
+
+def card_summary(ktab: pd.DataFrame, mtab: pd.DataFrame, gtab: pd.DataFrame,
+                 ceilings: dict[str, float] | None = None) -> pd.DataFrame:
+    """One row per card: :func:`headline`'s numbers, how many points put paged and VMM (and VMM
+    and cudaMalloc) apart by more than their p10-p90 spread, the worst paged/VMM point, and each
+    layout's VMM read rate as a share of that card's read ceiling (``ceilings``: slug -> GB/s,
+    from the card's provenance)."""
+    out = []
+    for slug in frame.card_slugs(ktab):
+        k = ktab[ktab["gpu_slug"] == slug]
+        h = headline(ktab, mtab, gtab, slug)
+        h["gpu_slug"] = slug
+        h["paged_vmm_apart"] = float(separated(k, "paged", "vmm").sum())
+        h["vmm_device_apart"] = float(separated(k, "vmm", "device_contiguous").sum())
+        worst = k.loc[k["paged_over_vmm"].idxmax()]
+        h["worst_paged_point"] = (f"{worst['shape']}, {int(worst['batch_size'])} × {int(worst['seq_len'])}, "
+                                  f"block {int(worst['block_size'])}")
+        ceiling = (ceilings or {}).get(slug)
+        ceiling = float(ceiling) if ceiling is not None else np.nan  # None: not in the provenance
+        h["read_ceiling_gbps"] = ceiling
+        for tag, shape in (("mha", "MHA 32:32"), ("gqa", "GQA 32:8")):
+            s = k[k["shape"] == shape]
+            for series in ("vmm", "paged"):
+                col = f"{series}_gbps"
+                gbps = float(s[col].median()) if col in s.columns and len(s) else np.nan
+                h[f"{tag}_{series}_pct_ceiling"] = 100 * gbps / ceiling if np.isfinite(ceiling) else np.nan
+        out.append(h)
+    return pd.DataFrame(out)
+
+
+def card_speedup(ktab: pd.DataFrame, slow: str, fast: str) -> pd.DataFrame:
+    """Per kernel point and series: time on card ``slow`` / time on card ``fast`` (> 1: ``fast``
+    is faster). Compared with the ratio of the two cards' read ceilings, it says whether a
+    kernel's gain is the HBM's (equal), more (the slow card was held back by something else)
+    or less."""
+    key = ["shape", "batch_size", "seq_len", "block_size"]
+    a = ktab[ktab["gpu_slug"] == slow].set_index(key)
+    b = ktab[ktab["gpu_slug"] == fast].set_index(key)
+    both = a.index.intersection(b.index)
+    if not len(both):
+        raise ValueError(f"no kernel point measured on both {slow!r} and {fast!r}")
+    out = pd.DataFrame({s: a.loc[both, f"{s}_us"] / b.loc[both, f"{s}_us"] for s in SERIES.values()})
+    return out.reset_index().sort_values(key).reset_index(drop=True)
+
+
+def card_display(summary: pd.DataFrame) -> pd.DataFrame:
+    """The per-card comparison as the chapter shows it: one column of text per card (H100, H200),
+    each row in its own format (ratios to 3 decimals, counts whole, times in µs)."""
+    rows = (
+        ("paged / VMM, lowest", "paged_over_vmm_min", "{:.3f}"),
+        ("paged / VMM, highest", "paged_over_vmm_max", "{:.3f}"),
+        ("worst paged point", "worst_paged_point", "{}"),
+        ("points where paged and VMM differ beyond p10-p90", "paged_vmm_apart", "{:.0f}"),
+        ("VMM / cudaMalloc, lowest", "vmm_over_device_min", "{:.3f}"),
+        ("VMM / cudaMalloc, highest", "vmm_over_device_max", "{:.3f}"),
+        ("points where VMM and cudaMalloc differ beyond p10-p90", "vmm_device_apart", "{:.0f}"),
+        ("kernel points", "points", "{:.0f}"),
+        ("MHA on VMM slots, % of the read ceiling", "mha_vmm_pct_ceiling", "{:.0f} %"),
+        ("GQA on VMM slots, % of the read ceiling", "gqa_vmm_pct_ceiling", "{:.0f} %"),
+        ("new chunk at the granularity (µs)", "grow_new_us", "{:.1f}"),
+        ("chunk from the free list (µs)", "grow_reuse_us", "{:.1f}"),
+        ("unmap (µs)", "unmap_us", "{:.1f}"),
+        ("release (µs)", "release_handle_us", "{:.1f}"),
+        ("one no-op driver call through Python (µs)", "driver_call_us", "{:.1f}"),
+        ("mapping, largest share of a step's attention", "grow_new_share_max", "{:.1%}"),
+    )
+
+    def fmt(spec: str, v) -> str:
+        return "–" if isinstance(v, float) and not np.isfinite(v) else spec.format(v)
+
+    t = pd.DataFrame({frame.card_label(r["gpu_slug"]): [fmt(spec, r.get(c, np.nan)) for _, c, spec in rows]
+                      for _, r in summary.iterrows()}, index=[name for name, _, _ in rows])
+    return t
+
+
+#: The per-card numbers the chapter quotes as ``vm_<name>_<card tag>``.
+CARD_NUMBERS = ("paged_over_vmm_min", "paged_over_vmm_max", "vmm_over_device_min", "vmm_over_device_max",
+                "paged_vmm_apart", "vmm_device_apart", "points", "grow_new_us", "grow_reuse_us", "unmap_us",
+                "release_handle_us", "driver_call_us", "noop_grow_us", "grow_new_share_max",
+                "mha_vmm_pct_ceiling", "gqa_vmm_pct_ceiling", "gqa_paged_pct_ceiling", "read_ceiling_gbps",
+                "issue_paged_over_vmm", "issue_grow_ms")
+
+
+def card_numbers(summary: pd.DataFrame, ktab: pd.DataFrame) -> dict[str, object]:
+    """``{name_tag: value}`` for both compared cards (:data:`CARD_TAGS`; NaN and a dash where a card
+    has no rows): :data:`CARD_NUMBERS`, the verdicts in words, the worst paged point, paged / VMM
+    by layout (MHA; GQA at 32 x 4096, ``gqa_short``, and 8 x 16384, ``gqa_long``), and the
+    H200-over-H100 kernel speedup per layout beside the ratio of their read ceilings."""
+    out: dict[str, object] = {}
+    by = {r["gpu_slug"]: r for _, r in summary.iterrows()}
+    for tag, slug in CARD_TAGS.items():
+        r = by.get(slug)
+        for name in CARD_NUMBERS:
+            out[f"{name}_{tag}"] = float(r[name]) if r is not None and name in r else float("nan")
+        say = verdicts(dict(r)) if r is not None else verdicts({})
+        for name in ("paged_vs_vmm", "vmm_vs_device", "reuse", "growth"):
+            out[f"say_{name}_{tag}"] = say[name]
+        out[f"worst_paged_point_{tag}"] = r["worst_paged_point"] if r is not None else "—"
+        k = ktab[ktab["gpu_slug"] == slug]
+        for part, sel in (("mha", k["shape"] == "MHA 32:32"),
+                          ("gqa_short", (k["shape"] == "GQA 32:8") & (k["batch_size"] == 32)),
+                          ("gqa_long", (k["shape"] == "GQA 32:8") & (k["batch_size"] == 8))):
+            v = k.loc[sel, "paged_over_vmm"]
+            out[f"paged_over_vmm_{part}_lo_{tag}"] = float(v.min()) if len(v) else float("nan")
+            out[f"paged_over_vmm_{part}_hi_{tag}"] = float(v.max()) if len(v) else float("nan")
+    slow, fast = CARD_TAGS["h100"], CARD_TAGS["h200"]
+    have = set(ktab["gpu_slug"])
+    for tag, shape in (("mha", "MHA 32:32"), ("gqa", "GQA 32:8")):
+        if {slow, fast} <= have:
+            s = card_speedup(ktab, slow, fast)
+            v = s.loc[s["shape"] == shape, "vmm"]
+            lo, hi = (float(v.min()), float(v.max())) if len(v) else (float("nan"), float("nan"))
+        else:
+            lo = hi = float("nan")
+        out[f"speedup_{tag}_lo"], out[f"speedup_{tag}_hi"] = lo, hi
+    out["ceiling_ratio"] = out["read_ceiling_gbps_h200"] / out["read_ceiling_gbps_h100"]
+    return out
+
+
+def sheet_ratio(hbm_gbps: dict[str, float | None]) -> float:
+    """The datasheet's H200 / H100 HBM bandwidth ratio from ``{slug: datasheet GB/s}`` (NaN where
+    either card or its datasheet value is missing)."""
+    a, b = hbm_gbps.get(CARD_TAGS["h100"]), hbm_gbps.get(CARD_TAGS["h200"])
+    return float(b) / float(a) if a and b else float("nan")

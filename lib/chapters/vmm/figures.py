@@ -16,6 +16,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Rectangle
 
+from lib.book import frame
 from lib.chapters.vmm import analysis as A
 from lib.book.plots import diagram_canvas as _canvas
 from lib.book.plots import require_columns as _need
@@ -90,9 +91,10 @@ SERIES_MARKERS = {"paged": "o", "device_contiguous": "s", "vmm": "D"}
 
 def kernel_figure(ktab: pd.DataFrame, *, gpu: str | None = None) -> Figure:
     """Each series' decode time over the contiguous cudaMalloc pool's (:data:`BASELINE`) per point,
-    one panel per batch x tokens: the median ratio as a dot, whiskers the series' p10 and p90 over
-    the baseline's median, a line at 1.0. Differences of a few percent show as such, not as bars
-    of hundreds of microseconds that differ in their tops only."""
+    one panel per card (rows, labelled H100/H200) and batch x tokens (columns): the median ratio
+    as a dot, whiskers the series' p10 and p90 over the baseline's median, a line at 1.0, one y
+    scale for all. Differences of a few percent show as such, not as bars of hundreds of
+    microseconds that differ in their tops only."""
     cols = ["gpu_slug", "batch_size", "seq_len", "shape", "block_size"]
     cols += [f"{s}{suffix}" for s in A.SERIES.values() for suffix in ("_us", "_p10_us", "_p90_us")]
     _need(ktab, cols, "kernel_figure")
@@ -100,39 +102,44 @@ def kernel_figure(ktab: pd.DataFrame, *, gpu: str | None = None) -> Figure:
     d = ktab if gpu is None else ktab[ktab["gpu_slug"] == gpu]
     if d.empty:
         raise ValueError(f"kernel_figure: no rows for gpu {gpu!r}")
-    panels = list(d.groupby(["batch_size", "seq_len"], sort=False))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False, sharey=True)
+    cards = frame.card_slugs(d)
+    groups = list(dict.fromkeys(zip(d["batch_size"], d["seq_len"])))
+    fig, axes = plt.subplots(len(cards), len(groups), figsize=(4.6 * len(groups), 3.3 * len(cards) + 0.3),
+                             squeeze=False, sharey=True)
     series = [s for s in A.SERIES.values() if s != BASELINE] + [BASELINE]
     width = 0.6 / len(series)
-    for ax, ((b, n), g) in zip(axes.flat, panels):
-        g = g.sort_values(["shape", "block_size"])
-        x = np.arange(len(g))
-        base = g[f"{BASELINE}_us"].to_numpy(float)
-        ax.axhline(1.0, color="0.3", lw=1.0, ls="--", zorder=1)
-        for i, s in enumerate(series):
-            med = g[f"{s}_us"].to_numpy(float) / base
-            lo, hi = g[f"{s}_p10_us"].to_numpy(float) / base, g[f"{s}_p90_us"].to_numpy(float) / base
-            err = np.clip(np.vstack([med - lo, hi - med]), 0, None)
-            xs = x + (i - (len(series) - 1) / 2) * width
-            ax.errorbar(xs, med, yerr=err, fmt=SERIES_MARKERS[s], color=SERIES_COLORS[s], ms=6, capsize=2,
-                        elinewidth=0.9, label=A.SERIES_LABELS[s] + (" (= 1, baseline)" if s == BASELINE else ""),
-                        zorder=3)
-            if s != BASELINE:
-                for xi, yi, top in zip(xs, med, hi):
-                    ax.annotate(f"{yi:.3f}", (xi, top), textcoords="offset points", xytext=(0, 3),
-                                ha="center", va="bottom", fontsize=6.5, color=SERIES_COLORS[s])
-        ax.set_xticks(x)
-        ax.set_xticklabels([f"{sh}\nblock {int(bs)}" for sh, bs in zip(g["shape"], g["block_size"])],
-                           fontsize=7.5)
-        ax.set_xlim(-0.5, len(g) - 0.5)
-        ax.grid(axis="x", visible=False)
-        ax.set_title(f"{b} sequences × {n} tokens", fontsize=10)
+    for r, card in enumerate(cards):
+        for c, (b, n) in enumerate(groups):
+            ax = axes[r, c]
+            g = d[(d["gpu_slug"] == card) & (d["batch_size"] == b) & (d["seq_len"] == n)]
+            g = g.sort_values(["shape", "block_size"])
+            x = np.arange(len(g))
+            base = g[f"{BASELINE}_us"].to_numpy(float)
+            ax.axhline(1.0, color="0.3", lw=1.0, ls="--", zorder=1)
+            for i, s in enumerate(series):
+                med = g[f"{s}_us"].to_numpy(float) / base
+                lo, hi = g[f"{s}_p10_us"].to_numpy(float) / base, g[f"{s}_p90_us"].to_numpy(float) / base
+                err = np.clip(np.vstack([med - lo, hi - med]), 0, None)
+                xs = x + (i - (len(series) - 1) / 2) * width
+                ax.errorbar(xs, med, yerr=err, fmt=SERIES_MARKERS[s], color=SERIES_COLORS[s], ms=6, capsize=2,
+                            elinewidth=0.9,
+                            label=A.SERIES_LABELS[s] + (" (= 1, baseline)" if s == BASELINE else ""), zorder=3)
+                if s != BASELINE:
+                    for xi, yi, top in zip(xs, med, hi):
+                        ax.annotate(f"{yi:.3f}", (xi, top), textcoords="offset points", xytext=(0, 3),
+                                    ha="center", va="bottom", fontsize=6.5, color=SERIES_COLORS[s])
+            ax.set_xticks(x)
+            ax.set_xticklabels([f"{sh}\nblock {int(bs)}" for sh, bs in zip(g["shape"], g["block_size"])],
+                               fontsize=7.5)
+            ax.set_xlim(-0.5, max(len(g), 1) - 0.5)
+            ax.grid(axis="x", visible=False)
+            ax.set_title(f"{frame.card_label(card)}: {b} sequences × {n} tokens", fontsize=10)
+        axes[r, 0].set_ylabel(f"{frame.card_label(card)}: time / time on the\ncontiguous cudaMalloc pool (median)")
     lo, hi = axes.flat[0].get_ylim()
     axes.flat[0].set_ylim(min(lo, 0.99), max(hi, 1.01) + 0.1 * (hi - lo))  # room for the value labels
     axes.flat[0].yaxis.set_major_formatter(mticker.FormatStrFormatter("%.2f"))
-    axes.flat[0].set_ylabel("time / time on the contiguous\ncudaMalloc pool (median)")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.tight_layout(rect=(0, 0.1 / len(cards), 1, 1))
     fig.legend(handles, labels, loc="lower center", ncol=3, bbox_to_anchor=(0.5, 0.0))
     plt.close(fig)
     return fig
@@ -140,23 +147,32 @@ def kernel_figure(ktab: pd.DataFrame, *, gpu: str | None = None) -> Figure:
 
 # ----------------------------------------------------------------------------- map
 
+#: Line style per card in :func:`map_figure` (the colour is the operation's).
+CARD_LINES = {"h100-80gb-hbm3": dict(ls="--", mfc="white"), "h200": dict(ls="-")}
+
+
 def map_figure(mtab: pd.DataFrame, *, gpu: str | None = None) -> Figure:
-    """Per-chunk time of each operation against chunk size (left), and the same per MiB (right)."""
+    """Per-chunk time of each operation against chunk size (left), and the same per MiB (right);
+    one line per operation (colour) and card (dashed, hollow: H100; solid: H200)."""
     _need(mtab, ["gpu_slug", "operation", "chunk_mib", "median_us", "p10_us", "p90_us", "us_per_mib"],
           "map_figure")
     set_house_style()
     d = mtab if gpu is None else mtab[mtab["gpu_slug"] == gpu]
     if d.empty:
         raise ValueError(f"map_figure: no rows for gpu {gpu!r}")
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9.4, 3.7))
-    for op in MAP_OPERATIONS:
-        g = d[d["operation"] == op].sort_values("chunk_mib")
-        if g.empty:
-            continue
-        st = OP_STYLE[op]
-        a.plot(g["chunk_mib"], g["median_us"], lw=1.4, ms=4, label=MAP_LABELS[op], **st)
-        a.fill_between(g["chunk_mib"], g["p10_us"], g["p90_us"], color=st["color"], alpha=0.15, lw=0)
-        b.plot(g["chunk_mib"], g["us_per_mib"], lw=1.4, ms=4, **st)
+    cards = frame.card_slugs(d)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9.4, 3.9))
+    for card in cards:
+        line = CARD_LINES.get(card, dict(ls=":")) if len(cards) > 1 else dict(ls="-")
+        for op in MAP_OPERATIONS:
+            g = d[(d["operation"] == op) & (d["gpu_slug"] == card)].sort_values("chunk_mib")
+            if g.empty:
+                continue
+            st = {**OP_STYLE[op], **line}
+            label = MAP_LABELS[op] + (f" ({frame.card_label(card)})" if len(cards) > 1 else "")
+            a.plot(g["chunk_mib"], g["median_us"], lw=1.4, ms=4, label=label, **st)
+            a.fill_between(g["chunk_mib"], g["p10_us"], g["p90_us"], color=st["color"], alpha=0.12, lw=0)
+            b.plot(g["chunk_mib"], g["us_per_mib"], lw=1.4, ms=4, **st)
     for ax in (a, b):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -173,8 +189,9 @@ def map_figure(mtab: pd.DataFrame, *, gpu: str | None = None) -> Figure:
     a.set_title("one call per chunk", fontsize=10)
     b.set_ylabel("time per MiB (µs, log)")
     b.set_title("the same, per MiB mapped", fontsize=10)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
     handles, labels = a.get_legend_handles_labels()
+    rows = -(-len(labels) // 2)
+    fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
     fig.legend(handles, labels, loc="lower center", ncol=2, bbox_to_anchor=(0.5, 0.0), fontsize=8)
     plt.close(fig)
     return fig
