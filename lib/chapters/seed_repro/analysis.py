@@ -535,3 +535,169 @@ def shape_comparison(seed: pd.DataFrame, gpu: str, root=None) -> pd.DataFrame:
     if not rows:
         raise ValueError(f"no seed_tables rows for any shape on {gpu!r}")
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- two cards
+
+def card_keys(cards_: Iterable[str]) -> dict[str, str]:
+    """card slug -> the suffix of its glue keys ("h100", "h200"): every headline number is glued
+    once per card so that the prose can quote both."""
+    return {c: frame.card_label(c).lower().replace(" ", "_") for c in cards_}
+
+
+def block_relative(times: pd.DataFrame, *, reference: int = 16) -> pd.DataFrame:
+    """`times_long` as ratios to block `reference` within each (card, series, source): the
+    block-size effect without the level, which for the seed comes from an unknown GPU."""
+    need = ["gpu_slug", *SERIES, "source", "block_size", "time_us"]
+    missing = [c for c in need if c not in times.columns]
+    if missing:
+        raise ValueError(f"block_relative needs columns {missing}")
+    key = ["gpu_slug", *SERIES, "source"]
+    ref = (times[times["block_size"] == reference].groupby(key)["time_us"].first()
+           .rename("ref_us").reset_index())
+    out = times.merge(ref, on=key, how="inner")
+    out["rel"] = out["time_us"] / out["ref_us"]
+    return out.drop(columns="ref_us")
+
+
+def _rms_log(a: pd.Series, b: pd.Series) -> float:
+    r = np.log((a / b).to_numpy(dtype=float))
+    return float(np.exp(np.sqrt(np.mean(r ** 2)))) if len(r) else math.nan
+
+
+def block_resemblance(times: pd.DataFrame, *, protocol: str = "seed", reference: int = 16,
+                      min_points: int = 3) -> pd.DataFrame:
+    """Which card the seed's block-size curve resembles: per seed series (with `min_points`
+    block sizes besides `reference`) and kernel version, the typical factor by which each card's
+    time(b) / time(`reference`) misses the seed's (``exp(rms(log(ours / seed)))``, 1 = the same
+    curve), and the same distance between the two cards (``between_cards``; needs exactly two
+    cards). Whether a lead counts is :func:`resemblance_summary`'s question."""
+    rel = block_relative(times, reference=reference)
+    rel = rel[rel["block_size"] != reference]
+    cards_ = frame.card_slugs(rel)
+    rows = []
+    for (table, memory, seq, batch), g in rel.groupby(SERIES, sort=True):
+        theirs = (g[(g["source"] == SEED_SOURCE) & (g["gpu_slug"] == cards_[0])]
+                  .set_index("block_size")["rel"])
+        if len(theirs) < min_points:
+            continue
+        for v in VERSIONS:
+            src = source_label(v, protocol)
+            mine = {c: g[(g["gpu_slug"] == c) & (g["source"] == src)].set_index("block_size")["rel"]
+                    for c in cards_}
+            if any(m.empty for m in mine.values()):
+                continue
+            blocks = theirs.index.intersection(
+                pd.Index(sorted(set.intersection(*(set(m.index) for m in mine.values())))))
+            row = {"table": table, "memory": memory, "seq_len": seq, "batch_size": batch,
+                   "version": v, "points": len(blocks)}
+            for c in cards_:
+                row[c] = _rms_log(mine[c].loc[blocks], theirs.loc[blocks])
+            if len(cards_) == 2:
+                row["between_cards"] = _rms_log(mine[cards_[0]].loc[blocks], mine[cards_[1]].loc[blocks])
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def lookup_slowdown(rows: pd.DataFrame, *, protocol: str = "rigorous", tables: str = "distinct",
+                    memory: str = "device") -> pd.DataFrame:
+    """No-lookup (contiguous) over paged time per card, version and point, with the band the two
+    rows' p10-p90 spreads allow (``band_lo`` = p10 of contiguous / p90 of paged, ``band_hi`` the
+    other way): ``beyond_spread`` where the whole band lies on one side of 1, i.e. the difference
+    is larger than either row's own spread. Under the rigorous protocol on distinct blocks the
+    two kernels read the same bytes, so this is the lookup alone."""
+    need = {"gpu_slug", "backend", "protocol", "tables", "memory_kind", "median_us", "p10_us",
+            "p90_us", *KEY}
+    missing = sorted(need - set(rows.columns))
+    if missing:
+        raise ValueError(f"lookup_slowdown needs columns {missing}")
+    r = rows[(rows["protocol"] == protocol) & (rows["tables"] == tables) & (rows["memory_kind"] == memory)]
+    frames = []
+    for v in VERSIONS:
+        p = r[r["backend"] == backend_for("original", v)]
+        c = r[r["backend"] == backend_for("no_lookup", v)]
+        m = c.merge(p, on=["gpu_slug", *KEY], suffixes=("_c", "_p"), validate="one_to_one")
+        if m.empty:
+            continue
+        frames.append(pd.DataFrame({
+            "gpu_slug": m["gpu_slug"], "version": v, "seq_len": m["seq_len"].astype(int),
+            "batch_size": m["batch_size"].astype(int), "block_size": m["block_size"].astype(int),
+            "ratio": m["median_us_c"] / m["median_us_p"],
+            "band_lo": m["p10_us_c"] / m["p90_us_p"], "band_hi": m["p90_us_c"] / m["p10_us_p"]}))
+    if not frames:
+        raise ValueError(f"no paged/contiguous pairs under {protocol!r} on {tables!r} in {memory}")
+    out = pd.concat(frames, ignore_index=True)
+    out["beyond_spread"] = (out["band_lo"] > 1) | (out["band_hi"] < 1)
+    return out.sort_values(["gpu_slug", "version", "seq_len", "batch_size", "block_size"]).reset_index(drop=True)
+
+
+#: Backends in the order the factorial table lists them.
+SEED_BACKEND_ORDER = ("own-v1-paged", "own-v1-contiguous", "own-v1-no_offset", "own-v2-paged",
+                      "own-v2-contiguous", "own-v2-no_offset", "vllm", "sdpa_dense")
+#: Column headers of the factorial's effects.
+FACTORIAL_LABELS = {
+    "timing_at_seed_tables": "timing alone, seed's tables",
+    "timing_at_distinct": "timing alone, distinct",
+    "tables_at_seed_timing": "data alone, seed timing",
+    "tables_at_rigorous": "data alone, rigorous",
+    "diagonal": "both (the H100's comparison)",
+    "interaction": "interaction",
+}
+
+
+def resemblance_summary(r: pd.DataFrame) -> pd.DataFrame:
+    """Per kernel version: the median over the seed's series of each card's miss factor
+    (:func:`block_resemblance`) and of the cards' own gap; ``repeat_noise``, how much the miss
+    itself moves between two measurements of one curve (table 1's managed and device series:
+    the same kernel at the same point, resident managed memory reading at device speed; the
+    largest over both cards); and in how many series one card's miss is smaller than the
+    other's by more than that noise (a lead within it is no resemblance). The cards' gap is not
+    the yardstick: by the triangle inequality no lead can exceed it."""
+    cards_ = [c for c in r.columns if c in frame.CARDS]
+    if len(cards_) != 2 or "between_cards" not in r.columns:
+        raise ValueError(f"resemblance_summary needs two cards' columns, has {cards_}")
+    a, b = cards_
+    rows = []
+    for v, g in r.groupby("version", sort=True):
+        t1 = g[g["table"] == 1].set_index(["memory", "seq_len", "batch_size"])
+        noise = 0.0
+        if {"managed", "device"} <= set(t1.index.get_level_values("memory")):
+            m, d = t1.xs("managed", level="memory"), t1.xs("device", level="memory")
+            noise = float(np.nanmax(np.abs(np.log((m[[a, b]] / d[[a, b]]).to_numpy(dtype=float)))))
+        lead = np.log(g[b]) - np.log(g[a])       # > 0: the first card is closer
+        rows.append({"version": v, "series": len(g), a: float(g[a].median()), b: float(g[b].median()),
+                     "between_cards": float(g["between_cards"].median()),
+                     "repeat_noise": float(np.exp(noise)),
+                     f"closer_{a}": int((lead > noise).sum()), f"closer_{b}": int((-lead > noise).sum())})
+    return pd.DataFrame(rows)
+
+
+def card_ratio(rows: pd.DataFrame, *, protocol: str = "rigorous", tables: str = "distinct") -> pd.DataFrame:
+    """Per backend and point, the second card's time over the first card's (book order: H200 over
+    H100) in one arm, with each row's bandwidth as a share of its run's read ceiling: what a card
+    with faster HBM changes where a kernel is (or is not) bandwidth-bound."""
+    r = rows[(rows["protocol"] == protocol) & (rows["tables"] == tables)]
+    cards_ = frame.card_slugs(r)
+    if len(cards_) != 2:
+        raise ValueError(f"card_ratio needs two cards' rows, has {cards_}")
+    a, b = cards_
+    idx = ["backend", *KEY]
+    m = r[r["gpu_slug"] == a].merge(r[r["gpu_slug"] == b], on=idx, suffixes=("_a", "_b"),
+                                    validate="one_to_one")
+    return pd.DataFrame({**{c: m[c] for c in idx}, "first_us": m["median_us_a"], "second_us": m["median_us_b"],
+                         "ratio": m["median_us_b"] / m["median_us_a"],
+                         "first_pct": m["pct_of_read_ceiling_a"], "second_pct": m["pct_of_read_ceiling_b"]})
+
+
+def card_ratio_summary(cr: pd.DataFrame) -> pd.DataFrame:
+    """`card_ratio` per backend: geometric mean, min and max of the ratio, and the largest share
+    of the read ceiling either card reached (far below 100 %: these points are not
+    bandwidth-bound, so the H200's faster HBM need not show)."""
+    rows = []
+    for b in [x for x in SEED_BACKEND_ORDER if x in set(cr["backend"])]:
+        g = cr[cr["backend"] == b]
+        v = g["ratio"].to_numpy(dtype=float)
+        rows.append({"backend": b, "points": len(g), "geomean": float(np.exp(np.log(v).mean())),
+                     "min": float(v.min()), "max": float(v.max()),
+                     "max_pct": float(np.nanmax(g[["first_pct", "second_pct"]].to_numpy(dtype=float)))})
+    return pd.DataFrame(rows)

@@ -1,4 +1,4 @@
-"""Figures and styled tables of the chapter "The seed's six tables on an H100" (frames of
+"""Figures and styled tables of the chapter "The seed's six tables on an H100 and an H200" (frames of
 :mod:`lib.chapters.seed_repro.analysis`). Every source keeps one style in every figure: the seed
 black, our v1 blue, our v2 orange; the seed's protocol dashed, the rigorous one solid.
 """
@@ -15,6 +15,8 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from lib.book import frame
+from lib.book.tables import compact
 from lib.chapters.seed_repro import analysis as SR
 from lib.book.plots import _block_axis, panel_grid, set_house_style
 from lib.book.plots import require_columns as _need
@@ -25,7 +27,8 @@ REFERENCE_STYLE = {
     SR.REFERENCE_LABELS["vllm"]: dict(color=_CB[2], linestyle="-", marker="^"),
     SR.REFERENCE_LABELS["sdpa_dense"]: dict(color=_CB[4], linestyle="-", marker="v"),
 }
-BACKEND_LABELS = {"own-v1-paged": "ours v1 (paged)", "own-v2-paged": "ours v2 (paged)", **SR.REFERENCE_LABELS}
+BACKEND_LABELS = {**{f"own-{v}-{a}": f"ours {v} ({a})" for v in SR.VERSIONS
+                     for a in ("paged", "contiguous", "no_offset")}, **SR.REFERENCE_LABELS}
 BACKEND_STYLE = {"own-v1-paged": dict(color=_CB[0], marker="s"),
                  "own-v2-paged": dict(color=_CB[1], marker="D"),
                  "vllm": dict(color=_CB[2], marker="^"), "sdpa_dense": dict(color=_CB[4], marker="v")}
@@ -115,40 +118,46 @@ def times_figure(times: pd.DataFrame, tables, *, gpu: str | None = None, ncols: 
 
 
 def penalty_figure(penalty: pd.DataFrame, series: list[tuple[int, str, int, int]], *,
-                   gpu: str | None = None) -> Figure:
+                   gpu: str | list[str] | None = None) -> Figure:
     """`block_penalty`'s time at block 1 over block 16 as bars per source, one panel per
-    (table, memory, seq_len, batch_size) in `series`; above 1, small blocks are slower."""
+    (table, memory, seq_len, batch_size) in `series` (columns) and card (rows, titled H100/H200;
+    `gpu` a slug, a list of slugs, or None for every card); above 1, small blocks are slower."""
     _need(penalty, ["gpu_slug", *SR.SERIES, "source", "small_over_ref"], "penalty_figure")
-    data = _one_card(penalty, gpu, "penalty_figure")
+    gpus = [gpu] if isinstance(gpu, str) else (list(gpu) if gpu is not None else frame.card_slugs(penalty))
     set_house_style()
-    fig, axes = plt.subplots(1, len(series), figsize=(3.4 * len(series), 2.8), squeeze=False, sharex=True)
-    top = float(np.nanmax(data["small_over_ref"])) if len(data) else 1.0
-    for ax, (table, memory, seq, batch) in zip(axes.flat, series):
-        rows = data[(data["table"] == table) & (data["memory"] == memory)
-                    & (data["seq_len"] == seq) & (data["batch_size"] == batch)]
-        rows = rows.dropna(subset=["small_over_ref"])
-        if rows.empty:
-            raise ValueError(f"penalty_figure: no block 1 / block 16 ratio for table {table}, "
-                             f"{memory}, seq {seq} × batch {batch}")
-        order = _order(rows["source"])
-        vals = rows.set_index("source").loc[order, "small_over_ref"]
-        y = np.arange(len(order))[::-1]
-        for yi, src in zip(y, order):
-            st = source_style(src)
-            hatch = "///" if st.get("linestyle") == "--" else None
-            ax.barh(yi, vals[src], color=st["color"], alpha=0.85 if hatch is None else 0.45,
-                    hatch=hatch, edgecolor=st["color"], height=0.7)
-            ax.text(vals[src] + 0.08, yi, f"{vals[src]:.1f}×", va="center", fontsize=8)
-        ax.axvline(1.0, color="0.35", linewidth=1, linestyle="--", zorder=0)
-        ax.set_yticks(y)
-        ax.set_yticklabels(order, fontsize=8)
-        ax.set_xlim(0, top * 1.18)
+    fig, axes = plt.subplots(len(gpus), len(series), figsize=(3.4 * len(series), 2.8 * len(gpus)),
+                             squeeze=False, sharex=True)
+    top = float(np.nanmax(penalty[penalty["gpu_slug"].isin(gpus)]["small_over_ref"]))
+    for row, g in zip(axes, gpus):
+        data = _one_card(penalty, g, "penalty_figure")
+        for ax, (table, memory, seq, batch) in zip(row, series):
+            rows = data[(data["table"] == table) & (data["memory"] == memory)
+                        & (data["seq_len"] == seq) & (data["batch_size"] == batch)]
+            rows = rows.dropna(subset=["small_over_ref"])
+            if rows.empty:
+                raise ValueError(f"penalty_figure: no block 1 / block 16 ratio for table {table}, "
+                                 f"{memory}, seq {seq} × batch {batch}")
+            order = _order(rows["source"])
+            vals = rows.set_index("source").loc[order, "small_over_ref"]
+            y = np.arange(len(order))[::-1]
+            for yi, src in zip(y, order):
+                st = source_style(src)
+                hatch = "///" if st.get("linestyle") == "--" else None
+                ax.barh(yi, vals[src], color=st["color"], alpha=0.85 if hatch is None else 0.45,
+                        hatch=hatch, edgecolor=st["color"], height=0.7)
+                ax.text(vals[src] + 0.08, yi, f"{vals[src]:.1f}×", va="center", fontsize=8)
+            ax.axvline(1.0, color="0.35", linewidth=1, linestyle="--", zorder=0)
+            ax.set_yticks(y)
+            ax.set_yticklabels(order, fontsize=8)
+            ax.set_xlim(0, top * 1.18)
+            ax.set_title(f"{frame.card_label(g)}: table {table}, seq {seq} × batch {batch}",
+                         loc="left", fontsize=9)
+            ax.grid(axis="y", visible=False)
+        for ax in row[1:]:
+            ax.tick_params(labelleft=False)
+    for ax in axes[-1]:
         ax.set_xlabel("time at block 1 / time at block 16")
-        ax.set_title(f"Table {table}, seq {seq} × batch {batch}", loc="left", fontsize=9)
-        ax.grid(axis="y", visible=False)
-    for ax in axes.flat[1:]:
-        ax.tick_params(labelleft=False)
-    fig.tight_layout(w_pad=0.8)
+    fig.tight_layout(w_pad=0.8, h_pad=1.0)
     plt.close(fig)
     return fig
 
@@ -224,38 +233,120 @@ def ratios_figure(derived: pd.DataFrame, *, gpu: str | None = None, versions=SR.
     return fig
 
 
-def protocol_figure(effect: pd.DataFrame, *, gpu: str | None = None, ncols: int = 2) -> Figure:
-    """`protocol_effect` by block size, one panel per (seq, batch), one line per backend, log scale:
-    above 1 the seed's method made the kernel look faster, below 1 slower."""
+def protocol_figure(effect: pd.DataFrame, *, gpu: str | list[str] | None = None) -> Figure:
+    """`protocol_effect` by block size, one row of panels per (seq, batch) and one column per
+    card (titled H100/H200; `gpu` a slug, a list, or None for every card), one line per backend,
+    log scale: above 1 the seed's method made the kernel look faster, below 1 slower."""
     _need(effect, ["gpu_slug", "backend", "seq_len", "batch_size", "series", "block_size",
                    "rigorous_over_seed_protocol"], "protocol_figure")
-    data = _one_card(effect, gpu, "protocol_figure")
+    gpus = [gpu] if isinstance(gpu, str) else (list(gpu) if gpu is not None else frame.card_slugs(effect))
+    datas = {g: _one_card(effect, g, "protocol_figure") for g in gpus}
     set_house_style()
-    panels = (data[["seq_len", "batch_size", "series"]].drop_duplicates()
+    both = pd.concat(datas.values())
+    panels = (both[["seq_len", "batch_size", "series"]].drop_duplicates()
               .sort_values(["seq_len", "batch_size"], ascending=[False, True]))
-    n = len(panels)
-    ncols = min(ncols, n)
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.5 * ncols, 2.5 * nrows), squeeze=False, sharey=True)
-    backends = [b for b in BACKEND_STYLE if b in set(data["backend"])]
-    for ax, (_, p) in zip(axes.flat, panels.iterrows()):
-        rows = data[data["series"] == p["series"]]
-        for b in backends:
-            s = rows[rows["backend"] == b].groupby("block_size")["rigorous_over_seed_protocol"].first()
-            ax.plot(s.index, s.to_numpy(), linewidth=1.5, markersize=5, **BACKEND_STYLE[b])
-        ax.axhline(1.0, color="0.35", linewidth=1, linestyle=":", zorder=0)
-        _block_axis(ax, data["block_size"])
-        _log_axis(ax)
-        ax.set_title(p["series"], loc="left", fontsize=9)
+    fig, axes = plt.subplots(len(panels), len(gpus), figsize=(3.6 * len(gpus), 2.3 * len(panels)),
+                             squeeze=False, sharey=True)
+    backends = [b for b in BACKEND_STYLE if b in set(both["backend"])]
+    for j, g in enumerate(gpus):
+        for i, (_, p) in enumerate(panels.iterrows()):
+            ax = axes[i, j]
+            rows = datas[g][datas[g]["series"] == p["series"]]
+            for b in backends:
+                s = rows[rows["backend"] == b].groupby("block_size")["rigorous_over_seed_protocol"].first()
+                ax.plot(s.index, s.to_numpy(), linewidth=1.5, markersize=5, **BACKEND_STYLE[b])
+            ax.axhline(1.0, color="0.35", linewidth=1, linestyle=":", zorder=0)
+            _block_axis(ax, both["block_size"])
+            _log_axis(ax)
+            ax.set_title(f"{frame.card_label(g)}: {p['series']}", loc="left", fontsize=9)
     for ax in axes[:, 0]:
         ax.set_ylabel("rigorous / seed protocol")
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
     fig.tight_layout(h_pad=1.0, w_pad=0.6)
     _legend_below(fig, [Line2D([], [], linewidth=1.5, **BACKEND_STYLE[b]) for b in backends],
                   [BACKEND_LABELS[b] for b in backends], ncol=2)
     plt.close(fig)
     return fig
+
+
+#: The factorial figure's rows: (column of `SR.factorial`, what it holds fixed, y label).
+FACTORIAL_ROWS = (
+    ("timing_at_seed_tables", "timing alone (the seed's tables held)", "rigorous / seed timing"),
+    ("tables_at_rigorous", "data alone (rigorous timing held)", "distinct / seed's tables"),
+    ("interaction", "interaction (1: the two multiply)", "timing effect, distinct / seed's tables"),
+)
+POINT_COLORS = {(4096, 1): _CB[0], (1024, 1): _CB[1], (1024, 16): _CB[2], (1024, 32): _CB[3]}
+
+
+def factorial_figure(f: pd.DataFrame, *, gpu: str,
+                     backends=("own-v1-paged", "own-v2-paged")) -> Figure:
+    """`SR.factorial` on one card: rows = timing alone, data alone, interaction; columns = kernel
+    (`backends`); x = block size; colour = (seq_len, batch); solid device, dashed managed. Linear y: the ratios stay
+    within a factor of two."""
+    _need(f, ["gpu_slug", "backend", "memory_kind", "seq_len", "batch_size", "block_size",
+              *[r[0] for r in FACTORIAL_ROWS]], "factorial_figure")
+    data = _one_card(f, gpu, "factorial_figure")
+    set_house_style()
+    fig, axes = plt.subplots(len(FACTORIAL_ROWS), len(backends),
+                             figsize=(3.8 * len(backends), 2.4 * len(FACTORIAL_ROWS)),
+                             squeeze=False, sharey="row")
+    for j, b in enumerate(backends):
+        rows = data[data["backend"] == b]
+        for i, (col, title, ylabel) in enumerate(FACTORIAL_ROWS):
+            ax = axes[i, j]
+            for (seq, batch), color in POINT_COLORS.items():
+                for mem, ls, face in (("device", "-", color), ("managed", "--", "white")):
+                    s = rows[(rows["seq_len"] == seq) & (rows["batch_size"] == batch)
+                             & (rows["memory_kind"] == mem)].groupby("block_size")[col].first().dropna()
+                    if len(s):
+                        ax.plot(s.index, s.to_numpy(), color=color, linestyle=ls, marker="o",
+                                markersize=4, markerfacecolor=face, linewidth=1.3)
+            ax.axhline(1.0, color="0.35", linewidth=1, linestyle=":", zorder=0)
+            _block_axis(ax, data["block_size"])
+            ax.set_title(f"{frame.card_label(gpu)}, {BACKEND_LABELS.get(b, b)}\n{title}",
+                         loc="left", fontsize=8.5)
+            if j == 0:
+                ax.set_ylabel(ylabel, fontsize=8)
+    fig.tight_layout(h_pad=1.0, w_pad=0.6)
+    handles = [Line2D([], [], color=c, marker="o", linewidth=1.3) for c in POINT_COLORS.values()]
+    labels = [f"seq {s} × batch {b}" for s, b in POINT_COLORS]
+    handles += [Line2D([], [], color="0.3", linestyle="-", marker="o"),
+                Line2D([], [], color="0.3", linestyle="--", marker="o", markerfacecolor="white")]
+    labels += ["device memory", "managed memory"]
+    _legend_below(fig, handles, labels, ncol=3)
+    plt.close(fig)
+    return fig
+
+
+def style_factorial_summary(summary: pd.DataFrame, caption: str | None = None):
+    """`SR.factorial_summary` of one card as a table: per backend (rows) and effect (columns),
+    the geometric mean with the range over the points, shaded like the ratio cells."""
+    _need(summary, ["backend", "effect", "geomean", "min", "max"], "style_factorial_summary")
+    effects = [e for e in SR.FACTORIAL_EFFECTS if e in set(summary["effect"])]
+    geo = summary.pivot_table(index="backend", columns="effect", values="geomean").reindex(columns=effects)
+    text = summary.assign(cell=[f"{g:.2f} ({lo:.2f}–{hi:.2f})" for g, lo, hi in
+                                zip(summary["geomean"], summary["min"], summary["max"])]
+                          ).pivot(index="backend", columns="effect", values="cell").reindex(columns=effects)
+    order = [b for b in SR.SEED_BACKEND_ORDER if b in text.index]
+    text, geo = text.loc[order], geo.loc[order]
+    names = {e: SR.FACTORIAL_LABELS[e] for e in effects}
+    styler = (text.rename(columns=names).style
+              .apply(lambda _: _ratio_shade(geo.rename(columns=names)).to_numpy(), axis=None))
+    return compact(styler, caption)
+
+
+def style_resemblance(r: pd.DataFrame, caption: str | None = None):
+    """`SR.block_resemblance` as a table: per seed series and version, each card's miss factor
+    against the seed's block-size curve and the two cards' own gap."""
+    cards_ = [c for c in frame.CARDS if c in r.columns]
+    show = r.assign(series=[f"table {t}, {SR.series_name(m, s, b)}" for t, m, s, b in
+                            zip(r["table"], r["memory"], r["seq_len"], r["batch_size"])])
+    cols = {c: f"{frame.card_label(c)} vs seed" for c in cards_}
+    if "between_cards" in show.columns:
+        cols["between_cards"] = "between the cards"
+    out = show.set_index(["series", "version"])[list(cols)].rename(columns=cols)
+    styler = (out.style.format("{:.2f}", na_rep="—")
+              .background_gradient(cmap="Greens_r", vmin=1.0, vmax=3.0, axis=None))
+    return compact(styler, caption)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -290,7 +381,7 @@ def reproduction_tables(seed: pd.DataFrame, joined: pd.DataFrame, table: int, ca
     """One styled reproduction table per card: seed table ``table`` beside ours."""
     title = seed.loc[seed["table"] == table, "table_title"].iloc[0]
     return [style_reproduction_table(SR.reproduction_table(joined, table, c, versions),
-                                     caption=f"Seed table {table} ({title}) beside ours on {c}")
+                                     caption=f"Seed table {table} ({title}) beside ours on the {frame.card_label(c)}")
             for c in cards]
 
 
@@ -339,3 +430,19 @@ def style_fit_table(shape: pd.DataFrame, versions=SR.VERSIONS, caption: str | No
         .set_table_styles(_TABLE_STYLES)
     )
     return styler.set_caption(caption) if caption else styler
+
+
+def style_card_ratio(summary: pd.DataFrame, caption: str | None = None):
+    """`SR.card_ratio_summary` as a table: per backend the second card's time over the first's,
+    geometric mean (min–max), shaded blue below 1 (faster on the second card) and red above,
+    and the largest share of the read ceiling either card reached."""
+    _need(summary, ["backend", "geomean", "min", "max", "max_pct"], "style_card_ratio")
+    out = pd.DataFrame({
+        "backend": [BACKEND_LABELS.get(b, b) for b in summary["backend"]],
+        "H200 / H100": [f"{g:.2f} ({lo:.2f}–{hi:.2f})" for g, lo, hi in
+                        zip(summary["geomean"], summary["min"], summary["max"])],
+        "max % of read ceiling": [f"{p:.0f}" for p in summary["max_pct"]]}).set_index("backend")
+    shade = pd.DataFrame({"H200 / H100": summary["geomean"].to_numpy(),
+                          "max % of read ceiling": np.nan}, index=out.index)
+    styler = out.style.apply(lambda _: _ratio_shade(shade).to_numpy(), axis=None)
+    return compact(styler, caption)
