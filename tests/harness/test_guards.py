@@ -41,3 +41,14 @@ def test_driver_calls_lose_their_bandwidth_and_keep_their_dtype():
     out = G.drop_bandwidth(df, np.array([True, False]), cols=("bytes_moved", "bandwidth_gbps", "pct_of_read_ceiling"))
     assert out["bytes_moved"].isna().tolist() == [True, False] and str(out["bytes_moved"].dtype) == "Int64"
     assert math.isnan(out.loc[0, "pct_of_read_ceiling"]) and out.loc[1, "bandwidth_gbps"] == 3000.0
+
+
+def test_the_row_that_sets_the_limit_is_not_flagged_for_a_rounding():
+    import pandas as pd
+
+    from lib.harness import guards
+
+    limit = 55.346810390563185
+    df = pd.DataFrame({"bw": [limit * (1 + 1e-15), limit * 1.01]})
+    assert guards.flag_above_link_limit(df, "bw", limit)[guards.FLAG].tolist() == [False, True]
+    assert guards.flag_above_link_limit(df, "bw", limit, rtol=0.0)[guards.FLAG].tolist() == [True, True]

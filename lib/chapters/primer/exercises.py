@@ -91,15 +91,19 @@ def primer_solutions(n: dict) -> dict[str, Plain]:
     return out
 
 
-def _offload(root, backend: str = "own-auto-paged") -> dict[str, float]:
-    """Slowdowns of reading host blocks in place (MHA), from the committed ``kv_offload`` rows."""
+def _offload(root, card: str | None, backend: str = "own-auto-paged") -> dict[str, float]:
+    """Slowdowns of reading host blocks in place (MHA), from ``card``'s committed ``kv_offload``
+    rows (None: the first card that has them; every card holds its own row of each point)."""
     from lib.chapters.kv_offload import figures as KO
 
     out = {"s_quarter": math.nan, "s_all": math.nan, "zc_quarter": math.nan, "zc_all": math.nan}
     try:
-        d = KO.with_baselines(KO.decode_frame(KO.load_rows(root=root)))
+        d = KO.with_baselines(KO.decode_frame(KO.load_rows(card, root=root)))
     except (FileNotFoundError, ValueError):
         return out
+    if d.empty:
+        return out
+    d = d[d["gpu_slug"] == (card or sorted(d["gpu_slug"].unique())[0])]
     mha = d[(d["backend"] == backend) & (d["heads"] == KO.HEAD_LABELS[(32, 32)])]
     for key, variant in (("s", "remote"), ("zc", "zero_copy")):
         out[f"{key}_quarter"] = KO.pick(mha, "slowdown", variant=variant, fraction=0.25)
@@ -107,8 +111,9 @@ def _offload(root, backend: str = "own-auto-paged") -> dict[str, float]:
     return out
 
 
-def uvm_solutions(h: dict, root=None) -> dict[str, Plain]:
-    """The UVM chapter's solutions, from its headline numbers ``h`` (``{}`` without data)."""
+def uvm_solutions(h: dict, root=None, card: str | None = None) -> dict[str, Plain]:
+    """The UVM chapter's solutions, from its headline numbers ``h`` (``{}`` without data) and, for
+    the offload exercise, ``card``'s kv_offload rows (None: the first card's)."""
     out: dict[str, Plain] = {}
     pinned, fault = _get(h, "pinned_h2d"), _get(h, "read_fault_touched")
     prefetch, zc, dev = _get(h, "prefetch_h2d"), _get(h, "read_pinned"), _get(h, "read_device")
@@ -141,7 +146,7 @@ def uvm_solutions(h: dict, root=None) -> dict[str, Plain]:
     out["rm_warm"] = fmt(_get(h, "read_readmostly_warm"), ".0f")
     out["refault_64k_us"] = fmt(1e6 * C.seconds(64 * C.KiB, fault), ".1f")
     # 6: a quarter of the cache on the host
-    o = _offload(root)
+    o = _offload(root, card)
     f, n_all, measured = 0.25, o["s_all"], o["s_quarter"]
     serial, overlap = (1 - f) + f * n_all, max(1 - f, f * n_all)
     out["s_quarter"] = fmt(measured, ".1f")

@@ -58,7 +58,8 @@ def with_link_guard(df):
     for slug, idx in out.groupby("gpu_slug").groups.items():
         sub = out.loc[idx]
         limit = guards.link_limit_gbps(sub[sub["measurement"] == "transfer"])
-        flagged = guards.flag_above_link_limit(sub, "bandwidth_gbps", limit, crosses=crosses[out.index.get_indexer(idx)])
+        flagged = guards.flag_above_link_limit(sub, "bandwidth_gbps", limit,
+                                               crosses=crosses[out.index.get_indexer(idx)])
         out.loc[idx, guards.FLAG] = flagged[guards.FLAG].to_numpy()
     over = out[guards.FLAG].to_numpy(dtype=bool)
     return guards.drop_bandwidth(out, over | (out["measurement"] == "granularity").to_numpy())
@@ -208,3 +209,175 @@ def verdicts(h: dict[str, float]) -> dict[str, str]:
             out["cpu"] = (f"together {both:.1f} GB/s, about what letting the CPU fault the pages back "
                           "costs")
     return out
+
+
+# ----------------------------------------------------------------------------- two cards
+
+#: The ceilings compared across cards: headline key, label, and what bounds it. "HBM": bytes that
+#: stay in GPU memory, so it should scale with the memory bandwidth (H200/H100 = 1.43 by datasheet);
+#: "link": bytes that cross PCIe Gen5 x16, the same on both hosts, so it should not move;
+#: "fault": the driver's fault handling on the host CPU sets it (it crosses the link too, far below
+#: its limit), so it follows the host and driver, not the card.
+CARD_RATES = [
+    ("read_device", "read, device memory", "HBM"),
+    ("read_managed_gpu", "read, managed prefetched to GPU", "HBM"),
+    ("read_readmostly_warm", "read, ReadMostly copy", "HBM"),
+    ("pinned_h2d", "cudaMemcpy pinned host → GPU", "link"),
+    ("pinned_d2h", "cudaMemcpy GPU → pinned host", "link"),
+    ("prefetch_h2d", "prefetch host → GPU", "link"),
+    ("read_pinned", "read, pinned zero-copy", "link"),
+    ("read_mapped", "read, managed on host (AccessedBy)", "link"),
+    ("read_prefetch_then_read", "prefetch to GPU, then read", "link"),
+    ("read_fault_touched", "read, fault-driven (CPU-written)", "fault"),
+    ("read_fault_prefetched", "read, fault-driven (prefetched to host)", "fault"),
+    ("read_readmostly_cold", "read, ReadMostly first touch", "fault"),
+    ("read_first_touch", "read, first touch (pages created on GPU)", "fault"),
+    ("prefetch_d2h", "prefetch GPU → host", "fault"),
+]
+BOUND_ORDER = ("HBM", "link", "fault")
+
+
+def card_comparison(heads: dict[str, dict[str, float]], cards: list[str]) -> "pd.DataFrame":
+    """One row per :data:`CARD_RATES` entry: each card's rate (GB/s) and, with two cards, the
+    second over the first: what the chapter's "which ceiling moves with the card" rests on."""
+    import pandas as pd
+
+    rows = []
+    for key, label, bound in CARD_RATES:
+        r = {"key": key, "label": label, "bound": bound}
+        for c in cards:
+            r[c] = float(heads.get(c, {}).get(key, float("nan")))
+        if len(cards) >= 2:
+            r["ratio"] = r[cards[1]] / r[cards[0]]
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def load_runs(root=None):
+    """Every run's rows (no dedupe: repeats kept), guarded, with ``card_id`` (the physical card);
+    None without data."""
+    from lib.book import frame
+    from lib.harness import results as R
+
+    try:
+        df = R.load("uvm", root=root, expand_extra=True, dedupe=False)
+    except FileNotFoundError:
+        return None
+    if not len(df):
+        return None
+    return frame.with_physical_card(with_link_guard(df), "uvm", root=root)
+
+
+#: The headline rates whose spread between physical cards the chapter shows (the repeat run
+#: re-measured gpu_read only).
+SPREAD_RATES = ["read_device", "read_managed_gpu", "read_fault_touched", "read_fault_prefetched",
+                "read_readmostly_cold", "read_first_touch", "read_prefetch_then_read"]
+
+
+def run_headlines(runs, keys=SPREAD_RATES):
+    """``keys`` of :func:`headline` per run (one column each, labelled by card model and physical
+    card): the between-card spread, which a difference between models must exceed to be one."""
+    import pandas as pd
+
+    from lib.book import frame
+
+    cols = {}
+    for run_id, g in runs.groupby("run_id", sort=True):
+        slug = g["gpu_slug"].iloc[0]
+        h = headline(g, slug)
+        cid = g["card_id"].iloc[0] if "card_id" in g.columns else ""
+        cols[(frame.card_label(slug), cid or run_id)] = {k: h.get(k, float("nan")) for k in keys}
+    out = pd.DataFrame(cols)
+    out.columns = pd.MultiIndex.from_tuples(out.columns, names=["card", "physical card"])
+    return out
+
+
+def spread_within(table, card_label: str) -> "pd.Series":
+    """(max - min) / min of each rate over one model's physical cards (NaN with fewer than two)."""
+    sub = table.xs(card_label, axis=1, level="card") if card_label in table.columns.get_level_values(0) else None
+    if sub is None or sub.shape[1] < 2:
+        return table.iloc[:, 0] * float("nan")
+    return (sub.max(axis=1) - sub.min(axis=1)) / sub.min(axis=1)
+
+
+def raw_granularity_bandwidth(root=None) -> dict[str, float]:
+    """The largest bandwidth each card's granularity rows *stored* (before :func:`with_link_guard`
+    blanks it; NaN where none was stored): the issue-14 check that no such number reaches a page."""
+    from lib.harness import results as R
+
+    df = R.load("uvm", root=root, expand_extra=True, dedupe=False)
+    g = df[df["measurement"] == "granularity"]
+    return {s: float(x["bandwidth_gbps"].astype(float).max()) for s, x in g.groupby("gpu_slug")}
+
+
+# ----------------------------------------------------------------------------- exercises
+
+def exercise_solutions(h: dict, card: str, root=None) -> dict:
+    """The chapter's worked solutions on ``card`` (the primer's :func:`uvm_solutions`, its offload
+    exercise read from that card's kv_offload rows)."""
+    from lib.chapters.primer import exercises as X
+
+    return X.uvm_solutions(h, root=root, card=card or None)
+
+
+def within_run_spread(df, gpu_slug: str, memory_kind: str, phase: str) -> float:
+    """(p90 - p10) / median time of one gpu_read state at the largest size on ``gpu_slug``: the
+    noise inside a run, below which no difference between cards is a finding."""
+    g = _pick(df[(df["gpu_slug"] == gpu_slug) & (df["measurement"] == "gpu_read")],
+              memory_kind=memory_kind, phase=phase)
+    if g.empty:
+        return float("nan")
+    r = g.loc[g["nbytes"].astype("int64").idxmax()]
+    return float((r["p90_us"] - r["p10_us"]) / r["median_us"])
+
+
+def comparison_numbers(df, runs, cards: list[str], sheet_gbps: dict[str, float]) -> dict[str, float]:
+    """What the two-card section quotes (NaN where a card or a run is missing):
+
+    ``r_<key>``: second card over first for each :data:`CARD_RATES` key; ``hbm_lo/hi``,
+    ``link_lo/hi``: the range of those ratios per bound; ``sheet_ratio`` and ``pct_sheet_<i>``: the
+    datasheet HBM ratio and each card's device read as a share of its datasheet peak (``i`` = 0, 1);
+    ``noise_<key>_<i>``: p10-p90 spread inside card i's run; ``spread_<key>``, ``lo_<key>``,
+    ``hi_<key>``: the spread and range over the second card's physical cards (its repeat)."""
+    from lib.book import frame
+
+    nan = float("nan")
+    heads = {c: headline(df, c) for c in cards}
+    cmp = card_comparison(heads, cards)
+    out: dict[str, float] = {}
+    two = len(cards) >= 2
+    for _, r in cmp.iterrows():
+        out[f"r_{r['key']}"] = float(r["ratio"]) if two else nan
+    for b in ("HBM", "link"):
+        rr = cmp.loc[cmp["bound"] == b, "ratio"] if two else None
+        out[f"{b.lower()}_lo"] = float(rr.min()) if two else nan
+        out[f"{b.lower()}_hi"] = float(rr.max()) if two else nan
+    s = [float(sheet_gbps.get(c) or nan) for c in cards]  # None: no datasheet for that card
+    out["sheet_ratio"] = s[1] / s[0] if two else nan
+    for i, c in enumerate(cards[:2]):
+        out[f"pct_sheet_{i}"] = 100 * heads[c]["read_device"] / s[i]
+        for key, kind, phase in (("fault_touched", "managed_host_touched", "cold"),
+                                 ("fault_prefetched", "managed_host", "cold"),
+                                 ("first_touch", "managed", "cold")):
+            out[f"noise_{key}_{i}"] = 100 * within_run_spread(df, c, kind, phase)
+    if two and runs is not None:
+        t = run_headlines(runs)
+        lab = frame.card_label(cards[1])
+        spread = spread_within(t, lab)
+        sub = t.xs(lab, axis=1, level="card") if lab in t.columns.get_level_values(0) else None
+        for key in SPREAD_RATES:
+            out[f"spread_{key}"] = 100 * float(spread.get(key, nan))
+            out[f"lo_{key}"] = float(sub.loc[key].min()) if sub is not None else nan
+            out[f"hi_{key}"] = float(sub.loc[key].max()) if sub is not None else nan
+        out["physical_cards"] = float(sub.shape[1]) if sub is not None else nan
+    return out
+
+
+def cpu_noise(df, gpu_slug: str) -> float:
+    """The widest (p90 - p10) / median of the CPU-side rows at their largest size on one card's
+    host: how far apart two hosts' CPU rates must be before they differ."""
+    c = df[(df["gpu_slug"] == gpu_slug) & (df["measurement"] == "cpu_read")]
+    if c.empty:
+        return float("nan")
+    c = c[c["nbytes"] == c["nbytes"].max()]
+    return float(((c["p90_us"] - c["p10_us"]) / c["median_us"]).max())

@@ -16,7 +16,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 
-from lib.book.frame import Plain
+from lib.book.frame import Plain, card_label, card_slugs
 from lib.book.plots import set_house_style
 from lib.book.plots import require_columns as _need, diagram_canvas as _canvas
 from lib.chapters.uvm.measure import READ_LABELS
@@ -184,7 +184,7 @@ def read_bandwidth_figure(table: pd.DataFrame) -> Figure:
     """GPU read bandwidth against buffer size: warm states solid, cold (state-changing) dashed."""
     _need(table, ["label", "phase", "size_mib", "bandwidth_gbps", "gpu_slug"], "read_bandwidth_figure")
     set_house_style()
-    slugs = sorted(table["gpu_slug"].unique())
+    slugs = card_slugs(table)
     order = [lab for lab in READ_LABELS.values() if lab in set(table["label"])]
     fig, axes = plt.subplots(1, len(slugs), figsize=(6.6 * len(slugs) ** 0.6, 4.2), squeeze=False, sharey=True)
     pal = dict(zip(order, sns.color_palette("colorblind", len(order))))
@@ -203,7 +203,8 @@ def read_bandwidth_figure(table: pd.DataFrame) -> Figure:
         ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
         _size_axis(ax, d["size_mib"])
         ax.set_ylabel("read bandwidth (GB/s, log scale)")
-        ax.set_title(slug if len(slugs) > 1 else "GPU read bandwidth by memory kind and state", loc="left")
+        ax.set_title(card_label(slug) if len(slugs) > 1 else "GPU read bandwidth by memory kind and state",
+                     loc="left")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=2, frameon=False, fontsize=8)
     plt.close(fig)
@@ -215,10 +216,12 @@ def cpu_read_figure(table: pd.DataFrame) -> Figure:
     _need(table, ["label", "size_mib", "bandwidth_gbps", "gpu_slug"], "cpu_read_figure")
     set_house_style()
     d = table.copy()
+    d["card"] = [card_label(x) for x in d["gpu_slug"]]
     d["size"] = [f"{s / 1024:g} GiB" if s >= 1024 else f"{s:g} MiB" for s in d["size_mib"]]
     sizes = [f"{s / 1024:g} GiB" if s >= 1024 else f"{s:g} MiB" for s in sorted(d["size_mib"].unique())]
     grid = sns.catplot(data=d, kind="bar", y="label", x="bandwidth_gbps", hue="size", hue_order=sizes,
-                       row="gpu_slug" if d["gpu_slug"].nunique() > 1 else None, orient="h",
+                       row="card" if d["card"].nunique() > 1 else None, orient="h",
+                       row_order=[card_label(c) for c in card_slugs(d)] if d["card"].nunique() > 1 else None,
                        palette="crest", height=3.0, aspect=2.2, errorbar=None)
     grid.set_axis_labels("bandwidth (GB/s)", "")
     grid.set_titles("{row_name}")
@@ -236,7 +239,7 @@ def granularity_figure(table: pd.DataFrame) -> Figure:
     names = {"touched_pages_mib": "4 KiB pages touched", "moved_meminfo_mib": "moved: GPU memory used",
              "moved_prefetch_mib": "moved: prefetch-time estimate"}
     fmt = lambda s: f"{s / 1024:g} MiB" if s >= 1024 else f"{s:g} KiB"  # noqa: E731
-    slugs = sorted(table["gpu_slug"].unique())
+    slugs = card_slugs(table)
     fig, axes = plt.subplots(len(slugs), 2, figsize=(9.0, 3.0 * len(slugs) + 0.6), squeeze=False,
                              gridspec_kw={"width_ratios": [1.5, 1]})
     for (left, right), slug in zip(axes, slugs):
@@ -254,7 +257,7 @@ def granularity_figure(table: pd.DataFrame) -> Figure:
         left.set_ylabel("MiB (log scale)")
         total = d["nbytes"].iloc[0] / (1 << 20)
         left.axhline(total, color="0.3", lw=1, ls=":")
-        where = f"{slug}: " if len(slugs) > 1 else ""
+        where = f"{card_label(slug)}: " if len(slugs) > 1 else ""
         size = f"{total / 1024:g} GiB" if total >= 1024 else f"{total:g} MiB"
         left.set_title(f"{where}what moved, of a {size} buffer", loc="left")
         left.get_legend().remove()
@@ -276,18 +279,65 @@ def transfer_figure(table: pd.DataFrame) -> Figure:
     _need(table, ["label", "direction", "size_mib", "bandwidth_gbps", "gpu_slug"], "transfer_figure")
     set_house_style()
     d = table.copy()
+    d["card"] = [card_label(x) for x in d["gpu_slug"]]
     d["direction"] = d["direction"].map({"h2d": "host → GPU", "d2h": "GPU → host"}).fillna(d["direction"])
     grid = sns.relplot(data=d, x="size_mib", y="bandwidth_gbps", hue="label", style="label", kind="line",
                        markers=True, dashes=False, col="direction", col_order=["host → GPU", "GPU → host"],
-                       row="gpu_slug" if d["gpu_slug"].nunique() > 1 else None,
+                       row="card" if d["card"].nunique() > 1 else None,
+                       row_order=[card_label(c) for c in card_slugs(d)] if d["card"].nunique() > 1 else None,
                        height=3.0, aspect=1.25, palette="colorblind", facet_kws={"sharey": True})
     for ax in grid.axes.flat:
         _size_axis(ax, d["size_mib"])
         ax.set_ylim(bottom=0)
     grid.set_axis_labels("buffer size", "bandwidth (GB/s)")
-    grid.set_titles("{col_name}" if d["gpu_slug"].nunique() == 1 else "{row_name}: {col_name}")
+    grid.set_titles("{col_name}" if d["card"].nunique() == 1 else "{row_name}: {col_name}")
     sns.move_legend(grid, "lower center", bbox_to_anchor=(0.45, -0.12), ncol=3, title=None)
     fig = grid.figure
+    plt.close(fig)
+    return fig
+
+
+#: One colour per card, the same in every figure of the book's two-card comparisons.
+CARD_COLORS = {"H100": "#0173b2", "H200": "#de8f05"}
+BOUND_NAMES = {"HBM": "GPU memory (HBM)", "link": "PCIe link", "fault": "fault handling / driver"}
+
+
+def cards_figure(comparison: pd.DataFrame, cards: list[str]) -> Figure:
+    """Each ceiling on each card (log GB/s), grouped by what bounds it, the second card's ratio to
+    the first at the right: HBM-bound rates should move by the bandwidth ratio, link-bound ones not."""
+    _need(comparison, ["label", "bound", *cards], "cards_figure")
+    set_house_style()
+    d = comparison.copy()
+    d["bound"] = pd.Categorical(d["bound"], ["HBM", "link", "fault"], ordered=True)
+    d = d.sort_values("bound", kind="stable").reset_index(drop=True)
+    n, k = len(d), len(cards)
+    fig, ax = plt.subplots(figsize=(8.6, 0.34 * n + 1.4))
+    h = 0.8 / k
+    for j, c in enumerate(cards):
+        lab = card_label(c)
+        ax.barh(np.arange(n) + (j - (k - 1) / 2) * h, d[c], height=h, label=lab,
+                color=CARD_COLORS.get(lab, f"C{j}"))
+    ax.set_yticks(np.arange(n), d["label"], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("GB/s (log scale), at the largest size measured")
+    top = float(np.nanmax(d[cards].to_numpy(dtype=float)))
+    if "ratio" in d.columns:
+        for i, r in enumerate(d["ratio"]):
+            if np.isfinite(r):
+                ax.text(top * 2.2, i, f"×{r:.2f}", va="center", ha="left", fontsize=8, color="0.2")
+        ax.text(top * 2.2, -0.9, f"{card_label(cards[1])} / {card_label(cards[0])}", ha="left",
+                va="bottom", fontsize=8, weight="bold", color="0.2")
+    ax.set_xlim(right=top * 8)
+    for b, g in d.groupby("bound", observed=True):
+        lo, hi = g.index.min(), g.index.max()
+        if lo > 0:
+            ax.axhline(lo - 0.5, color="0.6", lw=0.8)
+        ax.text(1.02, 1 - (lo + hi + 1) / 2 / n, BOUND_NAMES[b], transform=ax.transAxes, rotation=270,
+                va="center", ha="left", fontsize=7.5, color="0.35")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.45, 1.02), ncol=k, frameon=False)
+    fig.tight_layout()
     plt.close(fig)
     return fig
 
@@ -341,7 +391,8 @@ def key_numbers_table(heads: dict[str, dict[str, float]]):
         raise ValueError("key_numbers_table needs at least one GPU's numbers")
     rows = []
     for key, label, spec in KEY_NUMBERS:
-        rows.append({"measurement": label, **{slug: repr(shown(h.get(key), spec)) for slug, h in heads.items()}})
+        rows.append({"measurement": label,
+                     **{card_label(slug): repr(shown(h.get(key), spec)) for slug, h in heads.items()}})
     table = pd.DataFrame(rows)
     return (table.style.hide(axis="index")
             .set_table_styles([{"selector": "th, td", "props": [("text-align", "right"), ("padding", "2px 10px"),

@@ -92,3 +92,71 @@ def table1(w: pd.DataFrame, seed: pd.DataFrame, backend: str, *, gpu: str) -> pd
     for k in KINDS[1:]:
         out[f"{SHORT[k]} / device"] = ours.get(f"{k}_vs_device")
     return out
+
+
+# ----------------------------------------------------------------------------- two cards
+
+def table1_cards(w: pd.DataFrame, seed: pd.DataFrame, backend: str, cards: list[str]) -> pd.DataFrame:
+    """:func:`table1` for each card in ``cards`` (which have rows), stacked: index (card label,
+    block size), so one table shows the seed's numbers beside ours on every card."""
+    parts = {frame.card_label(c): table1(w, seed, backend, gpu=c) for c in cards if c in set(w["gpu_slug"])}
+    if not parts:
+        raise ValueError(f"no rows for any of {cards}")
+    out = pd.concat(parts, names=["card", "block size"])
+    return out
+
+
+def card_summary(w: pd.DataFrame, card: str) -> dict[str, float]:
+    """What the prose quotes per card, from :func:`wide` rows of ``card`` (NaN where it has none):
+    resident and prefetched worst deviation from device memory (%), the cold call's slowdown and
+    rate range, the largest cache's times, and how many prefetched points are within 1 %."""
+    g = w[w["gpu_slug"] == card]
+    nan = float("nan")
+    if g.empty:
+        return {k: nan for k in ("res_worst", "pre_worst", "res_points", "pre_under1", "cold_min", "cold_med",
+                                 "cold_max", "cold_gbps_lo", "cold_gbps_med", "cold_gbps_hi", "big_mib",
+                                 "big_cold_ms", "big_dev_us")}
+    v = resident_verdict(g)
+    big = g[g["bytes_moved"] == g["bytes_moved"].max()]
+    return {"res_worst": 100 * v["managed"]["worst"], "pre_worst": 100 * v["managed_prefetched"]["worst"],
+            "res_points": v["managed"]["points"],
+            "pre_under1": int(((g["managed_prefetched_vs_device"] - 1) < 0.01).sum()),
+            "cold_min": float(g["managed_cold_vs_device"].min()),
+            "cold_med": float(g["managed_cold_vs_device"].median()),
+            "cold_max": float(g["managed_cold_vs_device"].max()),
+            "cold_gbps_lo": float(g["cold_gbps"].min()), "cold_gbps_med": float(g["cold_gbps"].median()),
+            "cold_gbps_hi": float(g["cold_gbps"].max()),
+            "big_mib": float(big["bytes_moved"].iloc[0]) / 2**20,
+            "big_cold_ms": float(big["managed_cold"].median()) / 1e3,
+            "big_dev_us": float(big["device"].median())}
+
+
+def device_ratio(w: pd.DataFrame, cards: list[str]) -> pd.Series:
+    """Second card's device-memory time over the first's, per point and backend: whether the
+    faster HBM shows in these decode steps at all (NaN-free; empty with fewer than two cards)."""
+    if len(cards) < 2:
+        return pd.Series(dtype=float)
+    key = [c for c in POINT if c != "gpu_slug"]
+    d = w.pivot_table(index=key, columns="gpu_slug", values="device")
+    if not set(cards[:2]) <= set(d.columns):
+        return pd.Series(dtype=float)
+    return (d[cards[1]] / d[cards[0]]).dropna()
+
+
+def step_read_gbps(w: pd.DataFrame, card: str) -> float:
+    """The largest rate any device-memory step reached on ``card`` (bytes it must read / time):
+    how far below the HBM ceiling these decode steps run."""
+    g = w[w["gpu_slug"] == card]
+    return float((g["bytes_moved"] / (g["device"] * 1e-6) / 1e9).max()) if len(g) else float("nan")
+
+
+def relative_spread(rows: pd.DataFrame, card: str, condition: str) -> float:
+    """Median over points of (p90 - p10) / median time for one condition on ``card``: the noise a
+    difference between cards has to beat (NaN without rows)."""
+    g = rows[(rows["gpu_slug"] == card) & (rows["condition"] == condition)]
+    return float(((g["p90_us"] - g["p10_us"]) / g["median_us"]).median()) if len(g) else float("nan")
+
+
+def cold_noise(rows: pd.DataFrame, card: str) -> float:
+    """:func:`relative_spread` of the cold call, whose every sample migrates the cache again."""
+    return relative_spread(rows, card, "managed_cold")

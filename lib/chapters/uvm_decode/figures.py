@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 from lib.chapters.uvm_decode import analysis as U
 from lib.book.plots import _block_axis, panel_grid, set_house_style
 from lib.book.plots import require_columns as _need
+from lib.book.frame import card_label, card_slugs
 
 _CB = sns.color_palette("colorblind")
 KIND_STYLE = {"device": dict(color="black", marker="o", linestyle="-"),
@@ -42,7 +43,8 @@ def kinds_figure(rows: pd.DataFrame, backend: str, *, gpu: str | None = None, nc
         ax.set_ylabel("decode time (µs, log)")
         ax.set_title(f"{shape}\n{n} tokens × batch {b}", fontsize=9.5)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.suptitle(f"{backend}: the same KV cache in four places", y=1.0)
+    where = f" on the {card_label(gpu)}" if gpu else ""
+    fig.suptitle(f"{backend}{where}: the same KV cache in four places", y=1.0)
     fig.tight_layout(rect=(0, 0.1 / grid.shape[0], 1, 1))
     fig.legend(handles, labels, loc="lower center", ncol=2, bbox_to_anchor=(0.5, 0.0))
     plt.close(fig)
@@ -50,19 +52,33 @@ def kinds_figure(rows: pd.DataFrame, backend: str, *, gpu: str | None = None, nc
 
 
 def ratio_figure(w: pd.DataFrame) -> Figure:
-    """Every point's time relative to device memory, per managed state and backend (log scale)."""
+    """Every point's time relative to device memory (log scale), per managed state and backend,
+    one panel per card (H100 first, titled by card) on a shared axis: where the two cards agree."""
     cols = [f"{k}_vs_device" for k in U.KINDS[1:]]
-    _need(w, ["backend", *cols], "ratio_figure")
+    _need(w, ["backend", "gpu_slug", *cols], "ratio_figure")
     set_house_style()
-    long = w.melt(id_vars=["backend"], value_vars=cols, var_name="state", value_name="ratio").dropna()
-    long["state"] = long["state"].str.replace("_vs_device", "", regex=False).map(U.KIND_LABELS)
-    fig, ax = plt.subplots(figsize=(8.2, 3.6))
-    sns.stripplot(data=long, x="state", y="ratio", hue="backend", dodge=True, jitter=0.25, size=3.5,
-                  ax=ax, log_scale=True)
-    ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_xlabel("")
-    ax.set_ylabel("time / time on device memory (log)")
-    ax.legend(title=None, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
+    cards = card_slugs(w)
+    fig, axes = plt.subplots(1, len(cards), figsize=(8.2 if len(cards) == 1 else 11.0, 3.8), squeeze=False,
+                             sharey=True)
+    hue_order = sorted(set(w["backend"]))
+    for ax, card in zip(axes[0], cards):
+        long = w[w["gpu_slug"] == card].melt(id_vars=["backend"], value_vars=cols, var_name="state",
+                                             value_name="ratio").dropna()
+        long["state"] = long["state"].str.replace("_vs_device", "", regex=False).map(SHORT_LABELS)
+        sns.stripplot(data=long, x="state", y="ratio", hue="backend", hue_order=hue_order, dodge=True,
+                      jitter=0.25, size=3.5, ax=ax, log_scale=True, order=list(SHORT_LABELS.values()))
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xlabel("")
+        ax.set_ylabel("time / time on device memory (log)")
+        ax.set_title(card_label(card), loc="left")
+        if ax is not axes[0][0]:
+            ax.get_legend().remove()
+    axes[0][0].legend(title=None, loc="upper center", bbox_to_anchor=(0.5 * len(cards), -0.3), ncol=3)
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+#: Shorter state labels for the two-panel figure.
+SHORT_LABELS = {"managed": "managed,\nresident", "managed_cold": "managed, cold\n(pages on the host)",
+                "managed_prefetched": "managed, after\na prefetch"}

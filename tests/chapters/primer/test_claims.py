@@ -45,8 +45,9 @@ def test_uvm_exercise_solutions_hold():
     """uvm.md: a prefetch wins almost at once (before the second read); with a quarter of the
     blocks on the host the step lies near the serial and overlap models."""
     df = UA.load()
-    h = UA.headline(df, N.cards(df)[0])
-    s = X.uvm_solutions(h)
+    card = N.cards(df)[0]
+    h = UA.headline(df, card)
+    s = X.uvm_solutions(h, card=card)
     assert float(s["r_zc"]) < 2 and s["r_wins"] == "2"
     lo, hi = sorted((float(s["s_overlap"]), float(s["s_serial"])))
     assert 0.9 * lo < float(s["s_quarter"]) < 1.1 * hi  # the two models bracket the measurement
