@@ -203,8 +203,8 @@ def share_figure(blocks: pd.DataFrame, *, gpu: str | None = None) -> Figure:
 
 #: the FlashInfer figure's lines: ratio name -> (colour, line style, label)
 FLASHINFER_LINES = {
-    "FlashInfer / SDPA": (_CB[3], "-", "FlashInfer, identity"),
-    ("FlashInfer shuffled", "SDPA"): (_CB[3], "--", "FlashInfer, shuffled"),
+    "FlashInfer / SDPA": (_CB[0], "-", "FlashInfer, identity"),
+    ("FlashInfer shuffled", "SDPA"): (_CB[0], "--", "FlashInfer, shuffled"),
     "ours / SDPA": (_CB[1], "-", "ours (auto, paged), identity"),
     ("ours shuffled", "SDPA"): (_CB[1], "--", "ours (auto, paged), shuffled"),
     "SDPA repeat / SDPA": ("grey", ":", "SDPA measured again (the noise)"),
