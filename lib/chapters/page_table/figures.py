@@ -29,6 +29,17 @@ BACKEND_STYLE = {P.PAGED: dict(color=_CB[1], marker="D", linestyle="-", label="o
 HEAT_CBAR_LABEL = "ratio of decode times (numerator / denominator)\nred: numerator slower, blue: faster"
 
 
+def _card_cells(items, cards, one_card_size, per_card_size):
+    """Panels for ``items`` (one per ratio, batch, ...): two columns of them for one card, else one
+    row per item and one column per card. Returns (fig, axes, [(ax, card, item), ...])."""
+    if len(cards) == 1:
+        fig, axes = panel_grid(len(items), 2, *one_card_size)
+        return fig, axes, [(ax, cards[0], it) for ax, it in zip(axes.flat, items)]
+    w, h = per_card_size
+    fig, axes = plt.subplots(len(items), len(cards), figsize=(w * len(cards), h * len(items)), squeeze=False)
+    return fig, axes, [(axes[i, j], c, it) for i, it in enumerate(items) for j, c in enumerate(cards)]
+
+
 def heat_norm(values) -> TwoSlopeNorm:
     """One colour scale for every panel of a heat-map figure: white at 1.0, its ends at r and 1/r
     (a ratio and its inverse equally deep), r the most extreme ratio of the figure."""
@@ -72,13 +83,7 @@ def ratio_heatmaps(ratios: pd.DataFrame, shape: str, *, gpu: str | None = None) 
     d, cards = _cards(ratios, shape, gpu, "ratio_heatmaps")
     names = [n for n, *_ in P.GRID_RATIOS if n in set(d["ratio_name"])]
     norm = heat_norm(d.loc[d["ratio_name"].isin(names), "ratio"])
-    if len(cards) == 1:
-        fig, axes = panel_grid(len(names), 2, 5.0, 3.6)
-        cells = [(ax, cards[0], name) for ax, name in zip(axes.flat, names)]
-    else:
-        fig, axes = plt.subplots(len(names), len(cards), figsize=(5.0 * len(cards), 3.4 * len(names)),
-                                 squeeze=False)
-        cells = [(axes[i, j], c, name) for i, name in enumerate(names) for j, c in enumerate(cards)]
+    fig, axes, cells = _card_cells(names, cards, (5.0, 3.6), (5.0, 3.4))
     for ax, card, name in cells:
         m = d[(d["ratio_name"] == name) & (d["gpu_slug"] == card)].pivot(
             index="batch_size", columns="seq_len", values="ratio")
@@ -139,13 +144,7 @@ def blocks_figure(blocks: pd.DataFrame, shape: str, *, gpu: str | None = None) -
     set_house_style()
     d, cards = _cards(blocks, shape, gpu, "blocks_figure")
     batches = sorted(d["batch_size"].unique())
-    if len(cards) == 1:
-        fig, axes = panel_grid(len(batches), 2, 4.2, 3.0)
-        cells = [(ax, cards[0], b) for ax, b in zip(axes.flat, batches)]
-    else:
-        fig, axes = plt.subplots(len(batches), len(cards), figsize=(4.4 * len(cards), 2.9 * len(batches)),
-                                 squeeze=False)
-        cells = [(axes[i, j], c, b) for i, b in enumerate(batches) for j, c in enumerate(cards)]
+    fig, axes, cells = _card_cells(batches, cards, (4.2, 3.0), (4.4, 2.9))
     nrows = axes.shape[0]
     for ax, card, b in cells:
         g = d[(d["batch_size"] == b) & (d["gpu_slug"] == card)].sort_values("block_size")
