@@ -25,14 +25,24 @@ set -eu
 here="$(cd "$(dirname "$0")" && pwd)"
 PY="${{PYTHON:-python3}}"
 "$PY" -m pip install --no-index --find-links "$here" -r "$here/requirements.txt"
-if [ -d "$here/vllm-kernel" ]; then
-  echo "vLLM kernel-only install: export UVM_STUDY_VLLM_DIR=$here/vllm-kernel"
-  echo "  (or copy it to <repo>/.vllm-kernel)"
-fi
+# The kernel-only installs: where the backends look by default (<repo>/.vllm-kernel and
+# <repo>/.flashinfer-kernel) when this wheelhouse sits in a checkout, so one command sets up all.
+repo="$(dirname "$here")"
+for kind in vllm flashinfer; do
+  [ -d "$here/$kind-kernel" ] || continue
+  var="UVM_STUDY_$(echo "$kind" | tr a-z A-Z)_DIR"
+  if [ -f "$repo/lib/__main__.py" ] && [ ! -e "$repo/.$kind-kernel" ]; then
+    ln -s "$(basename "$here")/$kind-kernel" "$repo/.$kind-kernel"
+    echo "$kind kernel-only install: linked $repo/.$kind-kernel -> $here/$kind-kernel"
+  elif [ -f "$repo/lib/__main__.py" ] && [ "$(cd "$repo/.$kind-kernel" && pwd -P)" = "$(cd "$here/$kind-kernel" && pwd -P)" ]; then
+    echo "$kind kernel-only install: $repo/.$kind-kernel is this one"
+  else
+    echo "$kind kernel-only install: export $var=$here/$kind-kernel (or copy it to <repo>/.$kind-kernel)"
+  fi
+done
 if [ -d "$here/flashinfer-kernel" ]; then
-  echo "FlashInfer kernel-only install: export UVM_STUDY_FLASHINFER_DIR=$here/flashinfer-kernel"
-  echo "  (or copy it to <repo>/.flashinfer-kernel); its JIT cache: FLASHINFER_WORKSPACE_BASE,"
-  echo "  default <repo>/.flashinfer-cache (keep it between runs: the first compile takes ~20 s a kernel)"
+  echo "FlashInfer's JIT cache: FLASHINFER_WORKSPACE_BASE, default <repo>/.flashinfer-cache"
+  echo "  (keep it between runs: the first compile takes ~20 s a kernel)"
 fi
 "$PY" -m lib env 2>/dev/null || echo "now run: $PY -m lib env (from the repository) to check"
 """
