@@ -194,3 +194,11 @@ def test_reproduce_force_sets_the_frames_variable_without_a_declared_parameter(m
     finally:
         env = __import__("os").environ.pop(FORCE_ENV, None)
     assert rc == 0 and seen["env"] == env == "1" and "force" not in seen["parameters"]
+
+
+def test_wheelhouse_sweeps_only_brings_what_a_measuring_node_needs(capsys):
+    assert main(["wheelhouse", "--dry-run", "--sweeps-only", "--dest", "/tmp/wh-plan"]) == 0
+    cmd = capsys.readouterr().out.split()
+    assert "tqdm>=4.66" in cmd
+    for pkg in ("papermill>=2.6", "ipykernel>=6.29", "jupyter-book==1.0.4.post1"):
+        assert pkg not in cmd

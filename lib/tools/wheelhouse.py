@@ -13,6 +13,8 @@ from pathlib import Path
 # What a GPU node needs beyond a stock CUDA PyTorch image with CuPy (torch, triton, cupy, numpy,
 # pandas, matplotlib, seaborn, nvidia-ml-py come with it): running chapters through papermill.
 RUN_PACKAGES = ["papermill>=2.6", "jupytext>=1.16", "nbclient", "nbformat", "ipykernel>=6.29", "tqdm>=4.66"]
+# What `python -m lib sweep` alone needs (a node that only measures: `--sweeps-only`).
+SWEEP_PACKAGES = ["tqdm>=4.66"]
 # ... and rebuilding the book there (`reproduce` ends with a build unless --no-build).
 BOOK_PACKAGES = ["jupyter-book==1.0.4.post1"]
 # FlashInfer's JIT runs `ninja` (a declared requirement of flashinfer-python; stock images may lack it).
@@ -82,12 +84,16 @@ def build(dest: Path, *, python_version: str, platform: str, book: bool = True, 
           vllm_wheel: str | None = None, vllm_python: str | None = None,
           flashinfer_wheel: str | None = None, tvm_ffi_wheel: str | None = None,
           flashinfer_version: str | None = None, flashinfer_python: str | None = None,
-          dry_run: bool = False) -> int:
+          dry_run: bool = False, sweeps_only: bool = False) -> int:
     """Download the wheels (and make the kernel-only vLLM and FlashInfer installs) into `dest`;
     an exit code. FlashInfer: its two wheels given, or `flashinfer_version` to download them for
-    the target python and platform."""
+    the target python and platform. `sweeps_only`: only what sweeps need (no papermill, no
+    book), for a node that measures and sends its rows back."""
     dest = Path(dest).resolve()
-    packages = RUN_PACKAGES + (BOOK_PACKAGES if book else []) + list(extra)
+    if sweeps_only:
+        packages = SWEEP_PACKAGES + list(extra)
+    else:
+        packages = RUN_PACKAGES + (BOOK_PACKAGES if book else []) + list(extra)
     notes = []
     if flashinfer_wheel and flashinfer_version:
         raise ValueError("give either --flashinfer-wheel (with --tvm-ffi-wheel) or --flashinfer VERSION, not both")
