@@ -116,7 +116,7 @@ def cmd_wheelhouse(args) -> int:
     from lib.tools import wheelhouse
 
     return wheelhouse.build(args.dest, python_version=args.python_version, platform=args.platform,
-                            book=not args.no_book, sweeps_only=args.sweeps_only, extra=args.with_ or (), vllm_wheel=args.vllm_wheel,
+                            book=not args.no_book, sweeps_only=args.sweeps_only, vllm_flash_attn=args.vllm_flash_attn, extra=args.with_ or (), vllm_wheel=args.vllm_wheel,
                             vllm_python=args.vllm_python, flashinfer_wheel=args.flashinfer_wheel,
                             tvm_ffi_wheel=args.tvm_ffi_wheel, flashinfer_version=args.flashinfer,
                             flashinfer_python=args.flashinfer_python, dry_run=args.dry_run)
@@ -179,6 +179,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--flashinfer-python", metavar="PYTHON", help="python with torch for FlashInfer's probe (needs nvcc here)")
     s.add_argument("--with", dest="with_", action="append", metavar="PKG", help="one more package (repeatable)")
     s.add_argument("--no-book", action="store_true", help="leave out jupyter-book (no book rebuild on the node)")
+    s.add_argument("--vllm-flash-attn", action="store_true",
+                   help="with --vllm-wheel: add vLLM's FlashAttention 3 (vllm-fa3 backend, +172 MB)")
     s.add_argument("--sweeps-only", action="store_true",
                    help="only what `python -m lib sweep` needs (no papermill, no book): a measuring node")
     s.add_argument("--dry-run", action="store_true", help="print the pip command only")

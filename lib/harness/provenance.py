@@ -529,7 +529,7 @@ def run_issues(prov: Mapping[str, Any], backends: Iterable[str] = ()) -> list[st
     libs = prov.get("libraries") or {}
     end_libs = (prov.get("end") or {}).get("libraries") or {}
     used = {str(b) for b in backends}
-    for lib_name, names in (("vllm", {"vllm"}), ("flashinfer", {"flashinfer"})):
+    for lib_name, names in (("vllm", {"vllm", "vllm-fa3"}), ("flashinfer", {"flashinfer"})):
         if used & names and not (libs.get(lib_name) or end_libs.get(lib_name)):
             out.append(f"libraries: {lib_name}'s version is not recorded (null) although the run used it")
     return out

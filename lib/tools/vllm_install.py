@@ -176,13 +176,15 @@ def _check_probe(result: dict[str, Any], python: str, module: str) -> None:
 
 
 def install_kernel_only(wheel: Path, dest: Path, *, python: str = sys.executable,
-                        module: str = KERNEL_MODULE) -> InstallReport:
+                        module: str = KERNEL_MODULE, flash_attn: bool = False) -> InstallReport:
     """Make a kernel-only install of `module` in `dest` from `wheel` (its member names all checked first).
 
     `python` (with torch and triton) imports `module` from the unpacked wheel; the files it
     imported, their packages' ``__init__.py``, package data they opened and the ``METADATA`` go to
     `dest` with a manifest. An earlier install in `dest` is replaced atomically; any other
-    non-empty `dest` is refused.
+    non-empty `dest` is refused. `flash_attn`: add vLLM's FlashAttention 3 as well
+    (:data:`lib.engine.backends.vllm_fa.FLASH_ATTN_FILES`: two Python files and its compiled
+    library, 172 MB; named, since a probe without a GPU cannot load a CUDA library).
     """
     wheel, dest = Path(wheel), Path(dest)
     top = module.split(".")[0]
@@ -213,6 +215,14 @@ def install_kernel_only(wheel: Path, dest: Path, *, python: str = sys.executable
             (tree / top / PYNVML_SHIM).unlink(missing_ok=True)
             result = _probe_imports(python, tree, module)
             _check_probe(result, python, module)
+            if flash_attn:
+                from lib.engine.backends.vllm_fa import FLASH_ATTN_FILES
+
+                missing = [f for f in FLASH_ATTN_FILES if f not in names]
+                if missing:
+                    raise ValueError(f"{wheel.name} has no vLLM FlashAttention 3: missing {', '.join(missing)}")
+                result = {**result, "data_files": [*result["data_files"], *FLASH_ATTN_FILES],
+                          "flash_attn": list(FLASH_ATTN_FILES)}
             version = meta.get("Version") or result["version"]
             return _copy_install(tree, dest, wheel, meta_member, version, module, result)
         finally:
@@ -243,6 +253,7 @@ def _copy_install(tree: Path, dest: Path, wheel: Path, meta_member: str, version
             "vllm_version": version, "kernel_module": module,
             "wheel": {"name": wheel.name, "sha256": sha256_file(wheel)},
             "files": files, "total_bytes": total,
+            "flash_attn_files": result.get("flash_attn", []),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "probe": {k: result.get(k) for k in ("python", "torch", "triton", "has_triton", "platform",
                                                  "third_party")},
@@ -280,13 +291,16 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--dest", type=Path, default=None, help="install directory (default <repo>/.vllm-kernel)")
     parser.add_argument("--wheelhouse", type=Path, default=ROOT / "wheelhouse")
     parser.add_argument("--python", default=sys.executable, help="python with torch and triton that runs the import probe")
+    parser.add_argument("--flash-attn", action="store_true",
+                        help="add vLLM's FlashAttention 3 (the vllm-fa3 backend; +172 MB)")
     args = parser.parse_args(argv)
     if args.status:
         print(json.dumps(vllm_status(args.dest), indent=2))
         return 0
     try:
         wheel = download_wheel(args.download, args.wheelhouse) if args.download else args.wheel
-        report = install_kernel_only(wheel, args.dest or DEFAULT_KERNEL_DIR, python=args.python)
+        report = install_kernel_only(wheel, args.dest or DEFAULT_KERNEL_DIR, python=args.python,
+                                     flash_attn=args.flash_attn)
     except (ValueError, RuntimeError, subprocess.CalledProcessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -84,7 +84,7 @@ def build(dest: Path, *, python_version: str, platform: str, book: bool = True, 
           vllm_wheel: str | None = None, vllm_python: str | None = None,
           flashinfer_wheel: str | None = None, tvm_ffi_wheel: str | None = None,
           flashinfer_version: str | None = None, flashinfer_python: str | None = None,
-          dry_run: bool = False, sweeps_only: bool = False) -> int:
+          dry_run: bool = False, sweeps_only: bool = False, vllm_flash_attn: bool = False) -> int:
     """Download the wheels (and make the kernel-only vLLM and FlashInfer installs) into `dest`;
     an exit code. FlashInfer: its two wheels given, or `flashinfer_version` to download them for
     the target python and platform. `sweeps_only`: only what sweeps need (no papermill, no
@@ -107,7 +107,7 @@ def build(dest: Path, *, python_version: str, platform: str, book: bool = True, 
     if vllm_wheel and not dry_run:
         from lib.tools import vllm_install
 
-        rep = vllm_install.install_kernel_only(Path(vllm_wheel), dest / "vllm-kernel",
+        rep = vllm_install.install_kernel_only(Path(vllm_wheel), dest / "vllm-kernel", flash_attn=vllm_flash_attn,
                                                **({"python": vllm_python} if vllm_python else {}))
         packages += [p for p in rep.third_party if p not in packages]
         notes.append(f"vLLM {rep.version} kernel-only install: {len(rep.files)} files in {rep.dest}")

@@ -31,6 +31,13 @@ CORRECTNESS = check(Experiment(
          "placement": ["identity", "shuffled"], "lengths": ["ragged"], "backends": ["flashinfer"]},
         {"dtype": ["float16"], "block_size": [16, 256], "head_size": [128], "heads": ["MHA", "GQA4"],
          "placement": ["shuffled"], "lengths": ["long"], "backends": ["flashinfer"]},
+        # vLLM's FlashAttention 3 (the block sizes vLLM's FlashAttention backend takes: multiples of 16)
+        {"dtype": ["float16", "bfloat16"], "block_size": [16, 32, 64, 128, 256],
+         "head_size": [64, 80, 96, 112, 128, 256],
+         "heads": ["MHA", "GQA2", "GQA4", "GQA6", "GQA8", "MQA", "MQA32"],
+         "placement": ["identity", "shuffled"], "lengths": ["ragged"], "backends": ["vllm-fa3"]},
+        {"dtype": ["float16"], "block_size": [16, 256], "head_size": [128], "heads": ["MHA", "GQA4"],
+         "placement": ["shuffled"], "lengths": ["long"], "backends": ["vllm-fa3"]},
         # FlexAttention compiles one kernel per shape: a smaller grid, block sizes it supports
         {"dtype": ["float16", "bfloat16", "float32"], "block_size": [16, 256], "head_size": [64, 128],
          "heads": ["MHA", "GQA4", "MQA"], "placement": ["identity", "shuffled"], "lengths": ["ragged"],
@@ -44,6 +51,10 @@ SPEED_SHAPES = [(b, n, h, kv) for h, kv in [(32, 32), (32, 8), (64, 8), (40, 8),
                 for b, n in [(1, 4096), (8, 4096), (32, 4096), (128, 4096), (1, 32768), (256, 1024)]]
 SPEED_BACKENDS = ("own-auto-paged+own-auto-contiguous+own-v1-paged+own-v2-paged+own-v3-paged"
                   "+own-v3-contiguous+vllm+sdpa_dense+flashinfer+flex_paged")
+
+#: vLLM's FlashAttention 3 at kernel_speed's shapes, with the peers it is compared with re-measured
+#: on the same points (a sub-grid of its own, so the earlier points keep their keys)
+FA3_SPEED_BACKENDS = "vllm-fa3+flashinfer+sdpa_dense+own-auto-paged"
 
 #: the first grid (the committed H100 runs): six shapes, the backends of then; kept so those rows
 #: stay points of the grid, and so a new card can be compared with them point for point
@@ -63,6 +74,7 @@ KERNEL_SPEED = check(Experiment(
            "placement": ["identity"], "memory_kind": ["device"], "protocol": ["rigorous"],
            "partition_size": [0], "seed": [0],
            "backends": [backends]}
-          for shapes, backends in ((SPEED_SHAPES, SPEED_BACKENDS), (H100_SHAPES, H100_BACKENDS))
+          for shapes, backends in ((SPEED_SHAPES, SPEED_BACKENDS), (H100_SHAPES, H100_BACKENDS),
+                                   (SPEED_SHAPES, FA3_SPEED_BACKENDS))
           for b, n, h, kv in shapes],
 ))

@@ -29,8 +29,8 @@ def shape_of(param: str) -> str:
 
 
 def load(gpu=None, root=None) -> pd.DataFrame:
-    """The checked ok rows, tagged with ``shape`` and ``subgrid`` (``grid``, ``blocks`` or
-    ``flashinfer``)."""
+    """The checked ok rows, tagged with ``shape`` and ``subgrid`` (``grid``, ``blocks``,
+    ``flashinfer`` or ``fa3``)."""
     rows = frame.with_shape(frame.load_checked(EXPERIMENT, gpu, root=root))
     rows["subgrid"] = [subgrid_of(key) for key in rows["point_key"]]
     return rows
@@ -40,6 +40,8 @@ def subgrid_of(point_key: str) -> str:
     """Which of the experiment's sub-grids a point belongs to, read from its backends."""
     if NO_OFFSET in point_key:
         return "blocks"
+    if "vllm-fa3" in point_key:
+        return "fa3"
     return "flashinfer" if "flashinfer" in point_key else "grid"
 
 

@@ -11,6 +11,10 @@ NO_OFFSET_BACKENDS = "own-auto-paged+own-auto-contiguous+own-auto-no_offset+vllm
 #: The page table under FlashInfer, a memory-bound paged GQA decode: its time by block size and
 #: placement beside dense SDPA (no table at all) and our own, on the same points
 FLASHINFER_BACKENDS = "flashinfer+own-auto-paged+sdpa_dense"
+#: ... and under vLLM's FlashAttention 3 at the block sizes it takes (multiples of 16), FlashInfer
+#: and SDPA re-measured on the same points
+FA3_BACKENDS = "vllm-fa3+flashinfer+sdpa_dense"
+FA3_BLOCKS = [16, 32, 64, 128, 256]
 
 
 def kv_fits(point: dict) -> bool:
@@ -26,7 +30,8 @@ EXPERIMENT = check(Experiment(
                 "contiguous on identity placement, same bytes; paged on shuffled placement; vLLM; "
                 "dense SDPA; caches above 8 GiB of K+V skipped), and block sizes 1-256 x batch "
                 "1-128 at 1024 tokens with the no_offset floor; FlashInfer's paged decode at block sizes 1-256 "
-                "x identity/shuffled placement x batch 8-128 at 4096 tokens beside dense SDPA",
+                "x identity/shuffled placement x batch 8-128 at 4096 tokens beside dense SDPA; vLLM's "
+                "FlashAttention 3 the same way at block sizes 16-256",
     chapter="chapters/page_table.md",
     measure="lib.engine.measure:measure_decode",
     prepare="lib.engine.measure:precompile_points",
@@ -42,6 +47,11 @@ EXPERIMENT = check(Experiment(
     + [{**shape, **RIGOROUS_DEVICE, "batch_size": [8, 32, 128], "seq_len": [4096],
         "block_size": ALL_BLOCKS, "placement": ["identity", "shuffled"],
         "backends": [FLASHINFER_BACKENDS]}
+       for shape in (LLAMA_SHAPE, SEED_SHAPE)]
+    + [{**shape, **RIGOROUS_DEVICE, "batch_size": [8, 32, 128], "seq_len": [4096],
+        "block_size": FA3_BLOCKS, "placement": ["identity", "shuffled"], "backends": [FA3_BACKENDS]}
        for shape in (LLAMA_SHAPE, SEED_SHAPE)],
     where=kv_fits,
+    # `-p backends=...` picks the sub-grids with those backends (e.g. FA3_BACKENDS: that sub-grid alone)
+    selectors=("backends",),
 ))

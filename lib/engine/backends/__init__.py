@@ -9,7 +9,7 @@ scratch is allocated before, never inside, it):
     launch = get_backend("own-v2-paged").prepare(case, out)
 
 Backends: `own-{auto,v1,v2,v3}-{paged,contiguous,no_offset}` (ours), `vllm` (vLLM's Triton
-`unified_attention`), `sdpa_dense` (PyTorch SDPA on contiguous K/V: no page table), and optional
+`unified_attention`), `vllm-fa3` (vLLM's FlashAttention 3), `sdpa_dense` (PyTorch SDPA on contiguous K/V: no page table), and optional
 peers listed as unavailable when their library is absent.
 """
 
@@ -22,6 +22,7 @@ from typing import Callable
 from lib.engine import kernels
 from lib.engine import validation
 from lib.engine.backends.problem import DecodeCase, DecodeProblem, _default_alloc  # noqa: F401
+from lib.engine.backends.torch_pool import mem_pool_context as _torch_mem_pool_context
 
 Launcher = Callable[[], None]
 
@@ -141,15 +142,6 @@ def output_of(launch, out):
     (SDPA's: its result *is* the checked buffer), else the ``out`` it was prepared with."""
     own = getattr(launch, "output", None)
     return own() if callable(own) else out
-
-
-def _torch_mem_pool_context(torch):
-    """``torch.cuda.use_mem_pool`` (torch >= 2.6), or a clear error."""
-    use = getattr(torch.cuda, "use_mem_pool", None) or getattr(torch.cuda.memory, "use_mem_pool", None)
-    if use is None or not hasattr(torch.cuda, "MemPool"):
-        raise RuntimeError(f"sdpa_dense needs torch.cuda.MemPool and use_mem_pool (torch >= 2.6); "
-                           f"this torch is {torch.__version__}")
-    return use
 
 
 class SdpaLaunch:
@@ -280,6 +272,23 @@ def _prepare_flashinfer(backend: Backend, case: DecodeCase, k, v, out, **options
     return _on_cupy_stream(launcher)
 
 
+def _vllm_fa3_unavailable() -> str | None:
+    from lib.engine.backends import vllm_fa
+
+    return vllm_fa.unavailable_reason()
+
+
+def _prepare_vllm_fa3(backend: Backend, case: DecodeCase, k, v, out) -> Launcher:
+    from lib.engine.backends import vllm_fa
+
+    p = case.problem
+    launcher = vllm_fa.prepare_decode(
+        torch_view(case.q), torch_view(k), torch_view(v), torch_view(out),
+        torch_view(case.device_tables), torch_view(case.device_seq_lens),
+        scale=case.scale, max_seq_len=p.max_seq_len)
+    return _on_cupy_stream(launcher)
+
+
 def _peer_unavailable(module: str) -> Callable[[], str | None]:
     def check():
         try:
@@ -312,6 +321,10 @@ def _registry() -> dict[str, Backend]:
                                 "FlashInfer's BatchDecodeWithPagedKVCacheWrapper over the paged cache "
                                 "(CUDA-graph mode, tensor cores for groups >= 4)",
                                 _prepare=_prepare_flashinfer, _available=_flashinfer_unavailable)
+    reg["vllm-fa3"] = Backend("vllm-fa3", "peer", "vllm",
+                              "vLLM's FlashAttention 3 (vllm_flash_attn, compiled into the vLLM "
+                              "wheel): flash_attn_varlen_func over the paged cache",
+                              _prepare=_prepare_vllm_fa3, _available=_vllm_fa3_unavailable)
     reg["flex_paged"] = Backend("flex_paged", "peer", "vllm",
                                 "PyTorch FlexAttention (compiled) over the paged cache: the page "
                                 "table as its block mask",

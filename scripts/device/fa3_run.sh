@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# vLLM's FlashAttention 3 on a GPU node, then more sweeps: unpack the carried kernel-only installs,
+# load FA3 (its own load error is printed and its sweeps skipped if it does not load), run the
+# correctness matrix's vllm-fa3 sub-grids, then `study_run.sh` with EXPERIMENTS (FA3's sweeps
+# only when it loaded, the others in any case). From the repository root:
+#
+#   OUT=/tmp/o PACK=.carry/kernels.tar.xz FA3_EXPERIMENTS="kernel_speed" EXPERIMENTS="uvm" \
+#     bash scripts/device/fa3_run.sh
+#
+# PACK: a tar.xz of .vllm-kernel (made with `python -m lib vllm-kernel --flash-attn`) and
+# .flashinfer-kernel, which unpack to ~210 MB (16 MB packed: they travel in a 64 MiB call).
+# Other knobs as for study_run.sh (ROOT, DEADLINE_S, FORCE, REPEAT_TAG, FI_JIT).
+set -u
+cd "$(dirname "$0")/../.."
+OUT="${OUT:?set OUT}"; PY="${PYTHON:-python3}"; ROOT="${ROOT:-/tmp/study-results}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+t0=$(date +%s)
+mkdir -p "$OUT" "$ROOT"
+if [ -n "${PACK:-}" ]; then
+  tar xJf "$PACK" || { echo "could not unpack $PACK"; exit 2; }
+  echo "unpacked $PACK: $(du -sh .vllm-kernel .flashinfer-kernel 2>/dev/null | tr '\n' ' ')"
+fi
+"$PY" - > "$OUT/fa3-status.json" 2> "$OUT/fa3-status.err" <<'PYEOF'
+import json, sys
+from lib.engine.backends import get_backend, vllm_fa
+st = vllm_fa.status(deep=True)
+st["backend_unavailable"] = get_backend("vllm-fa3").unavailable_reason()
+import torch
+st["torch"] = torch.__version__
+print(json.dumps(st, indent=1))
+sys.exit(0 if st["backend_unavailable"] is None else 3)
+PYEOF
+fa3=$?
+cat "$OUT/fa3-status.json"; tail -n 5 "$OUT/fa3-status.err"
+TIMES="$ROOT/gpu_times.tsv"
+[ -f "$TIMES" ] || printf 'experiment\targs\tstarted_utc\twall_s\texit\ttag\n' > "$TIMES"
+runs="${EXPERIMENTS:-}"
+if [ "$fa3" -eq 0 ]; then
+  s=$(date +%s); st=$(date -u +%FT%TZ)
+  "$PY" scripts/device/correctness_part.py "$ROOT" vllm-fa3 > "$OUT/correctness-fa3.log" 2>&1
+  rc=$?
+  printf 'correctness\tvllm-fa3 (correctness_part.py)\t%s\t%s\t%s\t%s\n' "$st" $(( $(date +%s) - s )) "$rc" "${REPEAT_TAG:-}" >> "$TIMES"
+  tail -n 3 "$OUT/correctness-fa3.log"
+  runs="${FA3_EXPERIMENTS:-} $runs"
+else
+  echo "vllm-fa3 unavailable: its sweeps are skipped"
+fi
+[ -n "${runs// /}" ] || exit "$fa3"
+DEADLINE_S=$(( ${DEADLINE_S:-565} - ($(date +%s) - t0) )) EXPERIMENTS="$runs" OUT="$OUT" ROOT="$ROOT" \
+  bash scripts/device/study_run.sh
