@@ -9,6 +9,7 @@
 #
 # PACK: a tar.xz of .vllm-kernel (made with `python -m lib vllm-kernel --flash-attn`) and
 # .flashinfer-kernel, which unpack to ~210 MB (16 MB packed: they travel in a 64 MiB call).
+# CORRECTNESS_KINDS: more correctness sub-grids for the same 16-worker run (e.g. "own flex_paged").
 # Other knobs as for study_run.sh (ROOT, DEADLINE_S, FORCE, REPEAT_TAG, FI_JIT).
 set -u
 cd "$(dirname "$0")/../.."
@@ -35,15 +36,20 @@ cat "$OUT/fa3-status.json"; tail -n 5 "$OUT/fa3-status.err"
 TIMES="$ROOT/gpu_times.tsv"
 [ -f "$TIMES" ] || printf 'experiment\targs\tstarted_utc\twall_s\texit\ttag\n' > "$TIMES"
 runs="${EXPERIMENTS:-}"
+kinds="${CORRECTNESS_KINDS:-}"
 if [ "$fa3" -eq 0 ]; then
-  s=$(date +%s); st=$(date -u +%FT%TZ)
-  "$PY" scripts/device/correctness_part.py "$ROOT" vllm-fa3 > "$OUT/correctness-fa3.log" 2>&1
-  rc=$?
-  printf 'correctness\tvllm-fa3 (correctness_part.py)\t%s\t%s\t%s\t%s\n' "$st" $(( $(date +%s) - s )) "$rc" "${REPEAT_TAG:-}" >> "$TIMES"
-  tail -n 3 "$OUT/correctness-fa3.log"
+  kinds="vllm-fa3 $kinds"
   runs="${FA3_EXPERIMENTS:-} $runs"
 else
   echo "vllm-fa3 unavailable: its sweeps are skipped"
+fi
+if [ -n "${kinds// /}" ]; then
+  s=$(date +%s); st=$(date -u +%FT%TZ)
+  echo "== correctness sub-grids: $kinds"
+  "$PY" scripts/device/correctness_part.py "$ROOT" $kinds > "$OUT/correctness.log" 2>&1
+  rc=$?
+  printf 'correctness\t%s (correctness_part.py)\t%s\t%s\t%s\t%s\n' "$kinds" "$st" $(( $(date +%s) - s )) "$rc" "${REPEAT_TAG:-}" >> "$TIMES"
+  tail -n 3 "$OUT/correctness.log"
 fi
 [ -n "${runs// /}" ] || exit "$fa3"
 DEADLINE_S=$(( ${DEADLINE_S:-565} - ($(date +%s) - t0) )) EXPERIMENTS="$runs" OUT="$OUT" ROOT="$ROOT" \
