@@ -122,6 +122,16 @@ def kernel_numbers(root, card: str) -> dict:
         if {"own-auto-paged", "sdpa_dense"} <= set(s.index):
             out[f"k_{key}_over_sdpa"] = float(s["own-auto-paged"] / s["sdpa_dense"])
             out[f"k_{key}_kernel"] = Plain(frame.kernels_used(point.reset_index()))
+    # vLLM's FA3 and FlashInfer at the GQA point, from FA3's own sub-grid (one process, same point)
+    out.update(k_gqa_fa3_over_sdpa=math.nan, k_gqa_fi_over_sdpa=math.nan)
+    fa3 = ks[ks["point_key"].str.contains("vllm-fa3", regex=False) & (ks["batch_size"] == 32)
+             & (ks["seq_len"] == 4096) & (ks["num_heads"] == 32) & (ks["num_kv_heads"] == 8)
+             & (ks["status"] == "ok")]
+    if len(fa3):
+        s = frame.single_point(fa3).set_index("backend")["median_us"]
+        if {"vllm-fa3", "flashinfer", "sdpa_dense"} <= set(s.index):
+            out["k_gqa_fa3_over_sdpa"] = float(s["vllm-fa3"] / s["sdpa_dense"])
+            out["k_gqa_fi_over_sdpa"] = float(s["flashinfer"] / s["sdpa_dense"])
     return out
 
 

@@ -65,6 +65,10 @@ def key_numbers(gpu: str | None = FINDINGS_GPU) -> dict[str, object]:
         if len(fi):
             out["fi_checks_passed"] = int(fi.check_passed.sum())
             out["fi_checks_total"] = int(len(fi))
+        fa3 = cm[cm.backend == "vllm-fa3"]
+        if len(fa3):
+            out["fa3_checks_passed"] = int(fa3.check_passed.sum())
+            out["fa3_checks_total"] = int(len(fa3))
         v32 = _pick(cm, backend="vllm", dtype="float32")
         if len(v32):
             out["vllm_fp32_worst"] = f"{float(v32.rel_error.max()):.1e}"

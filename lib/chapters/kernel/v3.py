@@ -215,7 +215,8 @@ def style_speed_table(table: pd.DataFrame, caption: str | None = None):
 
     fmt = {c: "{:.1f}" for c in table.columns if c in SPEED_COLUMNS}
     fmt.update({"auto / fastest peer": "{:.2f}", "auto % of ceiling": "{:.0f}",
-                "MiB moved": "{:.0f}", "spread between runs": "{:.3f}"})
+                "MiB moved": "{:.0f}", "spread between runs": "{:.3f}",
+                "spread, all cards": "{:.3f}"})
     st = table.style.format(fmt, na_rep="–")
     st = st.map(lambda v: "font-weight: bold; color: #b2182b" if isinstance(v, float) and v > 1.05
                 else "", subset=["auto / fastest peer"])

@@ -193,16 +193,29 @@ FLASHINFER_RATIOS = [
 ]
 
 
-def flashinfer_ratios(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per FlashInfer-sub-grid point (card, shape, batch, block): the ratios of
-    :data:`FLASHINFER_RATIOS`, tidy; empty (with its columns) where a card has no such rows."""
+#: the same on the FA3 sub-grid (block sizes 16-256), FlashInfer and SDPA re-measured beside it
+FA3_RATIOS = [
+    ("FA3 / SDPA", ("vllm-fa3", "identity"), ("sdpa_dense", "identity")),
+    ("FA3 shuffled / identity", ("vllm-fa3", "shuffled"), ("vllm-fa3", "identity")),
+    ("FA3 / FlashInfer", ("vllm-fa3", "identity"), ("flashinfer", "identity")),
+    ("FlashInfer / SDPA", ("flashinfer", "identity"), ("sdpa_dense", "identity")),
+    ("SDPA repeat / SDPA", ("sdpa_dense", "shuffled"), ("sdpa_dense", "identity")),
+]
+
+
+def flashinfer_ratios(rows: pd.DataFrame, *, subgrid: str = "flashinfer", ratios=None) -> pd.DataFrame:
+    """Per point of a peer's sub-grid (card, shape, batch, block): the ratios of
+    :data:`FLASHINFER_RATIOS` (``subgrid="fa3"``: :data:`FA3_RATIOS`), tidy; empty (with its
+    columns) where a card has no such rows."""
+    if ratios is None:
+        ratios = FA3_RATIOS if subgrid == "fa3" else FLASHINFER_RATIOS
     cols = ["gpu_slug", "shape", "seq_len", "batch_size", "block_size", "ratio_name", "ratio"]
-    f = rows[rows["subgrid"] == "flashinfer"]
+    f = rows[rows["subgrid"] == subgrid]
     if f.empty:
         return pd.DataFrame(columns=cols)
     t = f.pivot_table(index=cols[:5], columns=["backend", "placement"], values="median_us", aggfunc="first")
     out = []
-    for name, num, den in FLASHINFER_RATIOS:
+    for name, num, den in ratios:
         if num in t.columns and den in t.columns:
             r = (t[num] / t[den]).dropna().rename("ratio").reset_index()
             out.append(r.assign(ratio_name=name))
@@ -233,11 +246,12 @@ def ceiling_check(rows: pd.DataFrame, datasheet_gbps: float) -> dict:
             "max_of_datasheet": peak / datasheet_gbps if datasheet_gbps else float("nan")}
 
 
-def block_flatness(rows: pd.DataFrame, backends=("flashinfer", "sdpa_dense")) -> pd.DataFrame:
-    """FlashInfer sub-grid: per card, shape, placement, batch and backend, how much the time moves
-    over the block sizes (max / min - 1). SDPA never sees a block size, so its value is the
-    run's noise over the same nine measurements."""
-    f = rows[(rows["subgrid"] == "flashinfer") & rows["backend"].isin(backends)]
+def block_flatness(rows: pd.DataFrame, backends=("flashinfer", "sdpa_dense"), *,
+                   subgrid: str = "flashinfer") -> pd.DataFrame:
+    """A peer's sub-grid (FlashInfer's, or ``subgrid="fa3"``): per card, shape, placement, batch
+    and backend, how much the time moves over the block sizes (max / min - 1). SDPA never sees a
+    block size, so its value is the run's noise over the same measurements."""
+    f = rows[(rows["subgrid"] == subgrid) & rows["backend"].isin(backends)]
     g = f.groupby(["gpu_slug", "shape", "placement", "batch_size", "backend"])["median_us"]
     return (g.max() / g.min() - 1).rename("spread").reset_index()
 
