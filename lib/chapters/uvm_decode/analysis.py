@@ -18,10 +18,11 @@ BACKENDS = ("own-v1-paged", "own-v2-paged", "vllm")
 POINT = ["gpu_slug", "shape", "seq_len", "batch_size", "block_size", "backend"]
 
 
-def load(gpu=None, root=None) -> pd.DataFrame:
+def load(gpu=None, root=None, *, dedupe: bool = True) -> pd.DataFrame:
     """The experiment's checked ok rows with a ``shape`` column and a ``condition`` (one of
-    :data:`KINDS`: the memory kind, and for managed memory its state before each call)."""
-    rows = frame.with_shape(frame.load_checked(EXPERIMENT, gpu, root=root,
+    :data:`KINDS`: the memory kind, and for managed memory its state before each call);
+    ``dedupe=False``: every run's rows (repeats, for :func:`run_spread`)."""
+    rows = frame.with_shape(frame.load_checked(EXPERIMENT, gpu, root=root, dedupe=dedupe,
                                                show=("backend", "memory_kind", "block_size")))
     rows["condition"] = [f"{k}_{s}" if isinstance(s, str) else k
                          for k, s in zip(rows["memory_kind"], rows["memory_state"])]
@@ -47,6 +48,28 @@ def wide(rows: pd.DataFrame) -> pd.DataFrame:
         w["cold_gbps"] = w["bytes_moved"] / (w["managed_cold"] * 1e-6) / 1e9
         w["cold_extra_us"] = w["managed_cold"] - w["device"]
     return w
+
+
+def run_spread(rows: pd.DataFrame, card: str) -> pd.DataFrame:
+    """How far each ratio to device memory moved between repeat runs on ``card`` (rows of every
+    run: ``load_checked(..., dedupe=False)``): per condition, the runs, the points every run has,
+    and the median and largest spread (largest minus smallest ratio of a point over the runs)."""
+    cols = ["condition", "runs", "points", "spread_median", "spread_max"]
+    d = rows[rows["gpu_slug"] == card]
+    runs = sorted(d["run_id"].unique())
+    if len(runs) < 2:
+        return pd.DataFrame(columns=cols)
+    per_run = [wide(d[d["run_id"] == r]).set_index(POINT) for r in runs]
+    out = []
+    for k in KINDS[1:]:
+        col = f"{k}_vs_device"
+        if not all(col in w.columns for w in per_run):
+            continue
+        r = pd.concat([w[col] for w in per_run], axis=1, join="inner").dropna()
+        gap = r.max(axis=1) - r.min(axis=1)
+        out.append({"condition": k, "runs": len(runs), "points": len(r),
+                    "spread_median": float(gap.median()), "spread_max": float(gap.max())})
+    return pd.DataFrame(out, columns=cols)
 
 
 def ratio_summary(w: pd.DataFrame) -> pd.DataFrame:

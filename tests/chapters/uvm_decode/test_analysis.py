@@ -67,3 +67,21 @@ def test_relative_spread_and_cold_noise():
     assert U.cold_noise(rows, "a") == pytest.approx(0.4)
     assert U.relative_spread(rows, "a", "device") == pytest.approx(0.02)
     assert math.isnan(U.cold_noise(rows, "c"))
+
+
+def _run_rows(run, device_us, cold_us, slug="h200"):
+    base = dict(gpu_slug=slug, shape="MHA", seq_len=4096, batch_size=1, block_size=16,
+                backend="vllm", bytes_moved=1 << 20, run_id=run)
+    return [dict(base, condition="device", median_us=device_us),
+            dict(base, condition="managed", median_us=device_us * 1.01),
+            dict(base, condition="managed_cold", median_us=cold_us)]
+
+
+def test_run_spread_is_largest_minus_smallest_ratio_over_runs():
+    rows = pd.DataFrame(_run_rows("a", 100.0, 1000.0) + _run_rows("b", 100.0, 1200.0)
+                        + _run_rows("c", 100.0, 1100.0) + _run_rows("z", 50.0, 5000.0, slug="h100"))
+    sp = U.run_spread(rows, "h200").set_index("condition")
+    assert sp.loc["managed_cold", "runs"] == 3 and sp.loc["managed_cold", "points"] == 1
+    assert sp.loc["managed_cold", "spread_max"] == pytest.approx(2.0)
+    assert sp.loc["managed", "spread_max"] == pytest.approx(0.0)
+    assert U.run_spread(rows, "h100").empty  # one run: no spread to tell
