@@ -53,8 +53,9 @@ def wide(rows: pd.DataFrame) -> pd.DataFrame:
 def run_spread(rows: pd.DataFrame, card: str) -> pd.DataFrame:
     """How far each ratio to device memory moved between repeat runs on ``card`` (rows of every
     run: ``load_checked(..., dedupe=False)``): per condition, the runs, the points every run has,
-    and the median and largest spread (largest minus smallest ratio of a point over the runs)."""
-    cols = ["condition", "runs", "points", "spread_median", "spread_max"]
+    and the median and largest spread (largest minus smallest ratio of a point over the runs),
+    also relative to the point's median ratio (``rel_*``: the cold ratios are in the hundreds)."""
+    cols = ["condition", "runs", "points", "spread_median", "spread_max", "rel_median", "rel_max"]
     d = rows[rows["gpu_slug"] == card]
     runs = sorted(d["run_id"].unique())
     if len(runs) < 2:
@@ -67,8 +68,10 @@ def run_spread(rows: pd.DataFrame, card: str) -> pd.DataFrame:
             continue
         r = pd.concat([w[col] for w in per_run], axis=1, join="inner").dropna()
         gap = r.max(axis=1) - r.min(axis=1)
+        rel = gap / r.median(axis=1)
         out.append({"condition": k, "runs": len(runs), "points": len(r),
-                    "spread_median": float(gap.median()), "spread_max": float(gap.max())})
+                    "spread_median": float(gap.median()), "spread_max": float(gap.max()),
+                    "rel_median": float(rel.median()), "rel_max": float(rel.max())})
     return pd.DataFrame(out, columns=cols)
 
 

@@ -83,5 +83,6 @@ def test_run_spread_is_largest_minus_smallest_ratio_over_runs():
     sp = U.run_spread(rows, "h200").set_index("condition")
     assert sp.loc["managed_cold", "runs"] == 3 and sp.loc["managed_cold", "points"] == 1
     assert sp.loc["managed_cold", "spread_max"] == pytest.approx(2.0)
+    assert sp.loc["managed_cold", "rel_max"] == pytest.approx(2.0 / 11.0)
     assert sp.loc["managed", "spread_max"] == pytest.approx(0.0)
     assert U.run_spread(rows, "h100").empty  # one run: no spread to tell
