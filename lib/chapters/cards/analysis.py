@@ -808,6 +808,12 @@ def headline(parts: dict, base: str = BASE, other: str = OTHER) -> dict:
     h["slow_pct"] = 100 * (1 - float(slow["read_gbps"]) / float(co["read_gbps"].median()))
     h["slow_runs"] = int(slow["runs"])
     h["slow_experiments"] = frame.Plain(str(slow["experiments"]))
+    slow2 = co.sort_values("read_gbps").iloc[1]  # the next slowest H200
+    h["slow2_card"] = frame.Plain(short_id(slow2["card_id"]))
+    h["slow2_read"] = float(slow2["read_gbps"])
+    h["slow2_pct"] = 100 * (1 - float(slow2["read_gbps"]) / float(co["read_gbps"].median()))
+    h["slow2_runs"] = int(slow2["runs"])
+    h["slow2_experiments"] = frame.Plain(str(slow2["experiments"]))
     from lib.engine.timing import MEMCPY_PIECE
 
     h["piece_mib"] = MEMCPY_PIECE / 2**20
@@ -872,6 +878,11 @@ def headline(parts: dict, base: str = BASE, other: str = OTHER) -> dict:
     slow = own[own["ratio"] < 1 - parts["band"]]
     h["sc_slow_n"] = int(len(slow))
     h["sc_slow_gqa"] = int((slow["num_heads"] != slow["num_kv_heads"]).sum())
+    mha = slow[slow["num_heads"] == slow["num_kv_heads"]]
+    h["sc_slow_mha"] = int(len(mha))
+    h["sc_slow_mha_what"] = frame.Plain("; ".join(
+        f"{r.backend} at {int(r.batch_size)} × {int(r.seq_len)}, block {int(r.block_size)} ({r.experiment}, "
+        f"{r.ratio:.3f})" for r in mha.itertuples()) or "none")
     h["sc_slow_shapes"] = frame.Plain(" and ".join(sorted({frame.shape_label(a, b, model=False) for a, b in
                                                           zip(slow["num_heads"], slow["num_kv_heads"])})) or "none")
     h["sc_slow_backends"] = frame.Plain(", ".join(sorted(set(slow["backend"]))) or "none")
@@ -951,9 +962,13 @@ def headline(parts: dict, base: str = BASE, other: str = OTHER) -> dict:
     h["sp_uvm_within_o"] = med(other, "within a run", "uvm GPU reads: p10-p90 of each row")
     dp = parts["dpairs"]
     ks = dp[(dp["gpu_slug"] == other) & (dp["experiments"] == "kernel_speed vs page_table")]
-    for i, (card, g) in enumerate(sorted(ks.groupby("card_b"), key=lambda x: x[1]["signed"].median())):
+    ordered = sorted(ks.groupby("card_b"), key=lambda x: x[1]["signed"].median())
+    for i, (card, g) in enumerate(ordered):
         h[f"sp_ks_card{i}"] = frame.Plain(short_id(card))
         h[f"sp_ks_signed{i}"] = 100 * float(g["signed"].median())
+    h["sp_ks_n"] = len(ordered)
+    h["sp_ks_list"] = frame.Plain("; ".join(f"{100 * float(g['signed'].median()):+.2f} % against card "
+                                            f"{short_id(card)}" for card, g in ordered))
     pt2 = dp[(dp["gpu_slug"] == other) & (dp["experiments"] == "page_table") & (dp["kind"] == "between cards")]
     if len(pt2):
         first = pt2.iloc[0]

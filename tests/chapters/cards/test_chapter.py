@@ -48,8 +48,10 @@ def test_what_the_prose_says_about_the_kernels_holds(h):
     assert h["k_gqa_plan_b"].startswith("v2") and h["k_gqa_plan_o"].startswith("v3")
     assert h["sc_90"] > h["sc_50"] > h["sc_0"]                    # "one rule": closer to the ceiling, more speed-up
     assert abs(h["sc_floor"] - 1) <= band
-    assert h["sc_slow_n"] > 0 and h["sc_slow_gqa"] == h["sc_slow_n"]  # every slower point is grouped-query
-    assert "GQA" in h["sc_slow_shapes"] and "MHA" not in h["sc_slow_shapes"]
+    assert h["sc_slow_n"] > 0 and h["sc_slow_gqa"] + h["sc_slow_mha"] == h["sc_slow_n"]
+    assert h["sc_slow_gqa"] >= 0.95 * h["sc_slow_n"]              # nearly every slower point is grouped-query
+    assert h["sc_slow_backends"] == "own-v1-paged, own-v2-paged"  # "v1/v2 on the 64:8 shape"
+    assert "GQA 64:8" in h["sc_slow_shapes"]
 
 
 def test_only_own_auto_on_grouped_heads_changed_its_plan(parts):
@@ -83,7 +85,10 @@ def test_what_the_prose_says_about_costs_and_offload_holds(h):
 
 def test_what_the_prose_says_about_the_spread_holds(h):
     assert h["sp_proc_o"] < h["sp_cards_pt_o"] < h["band_pct"]
-    assert h["sp_ks_signed1"] - h["sp_ks_signed0"] > 0.5          # the slow card shows through
-    assert h["sp_ks_card1"] == h["slow_card"]
+    n = h["sp_ks_n"]                                              # the two slow cards show through:
+    top = {h[f"sp_ks_card{n - 1}"], h[f"sp_ks_card{n - 2}"]}      # the two largest differences are theirs
+    assert top == {h["slow_card"], h["slow2_card"]}
+    assert h[f"sp_ks_signed{n - 2}"] - max(h[f"sp_ks_signed{i}"] for i in range(n - 2)) > 0.5
+    assert h["slow2_pct"] > 1
     assert h["sp_uvm_res_o"] < 1 < h["sp_uvm_link_o"]
     assert h["n_athbm"] + h["n_atinv"] + h["n_at1"] + h["n_between"] == h["n_quantities"]
