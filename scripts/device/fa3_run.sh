@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
-# vLLM's FlashAttention 3 on a GPU node, then more sweeps: unpack the carried kernel-only installs,
-# load FA3 (its own load error is printed and its sweeps skipped if it does not load), run the
-# correctness matrix's vllm-fa3 sub-grids, then `study_run.sh` with EXPERIMENTS (FA3's sweeps
-# only when it loaded, the others in any case). From the repository root:
+# vLLM's FlashAttention 3 on a GPU node, then more sweeps: load FA3 (its own load error is printed
+# and its sweeps skipped if it does not load), run the correctness matrix's vllm-fa3 sub-grids
+# (with CORRECTNESS_KINDS beside them), then `study_run.sh` with EXPERIMENTS (FA3's sweeps only
+# when it loaded, the others in any case). The kernel-only installs come from the wheelhouse
+# first (`sh wheelhouse/install.sh`, made with `--vllm-flash-attn`). From the repository root:
 #
-#   OUT=/tmp/o PACK=.carry/kernels.tar.xz FA3_EXPERIMENTS="kernel_speed" EXPERIMENTS="uvm" \
-#     bash scripts/device/fa3_run.sh
+#   OUT=/tmp/o FA3_EXPERIMENTS="kernel_speed" EXPERIMENTS="uvm" bash scripts/device/fa3_run.sh
 #
-# PACK: a tar.xz of .vllm-kernel (made with `python -m lib vllm-kernel --flash-attn`) and
-# .flashinfer-kernel, which unpack to ~210 MB (16 MB packed: they travel in a 64 MiB call).
 # CORRECTNESS_KINDS: more correctness sub-grids for the same 16-worker run (e.g. "own flex_paged").
 # Other knobs as for study_run.sh (ROOT, DEADLINE_S, FORCE, REPEAT_TAG, FI_JIT).
 set -u
@@ -17,10 +15,6 @@ OUT="${OUT:?set OUT}"; PY="${PYTHON:-python3}"; ROOT="${ROOT:-/tmp/study-results
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 t0=$(date +%s)
 mkdir -p "$OUT" "$ROOT"
-if [ -n "${PACK:-}" ]; then
-  tar xJf "$PACK" || { echo "could not unpack $PACK"; exit 2; }
-  echo "unpacked $PACK: $(du -sh .vllm-kernel .flashinfer-kernel 2>/dev/null | tr '\n' ' ')"
-fi
 "$PY" - > "$OUT/fa3-status.json" 2> "$OUT/fa3-status.err" <<'PYEOF'
 import json, sys
 from lib.engine.backends import get_backend, vllm_fa

@@ -802,18 +802,13 @@ def headline(parts: dict, base: str = BASE, other: str = OTHER) -> dict:
         h[f"copy_{tag}"] = float(m["copy_gbps"])
     h["read_ratio"] = h["read_o"] / h["read_b"]
     co = cards[cards["gpu_slug"] == other]
-    slow = co.loc[co["read_gbps"].idxmin()]
-    h["slow_card"] = frame.Plain(short_id(slow["card_id"]))
-    h["slow_read"] = float(slow["read_gbps"])
-    h["slow_pct"] = 100 * (1 - float(slow["read_gbps"]) / float(co["read_gbps"].median()))
-    h["slow_runs"] = int(slow["runs"])
-    h["slow_experiments"] = frame.Plain(str(slow["experiments"]))
-    slow2 = co.sort_values("read_gbps").iloc[1]  # the next slowest H200
-    h["slow2_card"] = frame.Plain(short_id(slow2["card_id"]))
-    h["slow2_read"] = float(slow2["read_gbps"])
-    h["slow2_pct"] = 100 * (1 - float(slow2["read_gbps"]) / float(co["read_gbps"].median()))
-    h["slow2_runs"] = int(slow2["runs"])
-    h["slow2_experiments"] = frame.Plain(str(slow2["experiments"]))
+    lows = co.sort_values("read_gbps", kind="stable")
+    for tag, (_, slow) in zip(("slow", "slow2"), lows.head(2).iterrows()):  # the two slowest H200s
+        h[f"{tag}_card"] = frame.Plain(short_id(slow["card_id"]))
+        h[f"{tag}_read"] = float(slow["read_gbps"])
+        h[f"{tag}_pct"] = 100 * (1 - float(slow["read_gbps"]) / float(co["read_gbps"].median()))
+        h[f"{tag}_runs"] = int(slow["runs"])
+        h[f"{tag}_experiments"] = frame.Plain(str(slow["experiments"]))
     from lib.engine.timing import MEMCPY_PIECE
 
     h["piece_mib"] = MEMCPY_PIECE / 2**20

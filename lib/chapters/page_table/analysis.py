@@ -203,12 +203,15 @@ FA3_RATIOS = [
 ]
 
 
-def flashinfer_ratios(rows: pd.DataFrame, *, subgrid: str = "flashinfer", ratios=None) -> pd.DataFrame:
+#: each peer sub-grid's ratios
+PEER_RATIOS = {"flashinfer": FLASHINFER_RATIOS, "fa3": FA3_RATIOS}
+
+
+def flashinfer_ratios(rows: pd.DataFrame, *, subgrid: str = "flashinfer") -> pd.DataFrame:
     """Per point of a peer's sub-grid (card, shape, batch, block): the ratios of
-    :data:`FLASHINFER_RATIOS` (``subgrid="fa3"``: :data:`FA3_RATIOS`), tidy; empty (with its
-    columns) where a card has no such rows."""
-    if ratios is None:
-        ratios = FA3_RATIOS if subgrid == "fa3" else FLASHINFER_RATIOS
+    :data:`PEER_RATIOS` for that sub-grid (FlashInfer's by default, or ``"fa3"``), tidy; empty
+    (with its columns) where a card has no such rows."""
+    ratios = PEER_RATIOS[subgrid]
     cols = ["gpu_slug", "shape", "seq_len", "batch_size", "block_size", "ratio_name", "ratio"]
     f = rows[rows["subgrid"] == subgrid]
     if f.empty:
@@ -227,6 +230,17 @@ def flashinfer_summary(fr: pd.DataFrame) -> pd.DataFrame:
     batches."""
     return (fr.groupby(["gpu_slug", "shape", "ratio_name"])["ratio"]
             .agg(points="size", min="min", median="median", max="max").reset_index())
+
+
+def summary_wide(summary: pd.DataFrame, subgrid: str = "flashinfer") -> pd.DataFrame:
+    """:func:`flashinfer_summary` of one card as the chapter's table: a row per ratio (in
+    :data:`PEER_RATIOS` order), min / median / max under each shape."""
+    t = summary.pivot_table(index="ratio_name", columns="shape", values=["min", "median", "max"])
+    t = t.reorder_levels([1, 0], axis=1).sort_index(axis=1, level=0, sort_remaining=False)
+    t = t[[(shp, w) for shp in SHAPE_PARAM.values() for w in ("min", "median", "max")]]
+    t = t.loc[[n for n, *_ in PEER_RATIOS[subgrid]]]
+    t.index.name, t.columns.names = "ratio", ["shape", ""]
+    return t
 
 
 def ceiling_check(rows: pd.DataFrame, datasheet_gbps: float) -> dict:

@@ -22,6 +22,7 @@ never handed to anything else. Block sizes: vLLM's FlashAttention backend asks f
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from lib.engine.backends.vllm import _check_decode_args, load_unified_attention, vllm_status
@@ -64,8 +65,6 @@ def status(kernel_dir=None, *, deep: bool = False) -> dict[str, Any]:
     if not st["available"]:
         return st
     try:
-        from pathlib import Path
-
         if st["source"] == "kernel-only":
             missing = [f for f in FLASH_ATTN_FILES if not (Path(st["path"]) / f).is_file()]
             if missing:
