@@ -1,6 +1,6 @@
 """Command line: ``python -m lib <command>`` (also installed as ``uvm-study``).
 
-Commands: sweep, list, env, merge, reproduce, wheelhouse, vllm-kernel, flashinfer-kernel
+Commands: sweep, list, env, merge, reproduce, wheelhouse, vllm-kernel, vllm2024-kernel, flashinfer-kernel
 (``<command> --help`` says more). Usage errors (unknown experiment or parameter, bad shard) print
 one line and exit with 2.
 """
@@ -116,7 +116,8 @@ def cmd_wheelhouse(args) -> int:
     from lib.tools import wheelhouse
 
     return wheelhouse.build(args.dest, python_version=args.python_version, platform=args.platform,
-                            book=not args.no_book, sweeps_only=args.sweeps_only, vllm_flash_attn=args.vllm_flash_attn, extra=args.with_ or (), vllm_wheel=args.vllm_wheel,
+                            book=not args.no_book, sweeps_only=args.sweeps_only, vllm_flash_attn=args.vllm_flash_attn,
+                            vllm2024=args.vllm2024, extra=args.with_ or (), vllm_wheel=args.vllm_wheel,
                             vllm_python=args.vllm_python, flashinfer_wheel=args.flashinfer_wheel,
                             tvm_ffi_wheel=args.tvm_ffi_wheel, flashinfer_version=args.flashinfer,
                             flashinfer_python=args.flashinfer_python, dry_run=args.dry_run)
@@ -181,12 +182,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-book", action="store_true", help="leave out jupyter-book (no book rebuild on the node)")
     s.add_argument("--vllm-flash-attn", action="store_true",
                    help="with --vllm-wheel: add vLLM's FlashAttention 3 (vllm-fa3 backend, +172 MB)")
+    s.add_argument("--vllm2024", metavar="VERSION", nargs="?", const="0.3.3",
+                   help="add vLLM's sdist (default 0.3.3): install.sh builds its 2024 kernels (vllm2024 backends)")
     s.add_argument("--sweeps-only", action="store_true",
                    help="only what `python -m lib sweep` needs (no papermill, no book): a measuring node")
     s.add_argument("--dry-run", action="store_true", help="print the pip command only")
     s.set_defaults(func=cmd_wheelhouse)
 
     sub.add_parser("vllm-kernel", help="kernel-only vLLM install (python -m lib vllm-kernel --help)", add_help=False)
+    sub.add_parser("vllm2024-kernel", add_help=False,
+                   help="build vLLM's 2024 paged_attention v1/v2 from its release source "
+                        "(python -m lib vllm2024-kernel --help)")
     sub.add_parser("flashinfer-kernel", add_help=False,
                    help="kernel-only FlashInfer install, or its GPU check (python -m lib flashinfer-kernel --help)")
     return p
@@ -216,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         from lib.tools import vllm_install
 
         return int(vllm_install.cli(argv[1:]) or 0)
+    if argv and argv[0] == "vllm2024-kernel":
+        from lib.tools import vllm2024
+
+        return int(vllm2024.cli(argv[1:]) or 0)
     if argv and argv[0] == "flashinfer-kernel":
         from lib.tools import flashinfer_install
 

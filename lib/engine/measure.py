@@ -169,6 +169,8 @@ def measure_decode(point: dict) -> list[dict]:
             launch = backend.prepare(case, out, **options)
             if backend.family == "own":
                 row["extra"]["plan"] = plan_text(launch.plan)
+            elif callable(getattr(launch, "describe", None)):  # a peer's own launch plan
+                row["extra"]["plan"] = launch.describe()
             before = state_hook(kind, case.layout(backend.layout))
             check_then_time(launch, out, reference_for(case, backend.addressing or "paged", refs),
                             dtype=problem.dtype, protocol=protocol, before=before,

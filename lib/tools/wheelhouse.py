@@ -42,6 +42,12 @@ for kind in vllm flashinfer; do
     echo "$kind kernel-only install: export $var=$here/$kind-kernel (or copy it to <repo>/.$kind-kernel)"
   fi
 done
+# vLLM's 2024 kernels (the seed's): built here from the release's sdist with nvcc (a few seconds).
+for sdist in "$here"/vllm-*.tar.gz; do
+  [ -f "$sdist" ] && [ -f "$repo/lib/__main__.py" ] || continue
+  (cd "$repo" && "$PY" -m lib vllm2024-kernel --sdist "$sdist") \
+    || echo "vLLM 2024 kernels: not built (nvcc missing?); the vllm2024 backends stay unavailable"
+done
 if [ -d "$here/flashinfer-kernel" ]; then
   echo "FlashInfer's JIT cache: FLASHINFER_WORKSPACE_BASE, default <repo>/.flashinfer-cache"
   echo "  (keep it between runs: the first compile takes ~20 s a kernel)"
@@ -84,11 +90,13 @@ def build(dest: Path, *, python_version: str, platform: str, book: bool = True, 
           vllm_wheel: str | None = None, vllm_python: str | None = None,
           flashinfer_wheel: str | None = None, tvm_ffi_wheel: str | None = None,
           flashinfer_version: str | None = None, flashinfer_python: str | None = None,
-          dry_run: bool = False, sweeps_only: bool = False, vllm_flash_attn: bool = False) -> int:
+          dry_run: bool = False, sweeps_only: bool = False, vllm_flash_attn: bool = False,
+          vllm2024: str | None = None) -> int:
     """Download the wheels (and make the kernel-only vLLM and FlashInfer installs) into `dest`;
     an exit code. FlashInfer: its two wheels given, or `flashinfer_version` to download them for
     the target python and platform. `sweeps_only`: only what sweeps need (no papermill, no
-    book), for a node that measures and sends its rows back."""
+    book), for a node that measures and sends its rows back. `vllm2024`: a vLLM release whose sdist
+    is added (its 2024 kernels are built on the node by install.sh: `python -m lib vllm2024-kernel`)."""
     dest = Path(dest).resolve()
     if sweeps_only:
         packages = SWEEP_PACKAGES + list(extra)
@@ -111,6 +119,11 @@ def build(dest: Path, *, python_version: str, platform: str, book: bool = True, 
                                                **({"python": vllm_python} if vllm_python else {}))
         packages += [p for p in rep.third_party if p not in packages]
         notes.append(f"vLLM {rep.version} kernel-only install: {len(rep.files)} files in {rep.dest}")
+    if vllm2024 and not dry_run:
+        from lib.tools import vllm2024 as v2024
+
+        sdist = v2024.fetch_sdist(vllm2024, dest)
+        notes.append(f"vLLM {vllm2024}'s sdist for its 2024 kernels (built by install.sh): {sdist.name}")
     py = _target_python(python_version)
     host = ".".join(map(str, sys.version_info[:2])) if py == sys.executable else python_version
     if host != python_version:

@@ -27,8 +27,6 @@ sys.exit(0 if st["backend_unavailable"] is None else 3)
 PYEOF
 fa3=$?
 cat "$OUT/fa3-status.json"; tail -n 5 "$OUT/fa3-status.err"
-TIMES="$ROOT/gpu_times.tsv"
-[ -f "$TIMES" ] || printf 'experiment\targs\tstarted_utc\twall_s\texit\ttag\n' > "$TIMES"
 runs="${EXPERIMENTS:-}"
 kinds="${CORRECTNESS_KINDS:-}"
 if [ "$fa3" -eq 0 ]; then
@@ -37,14 +35,6 @@ if [ "$fa3" -eq 0 ]; then
 else
   echo "vllm-fa3 unavailable: its sweeps are skipped"
 fi
-if [ -n "${kinds// /}" ]; then
-  s=$(date +%s); st=$(date -u +%FT%TZ)
-  echo "== correctness sub-grids: $kinds"
-  "$PY" scripts/device/correctness_part.py "$ROOT" $kinds > "$OUT/correctness.log" 2>&1
-  rc=$?
-  printf 'correctness\t%s (correctness_part.py)\t%s\t%s\t%s\t%s\n' "$kinds" "$st" $(( $(date +%s) - s )) "$rc" "${REPEAT_TAG:-}" >> "$TIMES"
-  tail -n 3 "$OUT/correctness.log"
-fi
-[ -n "${runs// /}" ] || exit "$fa3"
-DEADLINE_S=$(( ${DEADLINE_S:-565} - ($(date +%s) - t0) )) EXPERIMENTS="$runs" OUT="$OUT" ROOT="$ROOT" \
-  bash scripts/device/study_run.sh
+[ -n "${runs// /}${kinds// /}" ] || exit "$fa3"
+DEADLINE_S=$(( ${DEADLINE_S:-565} - ($(date +%s) - t0) )) EXPERIMENTS="$runs" CORRECTNESS_KINDS="$kinds" \
+  OUT="$OUT" ROOT="$ROOT" bash scripts/device/study_run.sh

@@ -11,7 +11,8 @@
 # sweep this many seconds after the script began, and cut the one running there; default 560),
 # FORCE (1: measure points that have rows again, a repeat in a new process: sweep --force),
 # REPEAT_TAG (appended to the timing rows, e.g. "repeat 2"), GPU_TEST (1: `make gpu-test` first),
-# FI_JIT ("float16:128": FlashInfer JIT-builds these dtype:head pairs first, for sweeps that use it).
+# FI_JIT ("float16:128": FlashInfer JIT-builds these dtype:head pairs first, for sweeps that use it),
+# CORRECTNESS_KINDS (correctness sub-grids run first, 16 workers: scripts/device/correctness_part.py).
 # Provenance: set UVM_STUDY_GIT_COMMIT, UVM_STUDY_LIB_SHA and UVM_STUDY_GIT_DIRTY as for any run.
 set -u
 cd "$(dirname "$0")/../.."
@@ -19,6 +20,7 @@ OUT="${OUT:?set OUT to a folder for the results}"
 PY="${PYTHON:-python3}"
 ROOT="${ROOT:-/tmp/study-results}"
 DEADLINE_S="${DEADLINE_S:-560}"
+CORRECTNESS_KINDS="${CORRECTNESS_KINDS:-}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export FLASHINFER_WORKSPACE_BASE="${FLASHINFER_WORKSPACE_BASE:-$PWD/.flashinfer-cache}"
 mkdir -p "$ROOT" "$OUT"
@@ -48,7 +50,21 @@ if [ -n "${FI_JIT:-}" ]; then
   done
 fi
 
-for spec in ${EXPERIMENTS:?name the experiments to run}; do
+if [ -n "${CORRECTNESS_KINDS// /}" ]; then
+  stamp "correctness sub-grids: $CORRECTNESS_KINDS"
+  s0=$(date +%s); started=$(date -u +%FT%TZ)
+  timeout --signal=INT --kill-after=20 $(( DEADLINE_S - $(elapsed) )) \
+    "$PY" scripts/device/correctness_part.py "$ROOT" $CORRECTNESS_KINDS > "$OUT/correctness.log" 2>&1
+  rc=$?
+  printf 'correctness\t%s (correctness_part.py)\t%s\t%s\t%s\t%s\n' "$CORRECTNESS_KINDS" "$started" \
+    $(( $(date +%s) - s0 )) "$rc" "${REPEAT_TAG:-}" >> "$TIMES"
+  tail -n 3 "$OUT/correctness.log"
+  [ "$rc" -eq 0 ] || { echo "correctness: exit $rc (see correctness.log)"; fail=1; }
+  pack
+fi
+
+[ -n "${EXPERIMENTS// /}" ] || [ -n "${CORRECTNESS_KINDS// /}" ] || { echo "name EXPERIMENTS or CORRECTNESS_KINDS"; exit 2; }
+for spec in ${EXPERIMENTS:-}; do
   exp="${spec%%:*}"
   args=()
   [ "${FORCE:-0}" = "1" ] && args+=(--force)

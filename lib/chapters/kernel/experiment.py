@@ -38,6 +38,20 @@ CORRECTNESS = check(Experiment(
          "placement": ["identity", "shuffled"], "lengths": ["ragged"], "backends": ["vllm-fa3"]},
         {"dtype": ["float16"], "block_size": [16, 256], "head_size": [128], "heads": ["MHA", "GQA4"],
          "placement": ["shuffled"], "lengths": ["long"], "backends": ["vllm-fa3"]},
+        # vLLM's 2024 CUDA kernels, the seed's (`python -m lib vllm2024-kernel`): the block sizes
+        # built (1-32) and the head sizes its launcher had; at block 1 a key is split over 32
+        # threads, so only head sizes that are multiples of 32
+        {"dtype": ["float16", "bfloat16", "float32"], "block_size": [2, 4, 8, 16, 32],
+         "head_size": [64, 80, 96, 112, 128, 256],
+         "heads": ["MHA", "GQA2", "GQA4", "GQA6", "GQA8", "MQA"],
+         "placement": ["identity", "shuffled"], "lengths": ["ragged"],
+         "backends": ["vllm2024-v1+vllm2024-v2"]},
+        {"dtype": ["float16", "bfloat16", "float32"], "block_size": [1], "head_size": [64, 96, 128, 256],
+         "heads": ["MHA", "GQA2", "GQA4", "GQA6", "GQA8", "MQA"],
+         "placement": ["identity", "shuffled"], "lengths": ["ragged"],
+         "backends": ["vllm2024-v1+vllm2024-v2"]},
+        {"dtype": ["float16"], "block_size": [1, 16, 32], "head_size": [128], "heads": ["MHA", "GQA8"],
+         "placement": ["shuffled"], "lengths": ["long"], "backends": ["vllm2024-v1+vllm2024-v2"]},
         # FlexAttention compiles one kernel per shape: a smaller grid, block sizes it supports
         {"dtype": ["float16", "bfloat16", "float32"], "block_size": [16, 256], "head_size": [64, 128],
          "heads": ["MHA", "GQA4", "MQA"], "placement": ["identity", "shuffled"], "lengths": ["ragged"],

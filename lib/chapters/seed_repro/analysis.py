@@ -23,6 +23,7 @@ import pandas as pd
 
 from lib.book import frame
 from lib.chapters.seed import tables as S
+from lib.chapters.seed_repro.experiment import SEED_BACKENDS, VLLM2024_BACKENDS
 
 EXPERIMENT = "seed_tables"
 VERSIONS = ("v1", "v2")
@@ -123,11 +124,13 @@ def tables_of(placement) -> str | None:
     return TABLES_OF.get(placement) if isinstance(placement, str) else None
 
 
-def _load_shape(gpu, root, heads) -> pd.DataFrame:
+def _load_shape(gpu, root, heads, backends: str = SEED_BACKENDS) -> pd.DataFrame:
+    """One shape's checked rows of one sub-grid (its backend list leads the point key)."""
     if isinstance(gpu, str):
         gpu = [g.strip() for g in gpu.split(",") if g.strip()] or None
     df = frame.load_checked(EXPERIMENT, gpu, root=root)
-    df = df[(df["num_heads"] == heads[0]) & (df["num_kv_heads"] == heads[1])]
+    df = df[(df["num_heads"] == heads[0]) & (df["num_kv_heads"] == heads[1])
+            & df["point_key"].str.startswith(f"backends={backends};")]
     return df.assign(tables=[tables_of(p) for p in df["placement"]])
 
 

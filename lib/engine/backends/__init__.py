@@ -9,7 +9,8 @@ scratch is allocated before, never inside, it):
     launch = get_backend("own-v2-paged").prepare(case, out)
 
 Backends: `own-{auto,v1,v2,v3}-{paged,contiguous,no_offset}` (ours), `vllm` (vLLM's Triton
-`unified_attention`), `vllm-fa3` (vLLM's FlashAttention 3), `sdpa_dense` (PyTorch SDPA on contiguous K/V: no page table), and optional
+`unified_attention`), `vllm-fa3` (vLLM's FlashAttention 3), `vllm2024-{v1,v2}` (vLLM's 2024 CUDA kernels, the seed's),
+`sdpa_dense` (PyTorch SDPA on contiguous K/V: no page table), and optional
 peers listed as unavailable when their library is absent.
 """
 
@@ -289,6 +290,24 @@ def _prepare_vllm_fa3(backend: Backend, case: DecodeCase, k, v, out) -> Launcher
     return _on_cupy_stream(launcher)
 
 
+def _vllm2024_unavailable() -> str | None:
+    from lib.engine.backends import vllm2024
+
+    return vllm2024.unavailable_reason()
+
+
+def _prepare_vllm2024(backend: Backend, case: DecodeCase, k, v, out) -> Launcher:
+    from lib.engine.backends import vllm2024
+
+    p = case.problem
+    launcher = vllm2024.prepare_decode(
+        backend.version, q=case.q, k_cache=k, v_cache=v, block_tables=case.device_tables,
+        seq_lens=case.device_seq_lens, out=out, scale=case.scale, dtype=p.dtype,
+        block_size=p.block_size, num_kv_heads=p.num_kv_heads, max_seq_len=p.max_seq_len)
+    case.verify_tables()
+    return launcher
+
+
 def _peer_unavailable(module: str) -> Callable[[], str | None]:
     def check():
         try:
@@ -325,6 +344,12 @@ def _registry() -> dict[str, Backend]:
                               "vLLM's FlashAttention 3 (vllm_flash_attn, compiled into the vLLM "
                               "wheel): flash_attn_varlen_func over the paged cache",
                               _prepare=_prepare_vllm_fa3, _available=_vllm_fa3_unavailable)
+    for version in (1, 2):
+        name = f"vllm2024-v{version}"
+        reg[name] = Backend(name, "vllm2024", "classic",
+                            f"vLLM 0.3.3's CUDA paged_attention_v{version} (2024, the kernel the seed "
+                            "profiled), built from its release source by `python -m lib vllm2024-kernel`",
+                            version, "paged", _prepare_vllm2024, _vllm2024_unavailable)
     reg["flex_paged"] = Backend("flex_paged", "peer", "vllm",
                                 "PyTorch FlexAttention (compiled) over the paged cache: the page "
                                 "table as its block mask",
