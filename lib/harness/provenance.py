@@ -61,7 +61,8 @@ def short_hash(text: str, n: int = 16) -> str:
 def _kernel_only_versions() -> dict[str, str | None]:
     """vLLM's and FlashInfer's versions read from their installs without importing them (a
     kernel-only install is no distribution on ``sys.path`` until its backend loads it)."""
-    out: dict[str, str | None] = {"vllm": None, "flashinfer": None, "apache-tvm-ffi": None}
+    out: dict[str, str | None] = {"vllm": None, "flashinfer": None, "apache-tvm-ffi": None,
+                                  "vllm2024": vllm2024_build()}
     try:
         from lib.engine.backends.vllm import vllm_status
 
@@ -83,6 +84,20 @@ def _kernel_only_versions() -> dict[str, str | None]:
     return out
 
 
+def vllm2024_build() -> str | None:
+    """vLLM's 2024 kernels as built here (``python -m lib vllm2024-kernel``): the release and the
+    hash of the sources compiled, e.g. "0.3.3 source 4bc35272fade"; None without a build."""
+    try:
+        from lib.engine.backends import vllm2024
+
+        st = vllm2024.status()
+    except Exception:
+        return None
+    if not st.get("available"):
+        return None
+    return f"{st.get('version')} source {str(st.get('source_sha256'))[:12]} {st.get('arch')}"
+
+
 def library_versions() -> dict[str, str | None]:
     """Installed versions from package metadata (no imports, so no torch start-up cost); vLLM and
     FlashInfer from their kernel-only installs where no distribution is installed."""
@@ -90,7 +105,8 @@ def library_versions() -> dict[str, str | None]:
     for key, dists in LIBRARIES.items():
         found = (_try(md.version, d) for d in dists)  # None where not installed
         out[key] = next((v for v in found if v is not None), None)
-    if None in (out["vllm"], out["flashinfer"]):
+    out["vllm2024"] = None
+    if None in (out["vllm"], out["flashinfer"], out["vllm2024"]):
         for key, v in _kernel_only_versions().items():
             if out.get(key) is None:
                 out[key] = v
@@ -529,7 +545,8 @@ def run_issues(prov: Mapping[str, Any], backends: Iterable[str] = ()) -> list[st
     libs = prov.get("libraries") or {}
     end_libs = (prov.get("end") or {}).get("libraries") or {}
     used = {str(b) for b in backends}
-    for lib_name, names in (("vllm", {"vllm", "vllm-fa3"}), ("flashinfer", {"flashinfer"})):
+    for lib_name, names in (("vllm", {"vllm", "vllm-fa3"}), ("flashinfer", {"flashinfer"}),
+                            ("vllm2024", {"vllm2024-v1", "vllm2024-v2"})):
         if used & names and not (libs.get(lib_name) or end_libs.get(lib_name)):
             out.append(f"libraries: {lib_name}'s version is not recorded (null) although the run used it")
     return out

@@ -63,8 +63,9 @@ if [ -n "${CORRECTNESS_KINDS// /}" ]; then
   pack
 fi
 
+EXPERIMENTS="${EXPERIMENTS:-}"
 [ -n "${EXPERIMENTS// /}" ] || [ -n "${CORRECTNESS_KINDS// /}" ] || { echo "name EXPERIMENTS or CORRECTNESS_KINDS"; exit 2; }
-for spec in ${EXPERIMENTS:-}; do
+for spec in $EXPERIMENTS; do
   exp="${spec%%:*}"
   args=()
   [ "${FORCE:-0}" = "1" ] && args+=(--force)
