@@ -76,6 +76,8 @@ def needs(exp: Experiment) -> str:
         out.append("triton")
     if "vllm" in b:
         out.append("vLLM kernel-only")
+    if b & {"vllm2024-v1", "vllm2024-v2"}:
+        out.append("vLLM 2024 build")
     return ", ".join(out)
 
 

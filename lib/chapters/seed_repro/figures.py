@@ -446,3 +446,47 @@ def style_card_ratio(summary: pd.DataFrame, caption: str | None = None):
                           "max % of read ceiling": np.nan}, index=out.index)
     styler = out.style.apply(lambda _: _ratio_shade(shade).to_numpy(), axis=None)
     return compact(styler, caption)
+
+
+#: vLLM's 2024 kernels beside the post and ours: the post black, vLLM 2024 green (v1 solid, v2
+#: dashed), ours in the chapter's version colours.
+VLLM2024_STYLE = {"post": dict(color="black", marker="o", linewidth=2.2, markersize=6, zorder=5),
+                  "vLLM 2024 v1": dict(color=_CB[2], marker="^", linewidth=1.6),
+                  "vLLM 2024 v2": dict(color=_CB[2], marker="v", linewidth=1.6, linestyle="--"),
+                  "ours v1": dict(color=VERSION_COLOR["v1"], marker="s", linewidth=1.4),
+                  "ours v2": dict(color=VERSION_COLOR["v2"], marker="D", linewidth=1.4, linestyle="--")}
+
+
+def vllm2024_panels(side: pd.DataFrame, gpu: str, series=((1, "device", 4096, 1), (5, "device", 1024, 16))) -> Figure:
+    """Time by block size for the post, vLLM's 2024 v1/v2 and ours, one panel per seed series (the
+    seed's arm: host clock, the seed's tables), log scale: where each curve bends, not how high."""
+    _need(side, ["table", "memory_kind", "seq_len", "batch_size", "block_size", *VLLM2024_STYLE], "vllm2024_panels")
+    set_house_style()
+    fig, axes = panel_grid(len(series), len(series), 4.6, 3.4)
+    for ax, (table, memory, n, b) in zip(np.ravel(axes), series):
+        s = side[(side["table"] == table) & (side["memory_kind"] == memory) & (side["seq_len"] == n)
+                 & (side["batch_size"] == b)].sort_values("block_size")
+        if s.empty:
+            raise ValueError(f"vllm2024_panels: no table {table} series {memory} {n} × {b}")
+        for src, style in VLLM2024_STYLE.items():
+            ax.plot(s["block_size"], s[src], label=src, **style)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        _block_axis(ax, s["block_size"].unique())
+        ax.set_title(f"table {table}: {memory}, {n} × batch {b} ({frame.card_label(gpu)})", fontsize=10)
+        ax.set_ylabel("time (µs, log)")
+    np.ravel(axes)[0].legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def vllm2024_table(side: pd.DataFrame, caption: str):
+    """The post's cells beside vLLM 2024's and ours (one row per cell), styled."""
+    _need(side, ["table", "variant", "memory_kind", "seq_len", "batch_size", "block_size"], "vllm2024_table")
+    t = side.assign(series=[f"{t} ({v}): {m}, {n} × {b}" for t, v, m, n, b in
+                            zip(side["table"], side["variant"], side["memory_kind"], side["seq_len"], side["batch_size"])])
+    t = t.set_index(["series", "block_size"]).rename_axis(["table (post's variant): series", "block"])
+    times = ["post", "vLLM 2024 v1", "vLLM 2024 v2", "ours v1", "ours v2"]
+    ratios = ["ours v1 / vLLM v1", "ours v2 / vLLM v2"]
+    st = t[times + ratios].style.format("{:.1f}", subset=times).format("{:.2f}", subset=ratios)
+    return compact(st, caption)
