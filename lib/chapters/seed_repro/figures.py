@@ -480,6 +480,10 @@ def vllm2024_panels(side: pd.DataFrame, gpu: str, series=((1, "device", 4096, 1)
     return fig
 
 
+#: Row headings of a two-level index at the top of their group, not its middle.
+TOP_HEADINGS = [{"selector": "th.row_heading", "props": "vertical-align: top"}]
+
+
 def vllm2024_table(side: pd.DataFrame, caption: str):
     """The post's cells beside vLLM 2024's and ours (one row per cell), styled."""
     _need(side, ["table", "variant", "memory_kind", "seq_len", "batch_size", "block_size"], "vllm2024_table")
@@ -489,4 +493,4 @@ def vllm2024_table(side: pd.DataFrame, caption: str):
     times = ["post", "vLLM 2024 v1", "vLLM 2024 v2", "ours v1", "ours v2"]
     ratios = ["ours v1 / vLLM v1", "ours v2 / vLLM v2"]
     st = t[times + ratios].style.format("{:.1f}", subset=times).format("{:.2f}", subset=ratios)
-    return compact(st, caption)
+    return compact(st, caption, extra=TOP_HEADINGS)
