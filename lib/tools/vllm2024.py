@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib.engine.backends import vllm2024 as K
-from lib.engine.kernels.nvcc import nvcc_path, nvcc_version
+from lib.engine.kernels.nvcc import nvcc_path, nvcc_version, parse_ptxas
 from lib.tools.wheel_files import sha256_file, swap_in, unsafe_member
 
 INDEX = "https://pypi.org/simple/vllm/"
@@ -62,11 +63,6 @@ SIGNATURES = {
     "paged_attention_v2_kernel": ("float* __restrict__ exp_sums", "const int kv_head_stride"),
     "paged_attention_v2_reduce_kernel": ("scalar_t* __restrict__ out", "const int max_num_partitions"),
 }
-_ENTRY = re.compile(r"Compiling entry function '(?P<name>[^']+)' for '(?P<arch>sm_\d+a?)'")
-_PROPS = re.compile(r"(?P<stack>\d+) bytes stack frame, (?P<st>\d+) bytes spill stores, "
-                    r"(?P<ld>\d+) bytes spill loads")
-_USED = re.compile(r"Used (?P<regs>\d+) registers")
-_SMEM = re.compile(r"(?P<n>\d+) bytes smem")
 _MANGLED = re.compile(r"^_ZN4vllm\d+paged_attention_(?P<kind>v1_kernel|v2_kernel|v2_reduce_kernel)I"
                       r"(?P<type>t|f|13__nv_bfloat16)(?:t|f|S\d*_)?Li(?P<head>\d+)E")
 _KIND = {"v1_kernel": "v1", "v2_kernel": "v2", "v2_reduce_kernel": "reduce"}
@@ -225,30 +221,17 @@ def translation_unit(sources: Sources, dtype: str, block_size: int) -> str:
 
 # --------------------------------------------------------------------------- compiling
 
+def kernel_of(mangled: str) -> dict:
+    """Kind (v1, v2, reduce) and head size of one of vLLM's kernels from its mangled name."""
+    k = _MANGLED.match(mangled)
+    if not k:
+        raise ValueError(f"unexpected entry function {mangled!r}")
+    return {"kind": _KIND[k["kind"]], "head_size": int(k["head"])}
+
+
 def parse_report(text: str) -> list[dict]:
-    """One dict per vLLM kernel in an `nvcc -Xptxas -v` report."""
-    rows, row = [], None
-    for line in text.splitlines():
-        m = _ENTRY.search(line)
-        if m:
-            k = _MANGLED.match(m["name"])
-            if not k:
-                raise ValueError(f"unexpected entry function {m['name']!r}")
-            row = {"kind": _KIND[k["kind"]], "head_size": int(k["head"]), "mangled": m["name"],
-                   "arch": m["arch"]}
-            rows.append(row)
-            continue
-        if row is None:
-            continue
-        m = _PROPS.search(line)
-        if m:
-            row.update(stack_bytes=int(m["stack"]), spill_stores=int(m["st"]), spill_loads=int(m["ld"]))
-        m = _USED.search(line)
-        if m:
-            row["registers"] = int(m["regs"])
-            s = _SMEM.search(line)
-            row["static_smem_bytes"] = int(s["n"]) if s else 0
-    return rows
+    """One dict per vLLM kernel in an `nvcc -Xptxas -v` report (the project's ptxas parser)."""
+    return parse_ptxas(text, kernel_of)
 
 
 def _compile(nvcc: str, sources: Sources, src_dir: Path, out_dir: Path, dtype: str, block_size: int,
@@ -321,8 +304,6 @@ def build(sdist: Path, out: Path | None = None, *, arch: str = "sm_90", dtypes=N
         swap_in(staging, out)
     finally:
         if staging.exists():
-            import shutil
-
             shutil.rmtree(staging, ignore_errors=True)
     if progress:
         print(f"vLLM {sources.version}'s kernels: {len(modules)} modules in {out} "

@@ -119,14 +119,21 @@ def kernel_dir(path: Path | str | None = None) -> Path:
 
 
 def read_manifest(path: Path | str | None = None) -> dict:
-    """The build's manifest; FileNotFoundError saying how to make one."""
+    """The build's manifest (read once per version of the file); FileNotFoundError saying how to
+    make one."""
     d = kernel_dir(path)
     f = d / MANIFEST
     if not f.is_file():
         raise FileNotFoundError(
             f"no build of vLLM's 2024 kernels at {d} (make one with `python -m lib vllm2024-kernel`, "
             "on any machine with nvcc; offline: from the sdist in the wheelhouse)")
-    return json.loads(f.read_text())
+    st = f.stat()
+    return _parsed(str(f), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(file: str, mtime_ns: int, size: int) -> dict:  # every backend check reads the manifest
+    return json.loads(Path(file).read_text())
 
 
 def status(path: Path | str | None = None) -> dict:

@@ -84,14 +84,15 @@ def parse_mangled(name: str) -> dict:
                 addressing=None)
 
 
-def parse_ptxas(text: str) -> list[dict]:
-    """One dict per entry function in an `nvcc -Xptxas -v` report."""
+def parse_ptxas(text: str, parse_name=parse_mangled) -> list[dict]:
+    """One dict per entry function in an `nvcc -Xptxas -v` report; `parse_name` turns an entry's
+    mangled name into its identifying fields (default: our kernels'; ValueError for a foreign one)."""
     rows: list[dict] = []
     row: dict | None = None
     for line in text.splitlines():
         m = _ENTRY.search(line)
         if m:
-            row = dict(parse_mangled(m["name"]), arch=m["arch"], mangled=m["name"])
+            row = dict(parse_name(m["name"]), arch=m["arch"], mangled=m["name"])
             rows.append(row)
             continue
         if row is None:
