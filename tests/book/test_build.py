@@ -207,3 +207,61 @@ def test_seed_page_screenshot(built, tmp_path):
     # Colour beyond grey text: the figures' lines and the table's shading made it to the screen.
     saturated = sum(n for n, (r, g, b) in colours if max(r, g, b) - min(r, g, b) > 60)
     assert saturated > 2000, "no coloured figure or table shading visible on the page"
+
+
+def _chapters_with_code(copy: Path) -> list[str]:
+    """The pages of the book whose source has code cells (the executed chapters), as docnames."""
+    import jupytext
+    import yaml
+
+    toc = yaml.safe_load((copy / "_toc.yml").read_text(encoding="utf-8"))
+    pages = [toc["root"]] + [c["file"] for c in toc["chapters"]]
+    return [p for p in pages if any(c.cell_type == "code" for c in jupytext.read(copy / f"{p}.md").cells)]
+
+
+def test_every_executed_chapter_offers_its_notebook_for_download(built):
+    """The download menu of each page with code links `_sources/<page>.ipynb`, and that file is the
+    chapter's source as a notebook: jupytext's cells, unchanged, after one note, the parameters
+    cell kept, no outputs."""
+    import jupytext
+    import nbformat
+
+    copy, html, _, _ = built
+    pages = _chapters_with_code(copy)
+    assert len(pages) >= 10 and "chapters/uvm" in pages and "chapters/glossary" not in pages
+    for page in pages:
+        text = (html / f"{page}.html").read_text(encoding="utf-8")
+        href = f"../_sources/{page}.ipynb"
+        assert f'href="{href}"' in text and "download-notebook-button" in text, f"{page}: no .ipynb download"
+        nb = nbformat.read(html / "_sources" / f"{page}.ipynb", as_version=4)
+        nbformat.validate(nb)
+        src = jupytext.read(copy / f"{page}.md")
+        assert "download-note" in nb.cells[0].metadata.get("tags", []) and f"`{page}.md`" in nb.cells[0].source
+        assert [(c.cell_type, c.source, c.metadata.get("tags")) for c in nb.cells[1:]] == \
+               [(c.cell_type, c.source, c.metadata.get("tags")) for c in src.cells], page
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
+        assert nb.metadata["kernelspec"]["name"] == "python3" and "jupytext" not in nb.metadata
+        if any("parameters" in (c.metadata.get("tags") or []) for c in src.cells):
+            assert any("parameters" in (c.metadata.get("tags") or []) for c in nb.cells), page
+    # a page without code offers no notebook
+    assert "download-notebook-button" not in (html / "chapters" / "glossary.html").read_text(encoding="utf-8")
+
+
+def test_seed_post_appendix_and_its_citation(built):
+    """The seed post as received is a page of the book, its bibliography entry names no invented
+    author and links to that page, and the seed chapter links to it too."""
+    from lib import DATA
+
+    copy, html, _, _ = built
+    page = (html / "chapters" / "seed_post.html").read_text(encoding="utf-8")
+    post = (DATA / "seed" / "profile-vllm-performance.md").read_text(encoding="utf-8")
+    assert "layout: single" in post and "author_profile" in post  # the copy as received, front matter and all
+    for cell in ("1028.550", "163.369", "816.158", "184.604"):  # first and last tables' cells
+        assert cell in page, cell
+    assert hashlib.sha256(post.encode("utf-8")).hexdigest() in page
+    about = (html / "chapters" / "about.html").read_text(encoding="utf-8")
+    entry = about[about.index("Profile VLLM Performance"):][:1500]
+    assert "Anonymous" not in about
+    assert "not named in the copy this study received" in entry
+    assert 'href="seed_post.html"' in entry and "doc:" not in about
+    assert 'href="seed_post.html"' in (html / "chapters" / "seed.html").read_text(encoding="utf-8")
