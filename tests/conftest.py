@@ -58,7 +58,7 @@ def run_chapter_cells(monkeypatch):
         monkeypatch.setattr(lib.book.glue, "glue", lambda name, value, display=True: glued.__setitem__(name, value))
         monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: [
             o.to_html() if hasattr(o, "to_html") else o for o in objs])
-        ns: dict = {}
+        ns: dict = {"display": IPython.display.display}  # a kernel's builtin; some chapters use it bare
         path = Path(chapter_md) if Path(chapter_md).is_absolute() else ROOT / chapter_md
         for i, cell in enumerate(c for c in jupytext.read(path).cells if c.cell_type == "code"):
             body = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith("%"))

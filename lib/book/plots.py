@@ -66,3 +66,59 @@ def diagram_canvas(w: float, h: float, figsize) -> tuple[Figure, plt.Axes]:
     ax.set_aspect("equal")
     ax.axis("off")
     return fig, ax
+
+
+def _text_boxes(fig: Figure, renderer) -> list[tuple[str, object]]:
+    """(name, window extent) of every visible, non-empty label of a drawn figure: tick labels
+    (minor ones included), axis labels, titles, texts and annotations (a suptitle is one of the
+    figure's texts), legends (one box each)."""
+    boxes = []
+
+    def add(name, artist):
+        if artist is not None and artist.get_visible() and (not hasattr(artist, "get_text") or artist.get_text()):
+            box = artist.get_window_extent(renderer)
+            if box.width > 0 and box.height > 0:
+                boxes.append((name, box))
+
+    for i, ax in enumerate(fig.axes):
+        if not ax.get_visible():
+            continue
+        for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
+            if not (ax.axison and axis.get_visible()):  # a diagram's axes drawn without axes
+                continue
+            # the ticks the axis draws (inside its view), major and minor; get_ticklabels would
+            # also return labels of ticks the locator placed outside the view, which are not drawn
+            for tick in axis._update_ticks():
+                for t in (tick.label1, tick.label2):
+                    add(f"axes {i} {name} tick {t.get_text()!r}", t)
+            add(f"axes {i} {name} label {axis.label.get_text()!r}", axis.label)
+        for t in (ax.title, ax._left_title, ax._right_title, *ax.texts):
+            add(f"axes {i} text {t.get_text()!r}", t)
+        add(f"axes {i} legend", ax.get_legend())
+    for t in fig.texts:
+        add(f"figure text {t.get_text()!r}", t)
+    for k, lg in enumerate(fig.legends):
+        add(f"figure legend {k}", lg)
+    return boxes
+
+
+def label_overlaps(fig: Figure, gap_px: float = 2.0) -> list[str]:
+    """Pairs of a figure's labels that overlap on the rendered figure ("a / b"), none if it is clean.
+
+    The figure is drawn as the book saves it (Agg, at its own dpi); two labels count as
+    overlapping when they are less than ``gap_px`` pixels apart both across and up, so labels that
+    touch or all but touch are caught too."""
+    from itertools import combinations
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    renderer = canvas.get_renderer()
+    fig.draw(renderer)
+    found = []
+    for (a, ba), (b, bb) in combinations(_text_boxes(fig, renderer), 2):
+        w = min(ba.x1, bb.x1) - max(ba.x0, bb.x0)  # > 0: they share columns; > -gap: all but
+        h = min(ba.y1, bb.y1) - max(ba.y0, bb.y0)
+        if w > -gap_px and h > -gap_px:
+            found.append(f"{a} / {b}")
+    return found

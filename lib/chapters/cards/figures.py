@@ -46,7 +46,8 @@ def ceilings_figure(ceil: pd.DataFrame) -> Figure:
     c = ceil[~ceil["shared"]]
     order = [(s, k) for s in frame.card_slugs(c) for k in sorted(c.loc[c["gpu_slug"] == s, "card_id"].unique())]
     xpos = {key: i for i, key in enumerate(order)}
-    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.9), sharey=False)
+    # one panel above the other: side by side, each card had too little width for its label
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.55 * len(order) + 1.0), 7.0), sharey=False)
     read_gib, copy_gib = c["read_nbytes"].median() / 2**30, c["copy_nbytes"].median() / 2**30
     for ax, what, title in ((axes[0], "read", f"read ceiling ({read_gib:g} GiB read kernel)"),
                             (axes[1], "copy", f"copy ceiling ({copy_gib:g} GiB device copy, read + write)")):
@@ -66,7 +67,7 @@ def ceilings_figure(ceil: pd.DataFrame) -> Figure:
             ax.annotate(f"{frame.card_label(slug)} datasheet", (min(xs) - 0.4, peak), xytext=(0, 3),
                         textcoords="offset points", fontsize=7, color=_style(slug)["color"])
         ax.set_xticks(range(len(order)))
-        ax.set_xticklabels([f"{frame.card_label(s)}\n{A.short_id(k)}" for s, k in order], fontsize=6.5)
+        ax.set_xticklabels([f"{frame.card_label(s)}\n{A.short_id(k)}" for s, k in order], fontsize=7.5)
         ax.set_xlabel("physical card (model, start of its uuid hash)")
         ax.set_ylabel("GB/s")
         ax.set_title(title)

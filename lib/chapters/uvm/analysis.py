@@ -75,6 +75,48 @@ def gpu_read_table(df):
     return d
 
 
+def coinciding_reads(table, tol: float = 0.05) -> list[dict]:
+    """The gpu_read states whose lines lie on top of each other in the read figure.
+
+    Labels join a group (in :data:`READ_LABELS` order) when every bandwidth of theirs is within
+    ``tol`` of the group's at the same card and size, on every card and size both have. Returns
+    one dict per group of two or more: ``labels``, ``spread`` (the largest max/min - 1 over all
+    points) and ``spread_largest`` (the same at each card's largest size)."""
+    p = table.pivot_table(index=["gpu_slug", "size_mib"], columns="label", values="bandwidth_gbps")
+    order = [lab for lab in READ_LABELS.values() if lab in p.columns]
+    groups: list[list[str]] = []
+
+    def spread(cols, rows=None):
+        q = p[cols] if rows is None else p.loc[rows, cols]
+        q = q.dropna()
+        return float((q.max(axis=1) / q.min(axis=1) - 1).max()) if len(q) else np.inf
+
+    for lab in order:
+        for g in groups:
+            if spread(g + [lab]) <= tol:
+                g.append(lab)
+                break
+        else:
+            groups.append([lab])
+    largest = [(slug, float(p.loc[slug].index.max())) for slug in p.index.get_level_values(0).unique()]
+    return [{"labels": g, "spread": spread(g), "spread_largest": spread(g, largest)}
+            for g in groups if len(g) > 1]
+
+
+def coinciding_sentence(groups: list[dict]) -> str:
+    """The read figure's caption note on its coinciding lines, from :func:`coinciding_reads`."""
+    if not groups:
+        return "No two lines coincide."
+    parts = []
+    for g in groups:
+        names = [f"“{lab}”" for lab in g["labels"]]  # quoted: the labels have commas of their own
+        who = ", ".join(names[:-1]) + " and " + names[-1]
+        parts.append(f"{who} read within {100 * g['spread']:.1f}% of each other at every size "
+                     f"({100 * g['spread_largest']:.1f}% at the largest)")
+    return ("Some lines lie on top of each other; their markers are drawn side by side: "
+            + "; ".join(parts) + ".")
+
+
 CPU_LABELS = {
     ("cpu_read", "managed", "after_gpu_write"): "managed, just written by GPU (faults back)",
     ("cpu_read", "managed", "host_resident"): "managed, read again (on host)",

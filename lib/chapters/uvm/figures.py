@@ -180,33 +180,52 @@ def _size_axis(ax, sizes_mib) -> None:
     ax.set_xlabel("buffer size")
 
 
-def read_bandwidth_figure(table: pd.DataFrame) -> Figure:
-    """GPU read bandwidth against buffer size: warm states solid, cold (state-changing) dashed."""
+#: One marker per gpu_read state, so that lines lying on top of each other stay apart.
+READ_MARKERS = ("o", "D", "^", "v", "P", "X", "s", "h", "<", ">")
+#: How far apart (in octaves of buffer size) the markers of coinciding lines are drawn.
+DODGE_OCTAVES = 0.15
+
+
+def read_bandwidth_figure(table: pd.DataFrame, coinciding: list[list[str]] = ()) -> Figure:
+    """GPU read bandwidth against buffer size: warm states solid, cold (state-changing) dashed.
+
+    ``coinciding``: groups of labels whose lines lie on top of each other
+    (:func:`lib.chapters.uvm.analysis.coinciding_reads`); each member is drawn a little to the
+    side (:data:`DODGE_OCTAVES`) with its own marker, so every line can be seen."""
     _need(table, ["label", "phase", "size_mib", "bandwidth_gbps", "gpu_slug"], "read_bandwidth_figure")
     set_house_style()
     slugs = card_slugs(table)
     order = [lab for lab in READ_LABELS.values() if lab in set(table["label"])]
-    fig, axes = plt.subplots(1, len(slugs), figsize=(6.6 * len(slugs) ** 0.6, 4.2), squeeze=False, sharey=True)
+    dodge = {lab: (k - (len(g) - 1) / 2) * DODGE_OCTAVES for g in coinciding for k, lab in enumerate(g)}
+    fig, axes = plt.subplots(1, len(slugs), figsize=(max(6.6, 4.2 * len(slugs)), 4.4), squeeze=False,
+                             sharey=True)
     pal = dict(zip(order, sns.color_palette("colorblind", len(order))))
-    for ax, slug in zip(axes[0], slugs):
+    marker = dict(zip(order, READ_MARKERS))
+    for i, (ax, slug) in enumerate(zip(axes[0], slugs)):
         d = table[table["gpu_slug"] == slug]
         for lab in order:
             s = d[d["label"] == lab].sort_values("size_mib")
             if s.empty:
                 continue
             cold = s["phase"].iloc[0] != "warm"
-            ax.plot(s["size_mib"], s["bandwidth_gbps"], marker="o" if not cold else "s", ms=4.5,
+            x = s["size_mib"] * 2.0 ** dodge.get(lab, 0.0)
+            ax.plot(x, s["bandwidth_gbps"], marker=marker[lab], ms=6, mec="white", mew=0.4,
                     ls="--" if cold else "-", color=pal[lab], label=lab)
             if {"bw_low", "bw_high"} <= set(s.columns):
-                ax.fill_between(s["size_mib"], s["bw_low"], s["bw_high"], color=pal[lab], alpha=0.12, lw=0)
+                ax.fill_between(x, s["bw_low"], s["bw_high"], color=pal[lab], alpha=0.12, lw=0)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
         _size_axis(ax, d["size_mib"])
-        ax.set_ylabel("read bandwidth (GB/s, log scale)")
+        if i == 0:  # the panels share the axis: said once
+            ax.set_ylabel("read bandwidth (GB/s, log scale)")
         ax.set_title(card_label(slug) if len(slugs) > 1 else "GPU read bandwidth by memory kind and state",
                      loc="left")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=2, frameon=False, fontsize=8)
+    legend = fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=2, frameon=False,
+                        fontsize=8)
+    # room below the panels for the legend, measured rather than guessed (it used to cover the x labels)
+    legend_h = legend.get_window_extent(fig._get_renderer()).height / fig.bbox.height
+    fig.tight_layout(rect=(0, legend_h + 0.01, 1, 1))
     plt.close(fig)
     return fig
 

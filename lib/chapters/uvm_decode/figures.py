@@ -45,8 +45,10 @@ def kinds_figure(rows: pd.DataFrame, backend: str, *, gpu: str | None = None, nc
     handles, labels = axes[0].get_legend_handles_labels()
     where = f" on the {card_label(gpu)}" if gpu else ""
     fig.suptitle(f"{backend}{where}: the same KV cache in four places", y=1.0)
-    fig.tight_layout(rect=(0, 0.1 / grid.shape[0], 1, 1))
-    fig.legend(handles, labels, loc="lower center", ncol=2, bbox_to_anchor=(0.5, 0.0))
+    legend = fig.legend(handles, labels, loc="lower center", ncol=2, bbox_to_anchor=(0.5, 0.0))
+    # room below the panels for the legend, measured (a fixed share left it touching the x labels)
+    legend_h = legend.get_window_extent(fig._get_renderer()).height / fig.bbox.height
+    fig.tight_layout(rect=(0, legend_h + 0.01, 1, 1))
     plt.close(fig)
     return fig
 

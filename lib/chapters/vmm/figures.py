@@ -107,7 +107,7 @@ def kernel_figure(ktab: pd.DataFrame, *, gpu: str | None = None) -> Figure:
     fig, axes = plt.subplots(len(cards), len(groups), figsize=(4.6 * len(groups), 3.3 * len(cards) + 0.3),
                              squeeze=False, sharey=True)
     series = [s for s in A.SERIES.values() if s != BASELINE] + [BASELINE]
-    width = 0.6 / len(series)
+    width = 0.8 / len(series)  # wide enough that two value labels side by side do not meet
     for r, card in enumerate(cards):
         for c, (b, n) in enumerate(groups):
             ax = axes[r, c]
@@ -137,6 +137,9 @@ def kernel_figure(ktab: pd.DataFrame, *, gpu: str | None = None) -> Figure:
         axes[r, 0].set_ylabel(f"{frame.card_label(card)}: time / time on the\ncontiguous cudaMalloc pool (median)")
     lo, hi = axes.flat[0].get_ylim()
     axes.flat[0].set_ylim(min(lo, 0.99), max(hi, 1.01) + 0.1 * (hi - lo))  # room for the value labels
+    # ticks on steps of 1, 2 or 5 hundredths, so that two decimals label them exactly (a default
+    # step of 0.025 printed 1.025 as "1.03" beside 1.05)
+    axes.flat[0].yaxis.set_major_locator(mticker.MaxNLocator(nbins=7, steps=[1, 2, 5, 10]))
     axes.flat[0].yaxis.set_major_formatter(mticker.FormatStrFormatter("%.2f"))
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.tight_layout(rect=(0, 0.1 / len(cards), 1, 1))
@@ -181,10 +184,12 @@ def map_figure(mtab: pd.DataFrame, *, gpu: str | None = None) -> Figure:
         ax.xaxis.set_major_formatter(mticker.FixedFormatter([f"{t:g}" for t in ticks]))
         ax.xaxis.set_minor_locator(mticker.NullLocator())
         ax.set_xlabel("chunk size (MiB)")
-        plain = mticker.FuncFormatter(lambda v, _: f"{v:g}")
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
-        ax.tick_params(axis="y", which="minor", labelsize=7)
+        # labels at 1, 2 and 5 times a power of ten only; the other minor ticks unlabelled (labelled,
+        # 6-9 and 60-90 ran into each other and into the decades)
+        ax.yaxis.set_major_locator(mticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=30))
+        ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_locator(mticker.LogLocator(base=10, subs=tuple(range(2, 10)), numticks=30))
+        ax.yaxis.set_minor_formatter(mticker.NullFormatter())
     a.set_ylabel("time per chunk (µs, log)")
     a.set_title("one call per chunk", fontsize=10)
     b.set_ylabel("time per MiB (µs, log)")

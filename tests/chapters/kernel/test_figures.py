@@ -181,3 +181,15 @@ def test_speed_table_figure_and_ratios():
     with pytest.raises(ValueError, match="no sdpa_dense"):
         F.speed_table(_speed()[lambda d: d["backend"] != "sdpa_dense"])
     assert F.shape_label(16, 1024, 64, 8) == "16 × 1024, GQA 64:8"
+
+
+def test_ratio_ticks_keep_their_labels_apart():
+    """On a wide ratio axis 1.25x goes (it met 1.5x); on a narrow one the fine ticks come back; every
+    pair of ticks is at least a sixth of the axis apart (in log)."""
+    assert F.ratio_ticks(0.9, 3.2) == [1, 1.5, 2, 3]
+    assert F.ratio_ticks(0.9, 1.4) == [0.9, 1, 1.1, 1.25]
+    for lo, hi in ((0.9, 3.2), (0.85, 1.4), (0.5, 5.0), (0.95, 1.5)):
+        ticks = F.ratio_ticks(lo, hi)
+        assert ticks and all(lo <= t <= hi for t in ticks)
+        gaps = np.diff(np.log2(ticks))
+        assert (gaps >= np.log2(hi / lo) / 6 - 1e-12).all(), (lo, hi, ticks)

@@ -443,3 +443,31 @@ def test_offload_exercise_picks_one_card():
     a, b = (A.exercise_solutions(A.headline(A.load(), c), c) for c in (H100, H200))
     assert all(math.isfinite(float(s["s_all"])) for s in (a, b))
     assert a["s_all"] != b["s_all"] and "model" in repr(b["s_closer"])
+
+
+def test_coinciding_reads_are_found_said_and_drawn_apart():
+    """Lines that lie on top of each other in the read figure are grouped (within 5% at every card
+    and size), named in the caption with their spread, and drawn side by side."""
+    rows = []
+    for slug in ("card-a", "card-b"):
+        for size in (64.0, 1024.0):
+            for lab, bw in (("device memory", 3000.0), ("managed, prefetched to GPU", 2970.0),
+                            ("managed, ReadMostly copy on GPU", 2400.0 if size == 64 else 2990.0),
+                            ("managed on host, mapped (AccessedBy)", 51.0), ("pinned host, zero-copy", 51.1),
+                            ("managed, first touch on GPU", 12.0)):
+                rows.append({"gpu_slug": slug, "size_mib": size, "label": lab, "bandwidth_gbps": bw,
+                             "phase": "cold" if "first touch" in lab else "warm"})
+    t = pd.DataFrame(rows)
+    groups = A.coinciding_reads(t)
+    assert [g["labels"] for g in groups] == [["device memory", "managed, prefetched to GPU"],
+                                              ["managed on host, mapped (AccessedBy)", "pinned host, zero-copy"]]
+    assert groups[0]["spread"] == pytest.approx(3000 / 2970 - 1)  # ReadMostly's 64 MiB keeps it out
+    said = A.coinciding_sentence(groups)
+    assert "“device memory” and “managed, prefetched to GPU” read within 1.0%" in said
+    assert A.coinciding_sentence([]) == "No two lines coincide."
+    fig = F.read_bandwidth_figure(t, [g["labels"] for g in groups])
+    xs = {ln.get_label(): ln.get_xdata()[0] for ln in fig.axes[0].get_lines()}
+    assert xs["device memory"] < 64 < xs["managed, prefetched to GPU"]  # side by side
+    assert xs["managed, first touch on GPU"] == 64  # a line alone stays where it is
+    markers = {ln.get_marker() for ln in fig.axes[0].get_lines()}
+    assert len(markers) == len(xs)  # one marker each
