@@ -1,8 +1,12 @@
-"""Development probe (not committed data): v3's compile-time variants (UPA_MMA_* defines) timed
-beside SDPA and v1/v2 at a few kernel_speed shapes, each point checked against the reference in
-the same run. One variant per process, since NVRTC options are per process:
+"""Development probe (not committed data): v3 compiled with several sets of tuning defines (the
+source's UPA_* knobs, e.g. UPA_MMA_MIN_BLOCKS) timed beside SDPA and v1/v2 at a few kernel_speed
+shapes, each point checked against the reference in the same run. One set per process, since
+NVRTC options are per process:
 
-    python scripts/device/v3_variants.py OUT_DIR "LABEL=-DUPA_MMA_LOOKAHEAD=2" "base=" ...
+    python scripts/device/v3_variants.py OUT_DIR "base=" "LABEL=-DUPA_MMA_MIN_BLOCKS=2" ...
+
+(2026-12-02 it compared, as temporary knobs since removed, table reads one and two steps ahead,
+cp.async staging and early value loads; the two-step read is now the kernel.)
 
 Each variant writes OUT_DIR/variants.jsonl rows (label, defines, shape, backend, median_us,
 check_passed, plan); a summary table is printed at the end."""

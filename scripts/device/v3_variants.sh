@@ -1,6 +1,6 @@
 #!/bin/bash
-# Development probe on a GPU node: v3 variants (scripts/device/v3_variants.py), then Nsight
-# Compute (clocks left alone: --clock-control none) on a few kernels. Writes under $OUT.
+# Development probe on a GPU node: v3 built with several sets of tuning defines
+# (scripts/device/v3_variants.py), timed beside SDPA and v1/v2. Writes under $OUT.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,uuid,clocks.max.sm,clocks.max.mem --format=csv > $OUT/gpu.txt
@@ -12,13 +12,3 @@ EXTRA='[{"batch_size":8,"seq_len":4096,"num_heads":64,"num_kv_heads":8,"partitio
 EXTRA=$(python3 -c "import json,sys;b=dict(head_size=128,block_size=16,dtype='float16',placement='identity',memory_kind='device',protocol='rigorous',seed=0,backends='own-v3-paged+own-v3-contiguous');print(json.dumps([dict(b,**e) for e in json.loads(sys.argv[1])]))" "$EXTRA")
 export V3_EXTRA="$EXTRA"
 timeout ${VARIANTS_S:-300} python3 scripts/device/v3_variants.py $OUT "$@" 2>&1 | tee $OUT/variants.log
-if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
-  for spec in $NCU; do
-    IFS=, read name b n h kv <<< "$spec"
-    timeout 90 ncu --clock-control none --graph-profiling node -k 'regex:paged_attention|flash|fmha|attention' \
-      --launch-skip 1 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
-      --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats \
-      python3 scripts/device/ncu_one.py $name $b $n $h $kv > $OUT/ncu_${name}_${b}x${n}_${h}-${kv}.txt 2>&1
-    tail -3 $OUT/ncu_${name}_${b}x${n}_${h}-${kv}.txt
-  done
-fi
