@@ -3,8 +3,10 @@ bibliography style's link to a page of the book."""
 
 from pathlib import Path
 
-import nbformat
 import pytest
+
+nbformat = pytest.importorskip("nbformat")  # the book's packages (not on a measuring node)
+pytest.importorskip("jupytext")
 
 from lib import ROOT
 from lib.book import sphinx_ext as X
