@@ -78,11 +78,15 @@ def test_every_module_holds_three_addressing_modes_and_a_reduce():
                      "upa::paged_attention_decode<__nv_bfloat16, 8, 80, 4, 1>",
                      "upa::paged_attention_decode<__nv_bfloat16, 8, 80, 4, 2>",
                      "upa::paged_attention_reduce<__nv_bfloat16, 80>"]
-    # v1/v2: three head tiles for 3 dtypes; v3: one module per (fp16/bf16, block, head size)
-    assert len(list(kernels.all_modules())) == 3 * 9 * 6 * 3 + 2 * 9 * 6
+    # v1/v2: three head tiles for 3 dtypes; v3: a tile of 8 per (fp16/bf16, block, head size)
+    # and a wide tile of 16 for the five head sizes up to 128
+    assert len(list(kernels.all_modules())) == 3 * 9 * 6 * 3 + 2 * 9 * 6 + 2 * 9 * 5
     assert kernels.instantiations("float16", 1, 256, kernels.MMA_TILE) == [
-        "upa::paged_attention_mma<__half, 1, 256, 0>", "upa::paged_attention_mma<__half, 1, 256, 1>",
-        "upa::paged_attention_mma<__half, 1, 256, 2>", "upa::paged_attention_reduce<__half, 256>"]
+        "upa::paged_attention_mma<__half, 1, 256, 0, 8>", "upa::paged_attention_mma<__half, 1, 256, 1, 8>",
+        "upa::paged_attention_mma<__half, 1, 256, 2, 8>", "upa::paged_attention_reduce<__half, 256>"]
+    assert kernels.instantiations("bfloat16", 16, 128, kernels.MMA_WIDE_TILE)[0] == \
+        "upa::paged_attention_mma<__nv_bfloat16, 16, 128, 0, 16>"
+    assert ("float16", 16, 256, kernels.MMA_WIDE_TILE) not in set(kernels.all_modules())
 
 
 def test_v3_plans_split_sequences_within_one_wave_of_blocks():
@@ -96,9 +100,15 @@ def test_v3_plans_split_sequences_within_one_wave_of_blocks():
     one = plan(1, 32768, 32, 8)
     assert one.max_partitions * 8 <= 3 * 132 and one.max_partitions > 40
     assert plan(1, 300, 32, 8).partition_size == 320    # never below 256 tokens a partition
-    mqa = plan(4, 4096, 32, 1)
-    assert mqa.head_tiles == 4 and mqa.shared_bytes == kernels.mma_smem_bytes(128)
+    mqa = plan(4, 4096, 32, 1)                  # group 32: two wide tiles of 16
+    assert (mqa.tile, mqa.head_tiles) == (16, 2) and mqa.shared_bytes == kernels.mma_smem_bytes(128, 16)
+    assert mqa.max_partitions == min(2 * 132 // (4 * 2), 4096 // 256)  # a wave of 2 wide blocks per SM
+    assert plan(128, 4096, 32, 1).max_partitions == 1   # 256 wide blocks: one wave already
     assert plan(2, 64, 40, 8).head_tiles == 1           # group 5: one padded tile of 8
+    assert (plan(2, 64, 96, 8).tile, plan(2, 64, 96, 8).head_tiles) == (16, 1)  # group 12: one padded wide tile
+    wide256 = kernels.plan_launch(dtype="float16", block_size=16, head_size=256, num_heads=32,
+                                  num_kv_heads=1, num_seqs=1, max_seq_len=64)
+    assert (wide256.tile, wide256.head_tiles) == (8, 4)  # head 256: the wide tile would spill
     assert plan(32, 4096, 32, 32).version == 1          # MHA stays on v1/v2
     assert plan(32, 4096, 32, 8, dtype="float32").version == 2   # fp32 stays on v2
     with pytest.raises(ValueError, match="float16 or bfloat16"):
@@ -138,7 +148,7 @@ def test_correctness_grid_checks_v3_at_every_group_size_and_its_bit_identities()
     v3 = [p for p in expand(CORRECTNESS) if p.get("variant") == "v3"]
     groups = {correctness.HEAD_LAYOUTS[p["heads"]][0] // correctness.HEAD_LAYOUTS[p["heads"]][1]
               for p in v3}
-    assert groups == {1, 2, 4, 6, 8, 16, 32}
+    assert groups == {1, 2, 4, 6, 8, 12, 16, 32}
     assert {p["block_size"] for p in v3} == {1, 2, 4, 8, 16, 32, 64, 128, 256}
     assert {p["head_size"] for p in v3} == {64, 80, 96, 112, 128, 256}
     assert {p["dtype"] for p in v3} == {"float16", "bfloat16"}

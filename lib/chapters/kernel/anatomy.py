@@ -213,8 +213,7 @@ def launch_table(shapes, *, num_sms: int = 132, versions=("auto", 1, 2)):
                 num_heads=int(s["num_heads"]), num_kv_heads=int(s["num_kv_heads"]),
                 num_seqs=int(s["batch_size"]), max_seq_len=int(s["seq_len"]), version=asked,
                 num_sms=num_sms)
-            tiles = int(s["num_heads"]) // int(s["num_kv_heads"]) // plan.tile
-            grid = int(s["num_kv_heads"]) * tiles * int(s["batch_size"]) * plan.max_partitions
+            grid = int(s["num_kv_heads"]) * plan.head_tiles * int(s["batch_size"]) * plan.max_partitions
             rows.append({**{k: s[k] for k in need}, "asked": str(asked), "version": plan.version,
                          "tile": plan.tile, "partition_size": plan.partition_size,
                          "partitions": plan.max_partitions, "grid_blocks": grid,

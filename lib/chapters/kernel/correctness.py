@@ -16,7 +16,7 @@ from lib.engine.reference import TOLERANCE
 
 #: (query heads, KV heads) of each head layout the matrix names
 HEAD_LAYOUTS = {"MHA": (4, 4), "GQA4": (8, 2), "MQA": (8, 1), "GQA2": (4, 2), "GQA6": (12, 2),
-                "GQA8": (16, 2), "GQA16": (32, 2), "MQA32": (32, 1)}
+                "GQA8": (16, 2), "GQA16": (32, 2), "MQA32": (32, 1), "GQA12": (24, 2)}
 
 IDENTITY_BACKENDS = ("own-v1-paged", "own-v2-paged", "own-auto-paged", "own-v1-contiguous",
                      "own-v2-contiguous", "vllm", "sdpa_dense")

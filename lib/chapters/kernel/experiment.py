@@ -24,6 +24,11 @@ CORRECTNESS = check(Experiment(
         {"dtype": ["float16", "bfloat16"], "block_size": [1, 16, 256], "head_size": [128],
          "heads": ["GQA8", "MQA32"], "placement": ["shuffled"], "lengths": ["long64k"],
          "variant": ["v3"]},
+        # group 12: v3's wide tile of 16 heads with 4 padding rows (groups 16 and 32 fill it)
+        {"dtype": ["float16", "bfloat16"], "block_size": [1, 2, 4, 8, 16, 32, 64, 128, 256],
+         "head_size": [64, 80, 96, 112, 128, 256], "heads": ["GQA12"],
+         "placement": ["identity", "shuffled", "single_content"], "lengths": ["ragged"],
+         "variant": ["v3"]},
         # FlashInfer's paged decode (JIT-compiled per dtype, head size and tensor-core use); the
         # same blocks as scripts/device/flashinfer_check.sh runs by default
         {"dtype": ["float16", "bfloat16"], "block_size": [1, 2, 4, 8, 16, 32, 64, 128, 256],

@@ -76,7 +76,7 @@ def tile_figure(heads: int = kernels.MMA_TILE, tokens: int = kernels.MMA_CHUNK) 
 def plan_table(shapes, *, num_sms: int = 132, head_size: int = 128, block_size: int = 16,
                dtype: str = "float16") -> pd.DataFrame:
     """v3's launch plan at each (batch, tokens, heads, kv_heads): blocks before splitting,
-    partitions, grid, and the grid in waves of resident blocks (MMA_BLOCKS_PER_SM per SM)."""
+    partitions, grid, and the grid in waves of resident blocks (`mma_blocks_per_sm` per SM)."""
     rows = []
     for b, n, h, kv in shapes:
         p = kernels.plan_launch(dtype=dtype, block_size=block_size, head_size=head_size,
@@ -88,10 +88,10 @@ def plan_table(shapes, *, num_sms: int = 132, head_size: int = 128, block_size: 
         base = b * kv * p.head_tiles
         grid = base * p.max_partitions
         rows.append({"batch × tokens": f"{b} × {n}", "heads": f"{h}:{kv}",
-                     "blocks per KV head": p.head_tiles, "blocks unsplit": base,
+                     "heads per block": p.tile, "blocks per KV head": p.head_tiles, "blocks unsplit": base,
                      "partitions": p.max_partitions, "partition (tokens)": p.partition_size,
                      "grid": grid,
-                     "waves": f"{grid / (kernels.MMA_BLOCKS_PER_SM * num_sms):.2f}",
+                     "waves": f"{grid / (kernels.mma_blocks_per_sm(p.tile) * num_sms):.2f}",
                      "own-auto runs": f"v{auto.version}"})
     return pd.DataFrame(rows)
 

@@ -45,7 +45,7 @@ def _translation_unit(key) -> str:
     t = kernels.CTYPE[dtype]
     lines = [f'#include "{kernels.SOURCE}"']
     for a in kernels.ADDRESSING.values():
-        kernel = (f"paged_attention_mma<{t}, {bs}, {d}, {a}>" if tile == kernels.MMA_TILE
+        kernel = (f"paged_attention_mma<{t}, {bs}, {d}, {a}, {tile}>" if tile in kernels.MMA_TILES
                   else f"paged_attention_decode<{t}, {bs}, {d}, {tile}, {a}>")
         lines.append(
             f"template __global__ void upa::{kernel}("
@@ -79,7 +79,8 @@ def _name_expression(row: dict) -> str:
         return kernels.decode_name(row["dtype"], row["block_size"], row["head_size"], row["tile"],
                                    row["addressing"])
     if row["kernel"] == "mma":
-        return kernels.mma_name(row["dtype"], row["block_size"], row["head_size"], row["addressing"])
+        return kernels.mma_name(row["dtype"], row["block_size"], row["head_size"], row["addressing"],
+                                row["tile"])
     return kernels.reduce_name(row["dtype"], row["head_size"])
 
 

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from lib.engine.kernels.plan import ADDRESSING, MMA_TILE, compile_options
+from lib.engine.kernels.plan import ADDRESSING, compile_options
 
 _DTYPE_OF_MANGLED = {"6__half": "float16", "13__nv_bfloat16": "bfloat16", "f": "float32"}
 _ADDRESSING_OF = {v: k for k, v in ADDRESSING.items()}
@@ -73,10 +73,10 @@ def parse_mangled(name: str) -> dict:
         return dict(kernel="decode", dtype=dtype, block_size=bs, head_size=d, tile=tile,
                     addressing=_ADDRESSING_OF[addr])
     if m["kernel"] == "mma":
-        if len(ints) != 3:
+        if len(ints) != 4:
             raise ValueError(f"mma kernel with {len(ints)} integer arguments: {name!r}")
-        bs, d, addr = ints
-        return dict(kernel="mma", dtype=dtype, block_size=bs, head_size=d, tile=MMA_TILE,
+        bs, d, addr, tile = ints
+        return dict(kernel="mma", dtype=dtype, block_size=bs, head_size=d, tile=tile,
                     addressing=_ADDRESSING_OF[addr])
     if len(ints) != 1:
         raise ValueError(f"reduce kernel with {len(ints)} integer arguments: {name!r}")

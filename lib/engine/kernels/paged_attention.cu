@@ -621,7 +621,7 @@ __device__ __forceinline__ void load_values(ChunkRegs<T, BS, D>& r, const T* __r
                               // 4 (128 registers) spills at head 128
 #endif
 
-template <typename T, int BS, int D, int ADDR>
+template <typename T, int BS, int D, int ADDR, int HT>
 __global__ void __launch_bounds__(NUM_THREADS, (D <= 128 ? UPA_MMA_MIN_BLOCKS : 1))
 paged_attention_mma(T* __restrict__ out, float* __restrict__ part_out,
                     float* __restrict__ part_max, float* __restrict__ part_sum,
@@ -632,25 +632,27 @@ paged_attention_mma(T* __restrict__ out, float* __restrict__ part_out,
                     int partition_size, int max_partitions, int write_final) {
   static_assert(sizeof(T) == 2, "the matrix-unit kernel takes fp16 or bf16");
   static_assert(D % 16 == 0, "head size must be a multiple of 16");
+  static_assert(HT == MMA_HEADS || HT == 2 * MMA_HEADS, "a head tile is 8 or 16 query heads");
   using R = ChunkRegs<T, BS, D>;
+  constexpr int NH = HT / MMA_HEADS;  // 8-head halves: S's rows g (half 0) and g + 8 (half 1)
   constexpr float LOG2E = 1.4426950408889634f;
   constexpr float LN2 = 0.6931471805599453f;
 
   constexpr bool Q_IN_REGS = D <= 128;
   constexpr int Q_ROW = D + 32;                     // elements per padded row of q_s
   extern __shared__ float smem[];
-  float* out_s = smem;                              // [MMA_HEADS][D]
-  float* max_s = out_s + MMA_HEADS * D;             // [NUM_WARPS][MMA_HEADS]
-  float* sum_s = max_s + NUM_WARPS * MMA_HEADS;     // [NUM_WARPS][MMA_HEADS]
+  float* out_s = smem;                              // [HT][D]
+  float* max_s = out_s + HT * D;                    // [NUM_WARPS][HT]
+  float* sum_s = max_s + NUM_WARPS * HT;            // [NUM_WARPS][HT]
 
   const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-  const int j = lane % 4, g = lane / 4;             // quad lane; this thread's head in S
-  T* q_s = reinterpret_cast<T*>(sum_s + NUM_WARPS * MMA_HEADS) + warp * MMA_HEADS * Q_ROW;
+  const int j = lane % 4, g = lane / 4;             // quad lane; this thread's heads g (+8) in S
+  T* q_s = reinterpret_cast<T*>(sum_s + NUM_WARPS * HT) + warp * HT * Q_ROW;
   const int group = num_heads / num_kv_heads;
-  const int tiles = (group + MMA_HEADS - 1) / MMA_HEADS;
+  const int tiles = (group + HT - 1) / HT;
   const int kvh = blockIdx.x / tiles;
-  const int tile0 = (blockIdx.x % tiles) * MMA_HEADS;
-  const int rows = min(MMA_HEADS, group - tile0);  // heads of this tile (the rest are padding)
+  const int tile0 = (blockIdx.x % tiles) * HT;
+  const int rows = min(HT, group - tile0);  // heads of this tile (the rest are padding)
   const int head0 = kvh * group + tile0;
   const int seq = blockIdx.y, part = blockIdx.z;
 
@@ -661,30 +663,39 @@ paged_attention_mma(T* __restrict__ out, float* __restrict__ part_out,
   const int* table_row = block_tables + (size_t)seq * max_blocks;
   const int first = seq_first[seq];
 
-  // Q as the A operand: row g = this thread's head, k positions matching the key vectors. Up to
-  // head size 128 it stays in registers; above, in shared memory (rows padded by 64 bytes so a
-  // quarter-warp's 16-byte reads hit distinct banks), which keeps head size 256 from spilling.
-  uint4 qa[Q_IN_REGS ? (R::KP > 0 ? R::KP : 1) : 1];
-  uint2 qr = make_uint2(0, 0);
-  {
-    const T* qh = q + ((size_t)seq * num_heads + head0 + g) * D;
-    const bool ok = g < rows;
+  // Q as the A operand: row g (and g + 8 in a 16-head tile) = this thread's heads, k positions
+  // matching the key vectors. Up to head size 128 it stays in registers; above, in shared memory
+  // (rows padded by 64 bytes so a quarter-warp's 16-byte reads hit distinct banks), which keeps
+  // head size 256 from spilling.
+  uint4 qa[NH][Q_IN_REGS ? (R::KP > 0 ? R::KP : 1) : 1];
+  uint2 qr[NH];
+#pragma unroll
+  for (int hh = 0; hh < NH; ++hh) {
+    const int hq = g + MMA_HEADS * hh;
+    const T* qh = q + ((size_t)seq * num_heads + head0 + hq) * D;
+    const bool ok = hq < rows;
 #pragma unroll
     for (int p = 0; p < R::KP; ++p) {
       const uint4 x = ok ? __ldg(reinterpret_cast<const uint4*>(qh + 32 * p + 8 * j))
                          : make_uint4(0, 0, 0, 0);
-      if (Q_IN_REGS) qa[Q_IN_REGS ? p : 0] = x;
-      else *reinterpret_cast<uint4*>(q_s + g * Q_ROW + 32 * p + 8 * j) = x;
+      if (Q_IN_REGS) qa[hh][Q_IN_REGS ? p : 0] = x;
+      else *reinterpret_cast<uint4*>(q_s + hq * Q_ROW + 32 * p + 8 * j) = x;
     }
-    if (R::KR && ok) qr = __ldg(reinterpret_cast<const uint2*>(qh + 32 * R::KP + 4 * j));
+    qr[hh] = (R::KR && ok) ? __ldg(reinterpret_cast<const uint2*>(qh + 32 * R::KP + 4 * j))
+                           : make_uint2(0, 0);
   }
   if (!Q_IN_REGS) __syncwarp();  // each warp wrote, and reads, the whole tile itself
   const float qk_scale = scale * LOG2E;  // logits in base-2 units: p = exp2(s - m)
 
-  float acc[R::MT][4];  // O^T: rows d = 16 mt + g (+8), columns heads 2j, 2j+1
+  float acc[NH][R::MT][4];  // O^T per half: rows d = 16 mt + g (+8), columns heads 2j, 2j+1
 #pragma unroll
-  for (int mt = 0; mt < R::MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
-  float run_max = NEG_INF(), run_sum = 0.f;  // of head g (base 2)
+  for (int hh = 0; hh < NH; ++hh)
+#pragma unroll
+    for (int mt = 0; mt < R::MT; ++mt)
+      acc[hh][mt][0] = acc[hh][mt][1] = acc[hh][mt][2] = acc[hh][mt][3] = 0.f;
+  float run_max[NH], run_sum[NH];  // of heads g (+8) (base 2)
+#pragma unroll
+  for (int hh = 0; hh < NH; ++hh) run_max[hh] = NEG_INF(), run_sum[hh] = 0.f;
 
   int c0 = part_start + warp * MMA_CHUNK;
   constexpr int STEP = NUM_WARPS * MMA_CHUNK;  // tokens between a warp's chunks
@@ -703,120 +714,147 @@ paged_attention_mma(T* __restrict__ out, float* __restrict__ part_out,
     const int c1 = c0 + STEP;  // this warp's next chunk
     if (c1 + STEP < end) nn = chunk_blocks<ADDR, BS>(table_row, first, c1 + STEP, end, lane);
 
-    // ---- S = Q K^T (two n-tiles of 8 tokens) ----
+    // ---- S = Q K^T (two n-tiles of 8 tokens; rows 8-15 are the second half's heads, or zero) ----
     float s[2][4];
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
       s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
       for (int p = 0; p < R::KP; ++p) {
-        const uint4 a = Q_IN_REGS ? qa[Q_IN_REGS ? p : 0] : *reinterpret_cast<const uint4*>(q_s + g * Q_ROW + 32 * p + 8 * j);
-        mma16816<T>(s[nt], a.x, 0u, a.y, 0u, r.k[nt][p].x, r.k[nt][p].y);
-        mma16816<T>(s[nt], a.z, 0u, a.w, 0u, r.k[nt][p].z, r.k[nt][p].w);
+        uint4 a[NH];
+#pragma unroll
+        for (int hh = 0; hh < NH; ++hh)
+          a[hh] = Q_IN_REGS ? qa[hh][Q_IN_REGS ? p : 0]
+                            : *reinterpret_cast<const uint4*>(q_s + (g + MMA_HEADS * hh) * Q_ROW + 32 * p + 8 * j);
+        const uint4 b = NH > 1 ? a[NH - 1] : make_uint4(0, 0, 0, 0);
+        mma16816<T>(s[nt], a[0].x, b.x, a[0].y, b.y, r.k[nt][p].x, r.k[nt][p].y);
+        mma16816<T>(s[nt], a[0].z, b.z, a[0].w, b.w, r.k[nt][p].z, r.k[nt][p].w);
       }
-      if (R::KR) mma16816<T>(s[nt], qr.x, 0u, qr.y, 0u, r.kr[nt].x, r.kr[nt].y);
+      if (R::KR) {
+        const uint2 b = NH > 1 ? qr[NH - 1] : make_uint2(0, 0);
+        mma16816<T>(s[nt], qr[0].x, b.x, qr[0].y, b.y, r.kr[nt].x, r.kr[nt].y);
+      }
     }
     if (c1 < end) load_keys<T, BS, D>(r, k_cache, nxt, kvh, num_kv_heads, c1, end, lane);
 
-    // ---- online softmax of head g over tokens 4j..4j+3 ----
-    float l[4];
+    unsigned pb[NH][2];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int t = c0 + 4 * j + i;  // s[i / 2][i % 2] is token 4j + i
-      l[i] = t < end ? s[i / 2][i % 2] * qk_scale : NEG_INF();
-    }
-    float cmax = fmaxf(fmaxf(l[0], l[1]), fmaxf(l[2], l[3]));
-    cmax = fmaxf(cmax, __shfl_xor_sync(FULL, cmax, 1));
-    cmax = fmaxf(cmax, __shfl_xor_sync(FULL, cmax, 2));
-    const float new_max = fmaxf(run_max, cmax);
-    const float alpha = exp2f(run_max - new_max);  // 0 on the first chunk (run_max = -inf)
-    float pr[4], psum = 0.f;
+    for (int hh = 0; hh < NH; ++hh) {
+      // ---- online softmax of head g + 8 hh over tokens 4j..4j+3 ----
+      float l[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      pr[i] = exp2f(l[i] - new_max);
-      psum += pr[i];
+      for (int i = 0; i < 4; ++i) {
+        const int t = c0 + 4 * j + i;  // s[i / 2][2 hh + i % 2] is token 4j + i
+        l[i] = t < end ? s[i / 2][2 * hh + i % 2] * qk_scale : NEG_INF();
+      }
+      float cmax = fmaxf(fmaxf(l[0], l[1]), fmaxf(l[2], l[3]));
+      cmax = fmaxf(cmax, __shfl_xor_sync(FULL, cmax, 1));
+      cmax = fmaxf(cmax, __shfl_xor_sync(FULL, cmax, 2));
+      const float new_max = fmaxf(run_max[hh], cmax);
+      const float alpha = exp2f(run_max[hh] - new_max);  // 0 on the first chunk (run_max = -inf)
+      float pr[4], psum = 0.f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        pr[i] = exp2f(l[i] - new_max);
+        psum += pr[i];
+      }
+      psum += __shfl_xor_sync(FULL, psum, 1);
+      psum += __shfl_xor_sync(FULL, psum, 2);
+      run_sum[hh] = run_sum[hh] * alpha + psum;
+      run_max[hh] = new_max;
+      // The accumulators' columns are heads 2j and 2j+1 (of this half): take their factors
+      // from those quads.
+      const float a_lo = __shfl_sync(FULL, alpha, 8 * j);
+      const float a_hi = __shfl_sync(FULL, alpha, 8 * j + 4);
+#pragma unroll
+      for (int mt = 0; mt < R::MT; ++mt) {
+        acc[hh][mt][0] *= a_lo; acc[hh][mt][1] *= a_hi; acc[hh][mt][2] *= a_lo; acc[hh][mt][3] *= a_hi;
+      }
+      pb[hh][0] = MmaType<T>::pack(pr[0], pr[1]);  // P^T rows (tokens) 4j, 4j+1
+      pb[hh][1] = MmaType<T>::pack(pr[2], pr[3]);  // tokens 4j+2, 4j+3
     }
-    psum += __shfl_xor_sync(FULL, psum, 1);
-    psum += __shfl_xor_sync(FULL, psum, 2);
-    run_sum = run_sum * alpha + psum;
-    run_max = new_max;
-    // The accumulators' columns are heads 2j and 2j+1: take their factors from those quads.
-    const float a_lo = __shfl_sync(FULL, alpha, 8 * j);
-    const float a_hi = __shfl_sync(FULL, alpha, 8 * j + 4);
-    const unsigned pb0 = MmaType<T>::pack(pr[0], pr[1]);  // P^T rows (tokens) 4j, 4j+1
-    const unsigned pb1 = MmaType<T>::pack(pr[2], pr[3]);  // tokens 4j+2, 4j+3
 
-    // ---- O^T += V^T P^T ----
+    // ---- O^T += V^T P^T (one product per half, the same V operand) ----
 #pragma unroll
-    for (int mt = 0; mt < R::MT; ++mt) {
-      acc[mt][0] *= a_lo; acc[mt][1] *= a_hi; acc[mt][2] *= a_lo; acc[mt][3] *= a_hi;
-      mma16816<T>(acc[mt], r.v[mt][0].x, r.v[mt][1].x, r.v[mt][0].y, r.v[mt][1].y, pb0, pb1);
-    }
+    for (int mt = 0; mt < R::MT; ++mt)
+#pragma unroll
+      for (int hh = 0; hh < NH; ++hh)
+        mma16816<T>(acc[hh][mt], r.v[mt][0].x, r.v[mt][1].x, r.v[mt][0].y, r.v[mt][1].y,
+                    pb[hh][0], pb[hh][1]);
     if (c1 < end) load_values<T, BS, D>(r, v_cache, nxt, kvh, num_kv_heads, c1, end, lane);
     nxt = nn;
   }
 
   // ---- merge the warps (fixed order) ----
   if (j == 0) {
-    max_s[warp * MMA_HEADS + g] = run_max;
-    sum_s[warp * MMA_HEADS + g] = run_sum;
+#pragma unroll
+    for (int hh = 0; hh < NH; ++hh) {
+      max_s[warp * HT + g + MMA_HEADS * hh] = run_max[hh];
+      sum_s[warp * HT + g + MMA_HEADS * hh] = run_sum[hh];
+    }
   }
   __syncthreads();
-  float my_w[2], tot_max[2], tot_sum[2];  // for heads 2j, 2j+1
+  float my_w[NH][2], tot_max[NH][2], tot_sum[NH][2];  // for heads 8 hh + 2j, 8 hh + 2j + 1
 #pragma unroll
-  for (int c = 0; c < 2; ++c) {
-    const int h = 2 * j + c;
-    float m = NEG_INF();
+  for (int hh = 0; hh < NH; ++hh)
 #pragma unroll
-    for (int w = 0; w < NUM_WARPS; ++w) m = fmaxf(m, max_s[w * MMA_HEADS + h]);
-    float sum = 0.f;
+    for (int c = 0; c < 2; ++c) {
+      const int h = MMA_HEADS * hh + 2 * j + c;
+      float m = NEG_INF();
 #pragma unroll
-    for (int w = 0; w < NUM_WARPS; ++w) {
-      const float mw = max_s[w * MMA_HEADS + h];
-      sum += mw == NEG_INF() ? 0.f : sum_s[w * MMA_HEADS + h] * exp2f(mw - m);
+      for (int w = 0; w < NUM_WARPS; ++w) m = fmaxf(m, max_s[w * HT + h]);
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < NUM_WARPS; ++w) {
+        const float mw = max_s[w * HT + h];
+        sum += mw == NEG_INF() ? 0.f : sum_s[w * HT + h] * exp2f(mw - m);
+      }
+      const float mine = max_s[warp * HT + h];
+      my_w[hh][c] = mine == NEG_INF() ? 0.f : exp2f(mine - m);
+      tot_max[hh][c] = m;
+      tot_sum[hh][c] = sum;
     }
-    const float mine = max_s[warp * MMA_HEADS + h];
-    my_w[c] = mine == NEG_INF() ? 0.f : exp2f(mine - m);
-    tot_max[c] = m;
-    tot_sum[c] = sum;
-  }
 #pragma unroll
   for (int w = 0; w < NUM_WARPS; ++w) {
     if (warp == w) {
 #pragma unroll
-      for (int mt = 0; mt < R::MT; ++mt)
+      for (int hh = 0; hh < NH; ++hh)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int d = 16 * mt + g + 8 * (e / 2), h = 2 * j + (e % 2);
-          float* o = out_s + h * D + d;
-          const float x = acc[mt][e] * my_w[e % 2];
-          *o = (w == 0) ? x : *o + x;
-        }
+        for (int mt = 0; mt < R::MT; ++mt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int d = 16 * mt + g + 8 * (e / 2), h = MMA_HEADS * hh + 2 * j + (e % 2);
+            float* o = out_s + h * D + d;
+            const float x = acc[hh][mt][e] * my_w[hh][e % 2];
+            *o = (w == 0) ? x : *o + x;
+          }
     }
     __syncthreads();
   }
-  if (!write_final && warp == 0 && g == 0) {  // lanes 0-3: heads 2j, 2j+1
+  if (!write_final && warp == 0 && g == 0) {  // lanes 0-3: heads 8 hh + 2j, 8 hh + 2j + 1
 #pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const int h = 2 * j + c;
-      if (h < rows) {
-        const size_t idx = ((size_t)seq * num_heads + head0 + h) * max_partitions + part;
-        part_max[idx] = tot_max[c] * LN2;  // natural-log units, as v2's partials
-        part_sum[idx] = tot_sum[c];
+    for (int hh = 0; hh < NH; ++hh)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int h = MMA_HEADS * hh + 2 * j + c;
+        if (h < rows) {
+          const size_t idx = ((size_t)seq * num_heads + head0 + h) * max_partitions + part;
+          part_max[idx] = tot_max[hh][c] * LN2;  // natural-log units, as v2's partials
+          part_sum[idx] = tot_sum[hh][c];
+        }
       }
-    }
   }
   // Every thread needs the sums of all heads for the write-out: recompute them from shared memory.
   for (int i = threadIdx.x; i < rows * D; i += NUM_THREADS) {
     const int h = i / D, d = i % D;
     float m = NEG_INF();
 #pragma unroll
-    for (int w = 0; w < NUM_WARPS; ++w) m = fmaxf(m, max_s[w * MMA_HEADS + h]);
+    for (int w = 0; w < NUM_WARPS; ++w) m = fmaxf(m, max_s[w * HT + h]);
     float sum = 0.f;
 #pragma unroll
     for (int w = 0; w < NUM_WARPS; ++w) {
-      const float mw = max_s[w * MMA_HEADS + h];
-      sum += mw == NEG_INF() ? 0.f : sum_s[w * MMA_HEADS + h] * exp2f(mw - m);
+      const float mw = max_s[w * HT + h];
+      sum += mw == NEG_INF() ? 0.f : sum_s[w * HT + h] * exp2f(mw - m);
     }
     const float o = out_s[h * D + d] / sum;
     if (write_final) {

@@ -28,15 +28,22 @@ MAX_TILE_FOR_HEAD = {64: 4, 80: 4, 96: 4, 112: 4, 128: 4, 256: 4}
 #: v1 keeps a whole sequence's logits in shared memory; above this it must be v2.
 V1_SMEM_LIMIT = 96 * 1024
 #: v3 (the matrix-unit kernel): query heads per thread block (the n dimension of its P V product)
-#: and tokens per warp step; its partitions are multiples of NUM_WARPS chunks.
+#: and tokens per warp step; its partitions are multiples of NUM_WARPS chunks. A wide tile of 16
+#: heads fills all 16 rows of Q K^T's A operand and runs two P V products on the same V operand,
+#: so groups above 8 (16:1, MQA 32:1) read each K/V element half as often; at head size 256 it
+#: would spill (ptxas), so there v3 keeps tiles of 8.
 MMA_TILE = 8
+MMA_WIDE_TILE = 16
+MMA_TILES = (MMA_TILE, MMA_WIDE_TILE)
+MMA_WIDE_MAX_HEAD = 128
 MMA_CHUNK = 16
 MMA_PARTITION_QUANTUM = NUM_WARPS * MMA_CHUNK
 #: the smallest v3 partition worth its partial writes and reduce (tokens)
 MMA_MIN_PARTITION = 256
 #: v3 splits sequences until the grid has this many thread blocks per SM (3 are resident at
-#: ~165 registers a thread, so 3 is one full wave)
+#: ~165 registers a thread, so 3 is one full wave; the wide tile's ~210 registers allow 2)
 MMA_BLOCKS_PER_SM = 3
+MMA_WIDE_BLOCKS_PER_SM = 2
 MMA_DTYPES = ("float16", "bfloat16")
 
 
@@ -47,30 +54,42 @@ def head_tile(num_heads: int, num_kv_heads: int, head_size: int) -> int:
     return next(t for t in HEAD_TILES if t <= cap and group % t == 0)
 
 
+def mma_head_tile(num_heads: int, num_kv_heads: int, head_size: int) -> int:
+    """v3's query heads per thread block: the wide tile where the group exceeds 8 (head size up
+    to MMA_WIDE_MAX_HEAD), else 8."""
+    group = num_heads // num_kv_heads
+    return MMA_WIDE_TILE if group > MMA_TILE and head_size <= MMA_WIDE_MAX_HEAD else MMA_TILE
+
+
+def mma_blocks_per_sm(tile: int) -> int:
+    """Resident v3 blocks per SM that one wave counts on, by head tile."""
+    return MMA_WIDE_BLOCKS_PER_SM if tile == MMA_WIDE_TILE else MMA_BLOCKS_PER_SM
+
+
 def smem_bytes(tile: int, head_size: int, partition_tokens: int) -> int:
     """Dynamic shared memory of the decode kernel: q, output, reduction scratch, logits."""
     return 4 * (2 * tile * head_size + NUM_WARPS * tile + tile * partition_tokens)
 
 
-def mma_smem_bytes(head_size: int) -> int:
+def mma_smem_bytes(head_size: int, tile: int = MMA_TILE) -> int:
     """Dynamic shared memory of v3: the block's output, per-warp max and sum, and (head size
     above 128) each warp's padded copy of the tile's queries (2-byte elements)."""
-    q = NUM_WARPS * MMA_TILE * (head_size + 32) * 2 if head_size > 128 else 0
-    return 4 * (MMA_TILE * head_size + 2 * NUM_WARPS * MMA_TILE) + q
+    q = NUM_WARPS * tile * (head_size + 32) * 2 if head_size > 128 else 0
+    return 4 * (tile * head_size + 2 * NUM_WARPS * tile) + q
 
 
 def mma_partition(*, num_seqs: int, num_heads: int, num_kv_heads: int, max_seq_len: int,
-                  num_sms: int = 132) -> int:
+                  num_sms: int = 132, tile: int = MMA_TILE) -> int:
     """v3 partition (tokens): split sequences (flash-decoding) into as many partitions as keep the
-    grid within one wave of resident blocks (MMA_BLOCKS_PER_SM per SM), never below
+    grid within one wave of resident blocks (`mma_blocks_per_sm(tile)` per SM), never below
     MMA_MIN_PARTITION tokens; a grid of (KV head, head tile, sequence) blocks that already fills
     a wave keeps whole sequences. Why one wave: in a partition-size probe on an H200
     (scripts/device/v3_probe.py, not committed data) grids of 1.1 to 1.3 waves of these
     long-running blocks ran slower than a grid just under one wave, whose blocks all start at
     once; a partial second wave leaves most of the GPU idle."""
-    blocks = num_seqs * num_kv_heads * math.ceil(num_heads // num_kv_heads / MMA_TILE)
+    blocks = num_seqs * num_kv_heads * math.ceil(num_heads // num_kv_heads / tile)
     whole = _round_up(max_seq_len, MMA_PARTITION_QUANTUM)
-    fits = MMA_BLOCKS_PER_SM * num_sms // blocks
+    fits = mma_blocks_per_sm(tile) * num_sms // blocks
     parts = max(1, min(fits, max_seq_len // MMA_MIN_PARTITION))
     return min(whole, _round_up(math.ceil(max_seq_len / parts), MMA_PARTITION_QUANTUM))
 
@@ -116,9 +135,10 @@ def decode_name(dtype: str, block_size: int, head_size: int, tile: int, addressi
             f"{ADDRESSING[addressing]}>")
 
 
-def mma_name(dtype: str, block_size: int, head_size: int, addressing: str) -> str:
+def mma_name(dtype: str, block_size: int, head_size: int, addressing: str,
+             tile: int = MMA_TILE) -> str:
     return (f"upa::paged_attention_mma<{CTYPE[dtype]}, {block_size}, {head_size}, "
-            f"{ADDRESSING[addressing]}>")
+            f"{ADDRESSING[addressing]}, {tile}>")
 
 
 def reduce_name(dtype: str, head_size: int) -> str:
@@ -128,7 +148,7 @@ def reduce_name(dtype: str, head_size: int) -> str:
 def kernel_name(plan: "LaunchPlan") -> str:
     """Name expression of the decode kernel a plan launches."""
     if plan.version == 3:
-        return mma_name(plan.dtype, plan.block_size, plan.head_size, plan.addressing)
+        return mma_name(plan.dtype, plan.block_size, plan.head_size, plan.addressing, plan.tile)
     return decode_name(plan.dtype, plan.block_size, plan.head_size, plan.tile, plan.addressing)
 
 
@@ -137,22 +157,22 @@ def modules_for(dtype: str, block_size: int, head_size: int, num_heads: int,
     """The modules (dtype, block, head, tile) any own version may launch for one shape."""
     keys = {(dtype, block_size, head_size, head_tile(num_heads, num_kv_heads, head_size))}
     if dtype in MMA_DTYPES and head_size % 16 == 0:
-        keys.add((dtype, block_size, head_size, MMA_TILE))
+        keys.add((dtype, block_size, head_size, mma_head_tile(num_heads, num_kv_heads, head_size)))
     return keys
 
 
 def instantiations(dtype: str, block_size: int, head_size: int, tile: int) -> list[str]:
-    """Name expressions of one module: three addressing modes and the reduce kernel. Tile
-    MMA_TILE is v3's module (the matrix-unit kernel); 1, 2 and 4 are v1/v2's."""
-    if tile == MMA_TILE:
-        names = [mma_name(dtype, block_size, head_size, a) for a in ADDRESSING]
+    """Name expressions of one module: three addressing modes and the reduce kernel. Tiles in
+    MMA_TILES are v3's modules (the matrix-unit kernel); 1, 2 and 4 are v1/v2's."""
+    if tile in MMA_TILES:
+        names = [mma_name(dtype, block_size, head_size, a, tile) for a in ADDRESSING]
     else:
         names = [decode_name(dtype, block_size, head_size, tile, a) for a in ADDRESSING]
     return names + [reduce_name(dtype, head_size)]
 
 
 def all_modules():
-    """Every (dtype, block size, head size, tile) the registry can launch (tile MMA_TILE: v3)."""
+    """Every (dtype, block size, head size, tile) the registry can launch (tiles MMA_TILES: v3)."""
     for dtype in SUPPORTED_DTYPES:
         for head_size in SUPPORTED_HEAD_SIZES:
             for block_size in SUPPORTED_BLOCK_SIZES:
@@ -161,6 +181,8 @@ def all_modules():
                         yield dtype, block_size, head_size, tile
                 if dtype in MMA_DTYPES:
                     yield dtype, block_size, head_size, MMA_TILE
+                    if head_size <= MMA_WIDE_MAX_HEAD:
+                        yield dtype, block_size, head_size, MMA_WIDE_TILE
 
 
 def compile_options() -> tuple[str, ...]:
@@ -191,7 +213,7 @@ class LaunchPlan:
     @property
     def shared_bytes(self) -> int:
         if self.version == 3:
-            return mma_smem_bytes(self.head_size)
+            return mma_smem_bytes(self.head_size, self.tile)
         return smem_bytes(self.tile, self.head_size, self.partition_size)
 
     @property
@@ -263,13 +285,14 @@ def _plan_mma(*, dtype, block_size, head_size, num_heads, num_kv_heads, num_seqs
                          f"{dtype}: use version 1 or 2 for {dtype}")
     if head_size % 16:
         raise ValueError(f"v3 needs a head size that is a multiple of 16, not {head_size}")
+    tile = mma_head_tile(num_heads, num_kv_heads, head_size)
     if partition_size is None:
         partition_size = mma_partition(num_seqs=num_seqs, num_heads=num_heads,
                                        num_kv_heads=num_kv_heads, max_seq_len=max_seq_len,
-                                       num_sms=num_sms)
+                                       num_sms=num_sms, tile=tile)
     if partition_size <= 0 or partition_size % MMA_PARTITION_QUANTUM:
         raise ValueError(f"v3 partition_size={partition_size} must be a positive multiple of "
                          f"{MMA_PARTITION_QUANTUM} tokens ({NUM_WARPS} warps x {MMA_CHUNK})")
     parts = math.ceil(max_seq_len / partition_size)
     return LaunchPlan(dtype, block_size, head_size, num_heads, num_kv_heads, addressing,
-                      3, MMA_TILE, partition_size, parts)
+                      3, tile, partition_size, parts)

@@ -63,7 +63,7 @@ def expected(modules: Iterable[tuple[str, int, int, int]] | None = None) -> set[
     """Every `KEY` that compiling `modules` (default: all launchable) must produce per arch."""
     keys = set()
     for dtype, block_size, head_size, tile in _modules(modules):
-        kind = "mma" if tile == kernels.MMA_TILE else "decode"
+        kind = "mma" if tile in kernels.MMA_TILES else "decode"
         for addressing in kernels.ADDRESSING:
             keys.add((kind, dtype, block_size, head_size, tile, addressing))
         keys.add(("reduce", dtype, None, head_size, None, None))
@@ -96,7 +96,7 @@ def dynamic_smem(kernel: str, tile: int | None, head_size: int) -> int:
     if kernel == "decode":
         return kernels.smem_bytes(tile, head_size, PARTITION_TOKENS)
     if kernel == "mma":
-        return kernels.mma_smem_bytes(head_size)
+        return kernels.mma_smem_bytes(head_size, tile)
     parts = -(-REDUCE_SEQ_TOKENS // PARTITION_TOKENS)
     return 4 * (parts + kernels.NUM_WARPS)  # as OwnDecode sizes the reduce launch
 

@@ -15,7 +15,7 @@ def test_plan_table_is_the_launchers_plan():
     row = t.iloc[0]
     assert (row["partitions"], row["partition (tokens)"]) == (p.max_partitions, p.partition_size)
     assert row["grid"] == 8 * 8 * p.max_partitions and row["own-auto runs"] == "v3"
-    assert t.iloc[1]["blocks per KV head"] == 4          # MQA 32:1: four tiles of 8 heads
+    assert t.iloc[1]["blocks per KV head"] == 2          # MQA 32:1: two wide tiles of 16 heads
     assert t.iloc[2]["own-auto runs"] in ("v1", "v2")     # MHA stays on v1/v2
 
 
