@@ -178,6 +178,47 @@ def with_run_spread(table: pd.DataFrame, speed_all: pd.DataFrame) -> pd.DataFram
     return out
 
 
+def run_commits(provenance: dict) -> dict[str, str]:
+    """run id -> the commit (7 characters) its provenance names; "" where it names none."""
+    return {run: ((p.get("git") or {}).get("commit") or "")[:7] for run, p in provenance.items()}
+
+
+def newest_kernel_runs(speed_all: pd.DataFrame, provenance: dict) -> pd.DataFrame:
+    """The rows of every run made at the commit of the newest run that timed v3: the repeats of
+    one kernel source, so that older kernels do not count as run-to-run noise."""
+    require_columns(speed_all, ["run_id", "backend"], "newest_kernel_runs")
+    commits = run_commits(provenance)
+    timed = speed_all.loc[speed_all["backend"] == "own-v3-paged", "run_id"]
+    if timed.empty:
+        raise ValueError("newest_kernel_runs: no run timed own-v3-paged")
+    newest = commits.get(timed.max(), "")
+    if not newest:
+        raise ValueError(f"newest_kernel_runs: run {timed.max()} records no commit")
+    return speed_all[[commits.get(r, "") == newest for r in speed_all["run_id"]]]
+
+
+def kernel_history(speed_all: pd.DataFrame, provenance: dict) -> pd.DataFrame:
+    """One row per run that timed v3, oldest first: its commit and card, how far paged v3 is
+    from contiguous v3 (largest ratio over the shapes), and own-auto over the fastest peer
+    (median over the shapes and worst at batch 8 or more): what each change of the kernel moved."""
+    require_columns(speed_all, ["run_id", "backend", "card_id"], "kernel_history")
+    commits = run_commits(provenance)
+    rows = []
+    for run, d in speed_all.groupby("run_id"):
+        if not (d["backend"] == "own-v3-paged").any():
+            continue
+        t = speed_table(v3_points(d))
+        batch = t.index.str.split(" × ").str[0].astype(int)
+        r = t["auto / fastest peer"]
+        rows.append({"run": run, "commit": commits.get(run, ""), "card": d["card_id"].iloc[0],
+                     "paged / contiguous, largest": float((t["own-v3-paged"] / t["own-v3-contiguous"]).max()),
+                     "auto / fastest peer, median": float(r.median()),
+                     "auto / fastest peer, worst at batch ≥ 8": float(r[batch >= 8].max())})
+    if not rows:
+        raise ValueError("kernel_history: no run timed own-v3-paged")
+    return pd.DataFrame(rows).sort_values("run").reset_index(drop=True)
+
+
 def speed_claims(table: pd.DataFrame) -> dict:
     """How the speed table stands against the kernel's targets (batch >= 8 within 1.05x of the
     fastest peer; 90% of the read ceiling where K+V >= 256 MiB; batch 1 within 1.15x)."""
