@@ -40,14 +40,14 @@ def tile_figure(heads: int = kernels.MMA_TILE, tokens: int = kernels.MMA_CHUNK) 
     tw, hw = tokens * u, heads * u
     # ---- S = Q Kᵀ ----
     _box(ax, 1, y0 + hw, d, hw, f"Q: the {heads} query\nheads of a KV head", color=c_q)
-    _box(ax, 1, y0, d, hw, "rows 8-15: zero", color="white", hatch="///")
+    _box(ax, 1, y0, d, hw, "rows 8-15: zero\n(wide tile: heads 8-15)", color="white", hatch="///")
     ax.text(1 + d / 2, y0 + 2 * hw + 0.7, "A operand (16 × d)", ha="center", fontsize=7.5)
     kx = 1 + d + 2.5
     _box(ax, kx, y0 + 2 * hw - d, tw, d, f"Kᵀ: {tokens} tokens\n(two n-tiles of 8)", color=c_k)
     ax.text(kx + tw / 2, y0 + 2 * hw + 0.7, f"B operand (d × {tokens})", ha="center", fontsize=7.5)
     sx = kx + tw + 2.5
     _box(ax, sx, y0 + hw, tw, hw, f"S: {heads} heads\n× {tokens} tokens", color=c_s)
-    _box(ax, sx, y0, tw, hw, "not used", color="white", hatch="///")
+    _box(ax, sx, y0, tw, hw, "not used\n(wide tile: heads 8-15)", color="white", hatch="///")
     ax.text(kx - 1.25, y0 + 1.5 * hw, "×", ha="center", va="center", fontsize=12)
     ax.text(sx - 1.25, y0 + 1.5 * hw, "=", ha="center", va="center", fontsize=12)
     mid1 = (1 + sx + tw) / 2
@@ -63,11 +63,11 @@ def tile_figure(heads: int = kernels.MMA_TILE, tokens: int = kernels.MMA_CHUNK) 
     ax.text(px - 1.25, y0 + (d + 2) / 2, "×", ha="center", va="center", fontsize=12)
     ax.text(ox - 1.5, y0 + (d + 2) / 2, "+=", ha="center", va="center", fontsize=11)
     mid2 = (x0 + ox + hw) / 2
-    ax.text(mid2, 1.8, "Oᵀ += Vᵀ Pᵀ: S's accumulator registers\nare Pᵀ's B operand as they are",
-            ha="center", va="center", fontsize=7.8)
+    ax.text(mid2, 1.8, "Oᵀ += Vᵀ Pᵀ: S's accumulator registers are Pᵀ's B\noperand as they are "
+            "(wide tile: a second Pᵀ, the same Vᵀ)", ha="center", va="center", fontsize=7.8)
     ax.text(36, 19.6, f"One warp step: each K and V element of {tokens} tokens is loaded once and "
-            f"used by all {heads} query heads of its KV head", ha="center", fontsize=8.5,
-            weight="bold")
+            f"used by all {heads} query heads of a tile ({2 * heads} in the wide tile)",
+            ha="center", fontsize=8.5, weight="bold")
     fig.tight_layout()
     plt.close(fig)
     return fig
@@ -97,22 +97,23 @@ def plan_table(shapes, *, num_sms: int = 132, head_size: int = 128, block_size: 
 
 
 def resource_pairs(res: pd.DataFrame, arch: str = "sm_90") -> pd.DataFrame:
-    """v3's registers and spills per (dtype, head size, block size), one column per addressing
-    mode, and the largest register difference between the three."""
-    require_columns(res, ["arch", "kernel", "dtype", "head_size", "block_size", "addressing",
+    """v3's registers and spills per (dtype, head size, block size, head tile), one column per
+    addressing mode, and the largest register difference between the three."""
+    require_columns(res, ["arch", "kernel", "dtype", "head_size", "block_size", "tile", "addressing",
                           "registers", "spill_stores"], "resource_pairs")
     m = res[(res["kernel"] == "mma") & (res["arch"] == arch)]
     if m.empty:
         raise ValueError(f"resource_pairs: no v3 (kernel 'mma') rows for {arch} in the ptxas table")
-    regs = m.pivot_table(index=["dtype", "head_size", "block_size"], columns="addressing",
-                         values="registers", aggfunc="first")
-    spills = m.groupby(["dtype", "head_size", "block_size"])["spill_stores"].max()
+    key = ["dtype", "head_size", "block_size", "tile"]
+    regs = m.pivot_table(index=key, columns="addressing", values="registers", aggfunc="first")
+    spills = m.groupby(key)["spill_stores"].max()
     out = regs[list(kernels.ADDRESSING)].copy()
     out["max difference"] = out.max(axis=1) - out.min(axis=1)
     out["paged - contiguous"] = out["paged"] - out["contiguous"]
     out["spill bytes"] = spills
     out = out.reset_index()
     out["block_size"] = out["block_size"].astype(int)
+    out["tile"] = out["tile"].astype(int)
     return out
 
 
@@ -121,8 +122,9 @@ def resource_summary(pairs: pd.DataFrame) -> dict:
     wide = pairs["block_size"] >= 4
     spill = pairs[pairs["spill bytes"] > 0]
     return {"modules": len(pairs), "spilling": len(spill),
-            "spilling_where": ", ".join(sorted({f"head {int(h)} block {int(b)}" for h, b in
-                                                zip(spill["head_size"], spill["block_size"])}))
+            "wide_modules": int((pairs["tile"] == kernels.MMA_WIDE_TILE).sum()),
+            "spilling_where": ", ".join(sorted({f"head {int(h)} block {int(b)} tile {int(t)}" for h, b, t in
+                                                zip(spill["head_size"], spill["block_size"], spill["tile"])}))
             or "none",
             "max_pc_gap": int(pairs["paged - contiguous"].abs().max()),
             "max_pc_gap_b4": int(pairs.loc[wide, "paged - contiguous"].abs().max()),
@@ -178,6 +180,13 @@ def with_run_spread(table: pd.DataFrame, speed_all: pd.DataFrame) -> pd.DataFram
     return out
 
 
+#: which v3 source each committed kernel_speed run's commit holds (from `git log --
+#: lib/engine/kernels/`): 7d9dd42 moved the block-table reads two warp steps ahead of the loads,
+#: ec4f13a added the wide head tile; 1698623 and f3b188e hold the same first source
+KERNEL_OF_COMMIT = {"1698623": "first v3", "f3b188e": "first v3",
+                    "fbbee38": "+ lookahead (7d9dd42)", "a67a71c": "+ wide tile (ec4f13a)"}
+
+
 def run_commits(provenance: dict) -> dict[str, str]:
     """run id -> the commit (7 characters) its provenance names; "" where it names none."""
     return {run: ((p.get("git") or {}).get("commit") or "")[:7] for run, p in provenance.items()}
@@ -197,10 +206,11 @@ def newest_kernel_runs(speed_all: pd.DataFrame, provenance: dict) -> pd.DataFram
     return speed_all[[commits.get(r, "") == newest for r in speed_all["run_id"]]]
 
 
-def kernel_history(speed_all: pd.DataFrame, provenance: dict) -> pd.DataFrame:
+def kernel_history(speed_all: pd.DataFrame, provenance: dict, shapes=()) -> pd.DataFrame:
     """One row per run that timed v3, oldest first: its commit and card, how far paged v3 is
-    from contiguous v3 (largest ratio over the shapes), and own-auto over the fastest peer
-    (median over the shapes and worst at batch 8 or more): what each change of the kernel moved."""
+    from contiguous v3 (largest ratio over the shapes), own-auto over the fastest peer (median
+    over the shapes and worst at batch 8 or more), and own-auto over the fastest peer at each
+    of `shapes` (speed-table labels such as "128 × 4096, 32:1"): what each kernel change moved."""
     require_columns(speed_all, ["run_id", "backend", "card_id"], "kernel_history")
     commits = run_commits(provenance)
     rows = []
@@ -210,10 +220,13 @@ def kernel_history(speed_all: pd.DataFrame, provenance: dict) -> pd.DataFrame:
         t = speed_table(v3_points(d))
         batch = t.index.str.split(" × ").str[0].astype(int)
         r = t["auto / fastest peer"]
-        rows.append({"run": run, "commit": commits.get(run, ""), "card": d["card_id"].iloc[0],
+        commit = commits.get(run, "")
+        rows.append({"run": run, "commit": commit, "kernel": KERNEL_OF_COMMIT.get(commit, "?"),
+                     "card": d["card_id"].iloc[0],
                      "paged / contiguous, largest": float((t["own-v3-paged"] / t["own-v3-contiguous"]).max()),
                      "auto / fastest peer, median": float(r.median()),
-                     "auto / fastest peer, worst at batch ≥ 8": float(r[batch >= 8].max())})
+                     "auto / fastest peer, worst at batch ≥ 8": float(r[batch >= 8].max()),
+                     **{f"auto / fastest peer at {sh}": float(r.get(sh, math.nan)) for sh in shapes}})
     if not rows:
         raise ValueError("kernel_history: no run timed own-v3-paged")
     return pd.DataFrame(rows).sort_values("run").reset_index(drop=True)
@@ -250,14 +263,21 @@ def _paged_cost(table: pd.DataFrame) -> dict:
     return {"pc_max": float(r.max()), "pc_max_shape": str(r.idxmax()), "pc_min": float(r.min())}
 
 
+def style_history(history: pd.DataFrame, caption: str | None = None):
+    """The kernel history in the chapter's compact style: ratios to three decimals."""
+    from lib.chapters.kernel.figures import _compact
+
+    fmt = {c: "{:.3f}" for c in history.columns if "/" in c}
+    return _compact(history.style.format(fmt, na_rep="–").hide(axis="index"), caption)
+
+
 def style_speed_table(table: pd.DataFrame, caption: str | None = None):
     """The speed table in the chapter's compact style: µs to one decimal, ratios to two."""
     from lib.chapters.kernel.figures import _compact
 
     fmt = {c: "{:.1f}" for c in table.columns if c in SPEED_COLUMNS}
     fmt.update({"auto / fastest peer": "{:.2f}", "auto % of ceiling": "{:.0f}",
-                "MiB moved": "{:.0f}", "spread between runs": "{:.3f}",
-                "spread, all cards": "{:.3f}"})
+                "MiB moved": "{:.0f}", "spread between runs": "{:.3f}"})
     st = table.style.format(fmt, na_rep="–")
     st = st.map(lambda v: "font-weight: bold; color: #b2182b" if isinstance(v, float) and v > 1.05
                 else "", subset=["auto / fastest peer"])

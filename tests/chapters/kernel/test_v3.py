@@ -21,23 +21,25 @@ def test_plan_table_is_the_launchers_plan():
 
 def _res(regs):
     rows = []
-    for (dt, d, bs), by_mode in regs.items():
+    for (dt, d, bs, *tile), by_mode in regs.items():
+        tile = tile[0] if tile else 8
         for mode, (r, spill) in by_mode.items():
             rows.append(dict(arch="sm_90", kernel="mma", dtype=dt, head_size=d, block_size=bs,
-                             addressing=mode, registers=r, spill_stores=spill))
+                             tile=tile, addressing=mode, registers=r, spill_stores=spill))
     rows.append(dict(arch="sm_90", kernel="decode", dtype="float16", head_size=128, block_size=16,
-                     addressing="paged", registers=255, spill_stores=64))
+                     tile=4, addressing="paged", registers=255, spill_stores=64))
     return pd.DataFrame(rows)
 
 
 def test_resource_pairs_compare_the_addressing_modes_of_v3_only():
     res = _res({("float16", 128, 16): {"paged": (165, 0), "contiguous": (167, 0), "no_offset": (160, 0)},
+                ("float16", 128, 16, 16): {"paged": (209, 0), "contiguous": (212, 0), "no_offset": (206, 0)},
                 ("bfloat16", 256, 1): {"paged": (240, 0), "contiguous": (240, 8), "no_offset": (238, 0)}})
     pairs = v3.resource_pairs(res)
-    assert len(pairs) == 2
+    assert len(pairs) == 3 and sorted(pairs["tile"]) == [8, 8, 16]  # the two tiles stay apart
     s = v3.resource_summary(pairs)
-    assert s == {"modules": 2, "spilling": 1, "spilling_where": "head 256 block 1", "max_pc_gap": 2,
-                 "max_pc_gap_b4": 2, "max_gap": 7, "regs_lo": 165, "regs_hi": 240}
+    assert s == {"modules": 3, "spilling": 1, "wide_modules": 1, "spilling_where": "head 256 block 1 tile 8",
+                 "max_pc_gap": 3, "max_pc_gap_b4": 3, "max_gap": 7, "regs_lo": 165, "regs_hi": 240}
     with pytest.raises(ValueError, match="no v3"):
         v3.resource_pairs(res[res["kernel"] == "decode"])
 
@@ -85,3 +87,53 @@ def test_run_spread_is_the_ratio_range_over_runs():
     t = v3.with_run_spread(v3.speed_table(v3.v3_points(speed[speed.run_id == "r2"])), speed)
     assert t.attrs["runs"] == 2
     assert t["spread between runs"].iloc[0] == pytest.approx(0.1)
+
+
+def _runs(spec):
+    """kernel_speed rows and provenance for runs given as (run, commit, card, auto µs)."""
+    rows, prov = [], {}
+    for run, commit, card, auto in spec:
+        d = _speed({(8, 4096, 64, 8): {"own-auto-paged": auto, "own-v3-paged": auto,
+                                       "own-v3-contiguous": 40.0, "sdpa_dense": 40.0},
+                    (1, 4096, 32, 1): {"own-auto-paged": auto / 4, "own-v3-paged": auto / 4,
+                                       "own-v3-contiguous": 10.0, "sdpa_dense": 10.0}})
+        d["run_id"], d["point_key"], d["card_id"] = run, d["batch_size"].astype(str), card
+        rows.append(d)
+        prov[run] = {"git": {"commit": commit + "0" * 33}}
+    return pd.concat(rows, ignore_index=True), prov
+
+
+def test_newest_kernel_runs_keep_the_repeats_of_the_newest_source_only():
+    speed, prov = _runs([("r1", "1698623", "a", 48.0), ("r2", "fbbee38", "b", 44.0),
+                         ("r3", "fbbee38", "b", 46.0)])
+    assert sorted(v3.newest_kernel_runs(speed, prov)["run_id"].unique()) == ["r2", "r3"]
+    with pytest.raises(ValueError, match="no run timed"):
+        v3.newest_kernel_runs(speed[speed["backend"] != "own-v3-paged"], prov)
+    with pytest.raises(ValueError, match="records no commit"):
+        v3.newest_kernel_runs(speed, {**prov, "r3": {}})
+
+
+def test_kernel_history_names_each_runs_kernel_and_its_ratios():
+    speed, prov = _runs([("r2", "fbbee38", "b", 44.0), ("r1", "1698623", "a", 48.0),
+                         ("r9", "abcdef0", "c", 40.0)])
+    h = v3.kernel_history(speed, prov, shapes=("1 × 4096, 32:1", "2 × 2, 2:1"))
+    assert list(h["run"]) == ["r1", "r2", "r9"]  # oldest first
+    assert list(h["kernel"]) == ["first v3", "+ lookahead (7d9dd42)", "?"]  # unknown commit: "?"
+    assert h.loc[0, "paged / contiguous, largest"] == pytest.approx(1.2)
+    assert h.loc[0, "auto / fastest peer, worst at batch ≥ 8"] == pytest.approx(1.2)
+    assert h.loc[1, "auto / fastest peer at 1 × 4096, 32:1"] == pytest.approx(1.1)
+    assert h["auto / fastest peer at 2 × 2, 2:1"].isna().all()  # a shape not measured
+    with pytest.raises(ValueError, match="no run timed"):
+        v3.kernel_history(speed[speed["backend"] != "own-v3-paged"], prov)
+
+
+def test_every_committed_v3_run_names_its_kernel():
+    """Each H200 kernel_speed run that timed v3 has its commit in KERNEL_OF_COMMIT, so the
+    kernel chapter's history never shows a run of unknown source."""
+    from lib.book import frame
+    from lib.harness import results as R
+
+    speed = frame.with_physical_card(frame.load_checked("kernel_speed", "h200", dedupe=False), "kernel_speed")
+    h = v3.kernel_history(speed, R.load_provenance("kernel_speed", "h200"))
+    assert len(h) >= 10 and "?" not in set(h["kernel"]), h[["run", "commit", "kernel"]]
+    assert set(h["kernel"]) == set(v3.KERNEL_OF_COMMIT.values())
