@@ -129,6 +129,7 @@ def resource_summary(pairs: pd.DataFrame) -> dict:
             "max_pc_gap": int(pairs["paged - contiguous"].abs().max()),
             "max_pc_gap_b4": int(pairs.loc[wide, "paged - contiguous"].abs().max()),
             "max_gap": int(pairs["max difference"].max()),
+            "max_gap_b4": int(pairs.loc[wide, "max difference"].max()),
             "regs_lo": int(pairs["paged"].min()), "regs_hi": int(pairs["paged"].max())}
 
 

@@ -39,7 +39,7 @@ def test_resource_pairs_compare_the_addressing_modes_of_v3_only():
     assert len(pairs) == 3 and sorted(pairs["tile"]) == [8, 8, 16]  # the two tiles stay apart
     s = v3.resource_summary(pairs)
     assert s == {"modules": 3, "spilling": 1, "wide_modules": 1, "spilling_where": "head 256 block 1 tile 8",
-                 "max_pc_gap": 3, "max_pc_gap_b4": 3, "max_gap": 7, "regs_lo": 165, "regs_hi": 240}
+                 "max_pc_gap": 3, "max_pc_gap_b4": 3, "max_gap": 7, "max_gap_b4": 7, "regs_lo": 165, "regs_hi": 240}
     with pytest.raises(ValueError, match="no v3"):
         v3.resource_pairs(res[res["kernel"] == "decode"])
 
