@@ -69,6 +69,7 @@ def test_speed_table_holds_auto_against_the_fastest_peer_that_ran():
     assert (c["b8_within"], c["b8_n"], c["b1_within"], c["b1_n"]) == (0, 1, 1, 1)
     assert (c["big_90"], c["big_n"]) == (1, 1)          # 40/44 = 91% of the ceiling
     assert c["v3_over_v2_lo"] == pytest.approx(2.5)    # grouped shapes only (MHA's v3 is slower)
+    assert (c["v3_faster_n"], c["grouped_n"], c["v3_slower_where"]) == (1, 1, "none")
     with pytest.raises(ValueError, match="own-auto-paged"):
         v3.speed_table(speed[speed["backend"] != "own-auto-paged"])
 
