@@ -48,16 +48,17 @@ def main():
         base = dict(head_size=128, block_size=16, dtype="float16", placement="identity",
                     memory_kind="device", protocol="rigorous", seed=0)
         shapes = [(8, 4096, 64, 8), (32, 4096, 64, 8), (128, 4096, 64, 8), (32, 4096, 32, 8),
-                  (1, 4096, 32, 8), (1, 32768, 32, 8), (32, 4096, 32, 1), (8, 4096, 40, 8),
-                  (32, 4096, 32, 32), (1, 4096, 32, 32)]
+                  (1, 4096, 32, 8), (1, 32768, 32, 8), (1, 4096, 32, 1), (32, 4096, 32, 1),
+                  (128, 4096, 32, 1), (8, 4096, 40, 8), (32, 4096, 32, 32), (1, 4096, 32, 32)]
         backs = os.environ.get("PROBE_BACKENDS", "own-v3-paged+own-v3-contiguous+own-v2-paged+vllm+sdpa_dense")
         points = [dict(base, batch_size=b, seq_len=n, num_heads=h, num_kv_heads=kv, backends=backs)
                   for b, n, h, kv in shapes]
+        part_sizes = [int(x) for x in os.environ.get("PROBE_PARTS", "128,256,512,1024").split(",")]
         parts = [dict(base, batch_size=b, seq_len=n, num_heads=h, num_kv_heads=kv,
                       backends="own-v3-paged", partition_size=ps)
-                 for b, n, h, kv in [(8, 4096, 64, 8), (32, 4096, 64, 8), (128, 4096, 64, 8),
-                                     (1, 32768, 32, 8)]
-                 for ps in (256, 512, 1024, 2048, 4096)]
+                 for b, n, h, kv in [(1, 4096, 64, 8), (8, 4096, 64, 8), (1, 32768, 32, 8),
+                                     (1, 4096, 32, 1), (8, 4096, 32, 1)]
+                 for ps in part_sizes]
         precompile_points(points)
         for p in points + parts:
             rows = measure_decode(p)

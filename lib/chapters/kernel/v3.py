@@ -91,7 +91,7 @@ def plan_table(shapes, *, num_sms: int = 132, head_size: int = 128, block_size: 
                      "heads per block": p.tile, "blocks per KV head": p.head_tiles, "blocks unsplit": base,
                      "partitions": p.max_partitions, "partition (tokens)": p.partition_size,
                      "grid": grid,
-                     "waves": f"{grid / (kernels.mma_blocks_per_sm(p.tile) * num_sms):.2f}",
+                     "waves": f"{grid / (kernels.mma_blocks_per_sm(p.tile, head_size) * num_sms):.2f}",
                      "own-auto runs": f"v{auto.version}"})
     return pd.DataFrame(rows)
 
