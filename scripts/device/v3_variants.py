@@ -17,7 +17,8 @@ import subprocess
 import sys
 
 SHAPES = [(8, 4096, 64, 8), (32, 4096, 64, 8), (128, 4096, 64, 8), (32, 4096, 32, 8),
-          (1, 32768, 32, 8), (32, 4096, 32, 1), (32, 4096, 32, 32), (8, 4096, 32, 32)]
+          (1, 4096, 64, 8), (1, 32768, 32, 8), (1, 4096, 32, 1), (32, 4096, 32, 1),
+          (128, 4096, 32, 1), (32, 4096, 32, 32)]
 BASE = dict(head_size=128, block_size=16, dtype="float16", placement="identity",
             memory_kind="device", protocol="rigorous", seed=0)
 

@@ -557,10 +557,15 @@ struct ChunkRegs {
 // (16-byte words for the key vectors, then 8-byte words for the key remainders and the value
 // vectors), which no two lanes of a warp share a bank for. A stage of one chunk is 2 D bytes per
 // lane (64 D per warp).
+#ifndef UPA_MMA_STAGES
+#define UPA_MMA_STAGES 3  // ring stages of each v3 warp up to head size 128 (256: 2); the plan
+                          // reads the same define (lib/engine/kernels/plan.py, mma_stages)
+#endif
+
 template <int D>
 struct MmaRing {
   static constexpr int KP = D / 32, KR = (D % 32) ? 1 : 0, MT = D / 16;
-  static constexpr int STAGES = D > 128 ? 2 : 3;         // chunks a warp has in flight + 1
+  static constexpr int STAGES = D > 128 ? 2 : UPA_MMA_STAGES;  // chunks a warp has in flight + 1
   static constexpr int K16 = 2 * KP;                     // 16-byte words (2 key tokens x KP)
   static constexpr int W8 = 2 * KR + 2 * MT;             // 8-byte words (key remainders, values)
   static constexpr int STAGE_BYTES = 32 * (16 * K16 + 8 * W8);
@@ -611,8 +616,9 @@ __device__ __forceinline__ void copy_keys(char* stage, const T* __restrict__ k_c
   }
 }
 
-// Start copying this lane's value vectors of one chunk: tokens 4j..4j+3 of head-dim rows
-// d0 = 16 mt + n and d0 + 8 (tokens >= end give zeros: the cache may hold NaN there). Blocks of
+// Start copying the value vectors of one chunk: this lane's tokens 4j..4j+3 of head-dim rows
+// d0 = 16 mt + n and d0 + 8 (tokens >= end give zeros: the cache may hold NaN there), or, in
+// blocks of 16 tokens or more, whole rows shared out over the warp in 16-byte copies. Blocks of
 // one token hold a lane's four values in four places, 2 bytes each, below cp.async's smallest
 // copy: there the values are loaded and stored (this lane waits for them at the store).
 template <typename T, int BS, int D>
@@ -624,6 +630,20 @@ __device__ __forceinline__ void copy_values(char* stage, const T* __restrict__ v
   const int t0 = c0 + 4 * j;
   const int valid = max(0, min(4, end - t0));  // of this lane's four tokens
   uint2* w8 = reinterpret_cast<uint2*>(stage + 32 * 16 * G::K16) + 2 * G::KR * 32;
+  if constexpr (BS >= MMA_CHUNK) {
+    // The chunk's 16 tokens of row d are 32 contiguous bytes of one block: the warp copies them
+    // as 16-byte halves (lane l: half l % 2 of rows l / 2 + 16 i) into [d][16 tokens], the
+    // order the lanes read their operands in (lane (n, j), row d, tokens 4j..: byte 32 d + 8 j);
+    // each lane then reads other lanes' copies, after a __syncwarp.
+    char* rows = reinterpret_cast<char*>(w8);
+    const int hv = lane % 2;
+    const int bytes = 2 * max(0, min(8, end - (c0 + 8 * hv)));
+    const T* vb = v_cache + (((size_t)b.v[0] * num_kv_heads + kvh) * D + lane / 2) * BS + c0 % BS + 8 * hv;
+#pragma unroll
+    for (int i = 0; i < D / 16; ++i)
+      cp_async16(rows + (lane / 2 + 16 * i) * 32 + 16 * hv, vb + 16 * i * BS, bytes);
+    return;
+  }
   // row n of the block's head: one base pointer, rows 16 mt + 8 h below it at fixed offsets
   const T* vn = v_cache + (((size_t)b.v[0] * num_kv_heads + kvh) * D + n) * BS + t0 % BS;
 #pragma unroll
@@ -770,6 +790,7 @@ paged_attention_mma(T* __restrict__ out, float* __restrict__ part_out,
     nb0 = nb1;
     if (ci + STEP < end) nb1 = chunk_blocks<ADDR, BS>(table_row, first, ci + STEP, end, lane);
     cp_async_wait<S - 1>();  // this chunk's copies (all but the S - 1 newest groups) have landed
+    if constexpr (BS >= MMA_CHUNK) __syncwarp();  // and the other lanes' copies of its values
     const uint4* k16 = reinterpret_cast<const uint4*>(ring + use * G::STAGE_BYTES) + lane;
     const uint2* w8 = reinterpret_cast<const uint2*>(ring + use * G::STAGE_BYTES + 32 * 16 * G::K16) + lane;
     use = use + 1 == S ? 0 : use + 1;

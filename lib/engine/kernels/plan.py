@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,8 +68,12 @@ def mma_head_tile(num_heads: int, num_kv_heads: int, head_size: int) -> int:
 
 def mma_stages(head_size: int) -> int:
     """Stages of each v3 warp's K/V ring (it keeps one less than this many chunks of copies in
-    flight); two at head size 256, whose stages are twice as large."""
-    return 2 if head_size > 128 else 3
+    flight): 3, or the `-DUPA_MMA_STAGES=N` of UVM_STUDY_KERNEL_DEFINES (a tuning knob the kernel
+    source reads too); two at head size 256, whose stages are twice as large."""
+    if head_size > 128:
+        return 2
+    m = re.search(r"-DUPA_MMA_STAGES=(\d+)", os.environ.get("UVM_STUDY_KERNEL_DEFINES", ""))
+    return int(m.group(1)) if m else 3
 
 
 def mma_stage_bytes(head_size: int) -> int:
