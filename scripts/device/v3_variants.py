@@ -6,7 +6,9 @@ NVRTC options are per process:
     python scripts/device/v3_variants.py OUT_DIR "base=" "LABEL=-DUPA_MMA_MIN_BLOCKS=2" ...
 
 (2026-12-02 it compared, as temporary knobs since removed, table reads one and two steps ahead,
-cp.async staging and early value loads; the two-step read is now the kernel.)
+cp.async staging and early value loads; the two-step read is now the kernel. 2026-12-03, at
+commit 7bb9d12, it timed a per-warp cp.async ring with 2, 3 and 4 stages, UPA_MMA_STAGES, which
+that commit's source and plan read: data/probes/v3_ring/, not kept.)
 
 Each variant writes OUT_DIR/variants.jsonl rows (label, defines, shape, backend, median_us,
 check_passed, plan); a summary table is printed at the end."""

@@ -93,21 +93,16 @@ def test_v3_plans_split_sequences_within_one_wave_of_blocks():
     plan = lambda b, n, h, kv, **kw: kernels.plan_launch(  # noqa: E731
         dtype=kw.pop("dtype", "float16"), block_size=16, head_size=128, num_heads=h,
         num_kv_heads=kv, num_seqs=b, max_seq_len=n, **kw)
-    # head 128: each warp's ring of K/V stages lets 2 blocks share an SM's shared memory
-    assert kernels.mma_blocks_per_sm(8, 128) == kernels.mma_blocks_per_sm(16, 128) == 2
-    assert kernels.mma_blocks_per_sm(8, 64) == kernels.MMA_BLOCKS_PER_SM   # registers bound it
-    assert kernels.mma_blocks_per_sm(8, 256) == 1
-    few = plan(8, 4096, 64, 8)                  # 64 blocks: split into 4 -> 256 <= 2 x 132
-    assert (few.version, few.tile, few.max_partitions) == (3, 8, 4)
+    few = plan(8, 4096, 64, 8)                  # 64 blocks: split into 6 -> 384 <= 3 x 132
+    assert (few.version, few.tile, few.max_partitions) == (3, 8, 6)
     assert few.partition_size % kernels.MMA_PARTITION_QUANTUM == 0
     assert plan(128, 4096, 64, 8).max_partitions == 1   # 1024 blocks already fill the GPU
     one = plan(1, 32768, 32, 8)
-    assert one.max_partitions * 8 <= 2 * 132 and one.max_partitions > 30
-    assert plan(1, 300, 32, 8).partition_size == 192    # never below 128 tokens a partition
-    assert plan(1, 300, 32, 8).partition_size >= kernels.MMA_MIN_PARTITION
+    assert one.max_partitions * 8 <= 3 * 132 and one.max_partitions > 40
+    assert plan(1, 300, 32, 8).partition_size == 320    # never below 256 tokens a partition
     mqa = plan(4, 4096, 32, 1)                  # group 32: two wide tiles of 16
     assert (mqa.tile, mqa.head_tiles) == (16, 2) and mqa.shared_bytes == kernels.mma_smem_bytes(128, 16)
-    assert mqa.max_partitions == min(2 * 132 // (4 * 2), 4096 // 128)  # a wave of 2 wide blocks per SM
+    assert mqa.max_partitions == min(2 * 132 // (4 * 2), 4096 // 256)  # a wave of 2 wide blocks per SM
     assert plan(128, 4096, 32, 1).max_partitions == 1   # 256 wide blocks: one wave already
     assert plan(2, 64, 40, 8).head_tiles == 1           # group 5: one padded tile of 8
     assert (plan(2, 64, 96, 8).tile, plan(2, 64, 96, 8).head_tiles) == (16, 1)  # group 12: one padded wide tile

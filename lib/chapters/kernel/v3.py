@@ -14,6 +14,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from lib import DATA
 from lib.book.plots import diagram_canvas, require_columns
 from lib.engine import kernels
 
@@ -91,7 +92,7 @@ def plan_table(shapes, *, num_sms: int = 132, head_size: int = 128, block_size: 
                      "heads per block": p.tile, "blocks per KV head": p.head_tiles, "blocks unsplit": base,
                      "partitions": p.max_partitions, "partition (tokens)": p.partition_size,
                      "grid": grid,
-                     "waves": f"{grid / (kernels.mma_blocks_per_sm(p.tile, head_size) * num_sms):.2f}",
+                     "waves": f"{grid / (kernels.mma_blocks_per_sm(p.tile) * num_sms):.2f}",
                      "own-auto runs": f"v{auto.version}"})
     return pd.DataFrame(rows)
 
@@ -294,3 +295,76 @@ def style_speed_table(table: pd.DataFrame, caption: str | None = None):
     st = st.map(lambda v: "font-weight: bold; color: #b2182b" if isinstance(v, float) and v > 1.05
                 else "", subset=["auto / fastest peer"])
     return _compact(st, caption)
+
+
+#: the ring probe's rows (development probe, not kernel_speed data: data/probes/v3_ring/README.md)
+RING_PROBE = DATA / "probes" / "v3_ring" / "variants-7bb9d12.jsonl"
+#: the correctness slice the first ring (faad5d8) passed
+RING_CHECK = DATA / "probes" / "v3_ring" / "check-faad5d8.jsonl"
+#: the probe's card (its own hash: data/probes/v3_ring/provenance.json)
+RING_CARD = "cb3b4798fbf5f2bc"
+
+
+def load_ring_probe(path) -> pd.DataFrame:
+    """The ring probe's rows (one JSON object a line), checked rows only; refuses a file whose
+    rows did not all pass the check that ran beside their timing, v1's refusal of 32k logits
+    aside."""
+    d = pd.read_json(path, lines=True)
+    require_columns(d, ["label", "shape", "backend", "median_us", "check_passed", "error"],
+                    "load_ring_probe")
+    failed = d[(d["check_passed"] != True) & ~d["error"].fillna("").str.contains("use version 2")]  # noqa: E712
+    if len(failed):
+        raise ValueError(f"{path}: {len(failed)} rows failed their check: "
+                         f"{failed[['label', 'shape', 'backend']].to_dict('records')[:3]}")
+    return d[d["check_passed"] == True]  # noqa: E712
+
+
+def _probe_shape(b, n, h, k) -> str:
+    return f"{int(b)}x{int(n)} {int(h)}:{int(k)}"
+
+
+def ring_probe_table(probe: pd.DataFrame, kernel_runs: pd.DataFrame) -> pd.DataFrame:
+    """Per shape of the ring probe: paged v3 over SDPA in the same run, for the register kernel
+    (median over `kernel_runs`, the newest kernel_speed runs) and for the ring at each stage
+    count. Each over SDPA of its own run, since the probe ran on another card."""
+    require_columns(probe, ["label", "shape", "backend", "median_us"], "ring_probe_table")
+    sdpa = probe[probe["backend"] == "sdpa_dense"].groupby("shape")["median_us"].median()
+    ring = probe[probe["backend"] == "own-v3-paged"].pivot_table(
+        index="shape", columns="label", values="median_us", aggfunc="median")
+    ring = ring.div(sdpa, axis=0)
+    ring = ring[sorted(ring.columns)]
+    ring.columns = [f"ring, {c.lstrip('s')} stages" for c in ring.columns]
+    k = v3_points(kernel_runs)
+    k = k[k["backend"].isin(["own-v3-paged", "sdpa_dense"])]
+    k = k.assign(shape=[_probe_shape(*x) for x in zip(k["batch_size"], k["seq_len"],
+                                                      k["num_heads"], k["num_kv_heads"])])
+    reg = k.pivot_table(index="shape", columns="backend", values="median_us", aggfunc="median")
+    out = ring.copy()
+    out.insert(0, "registers", (reg["own-v3-paged"] / reg["sdpa_dense"]).reindex(out.index))
+    out["best ring / registers"] = out.filter(like="ring,").min(axis=1) / out["registers"]
+
+    def order(s):
+        bn, hk = s.split(" ")
+        b, n = map(int, bn.split("x"))
+        h, kv = map(int, hk.split(":"))
+        return (h // kv, h, b * n, n)
+    out = out.loc[sorted(out.index, key=order)]
+    out.index.name = "shape (batch x tokens, heads)"
+    return out
+
+
+def ring_claims(table: pd.DataFrame) -> dict:
+    """What the chapter says of the ring probe: best ring over the register kernel at batch 8 or
+    more (lowest, highest), and how far 2 and 3 stages lie apart there (largest relative gap)."""
+    batch = table.index.str.split("x").str[0].astype(int)
+    big = table[batch >= 8]
+    s2, s3 = big["ring, 2 stages"], big["ring, 3 stages"]
+    return {"b8_lo": float(big["best ring / registers"].min()),
+            "b8_hi": float(big["best ring / registers"].max()),
+            "s23_spread": float(((s2 - s3).abs() / pd.concat([s2, s3], axis=1).min(axis=1)).max())}
+
+
+def ring_checks(path=RING_CHECK) -> tuple[int, int]:
+    """(passed, total) of the correctness slice the first ring ran."""
+    d = pd.read_json(path, lines=True)
+    return int(d["passed"].astype(bool).sum()), len(d)

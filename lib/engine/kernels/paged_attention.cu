@@ -433,22 +433,20 @@ paged_attention_reduce(T* __restrict__ out, const float* __restrict__ part_out,
 // ============================================================================================
 // v3: the grouped-query decode kernel on the matrix units (mma.sync m16n8k16, fp32 accumulate).
 //
-//   * one thread block per (KV head, tile of 8 or 16 query heads that share it, sequence,
+//   * one thread block per (KV head, tile of up to 8 query heads that share it, sequence,
 //     partition): the block reads each K/V element once for all its query heads;
 //   * each warp takes chunks of 16 tokens of the partition (warp w: chunks w, w + 4, ...) and
 //     keeps an online softmax (running max and sum per head) and its output in registers;
-//   * S = Q K^T with Q as the 16-row A operand (rows 8-15: a wide tile's second 8 heads, else
-//     zero), K^T as B (8 tokens per n-tile); then O^T += V^T P^T with V^T as A (16 head-dim
-//     rows) and P^T as B (8 heads, one product per 8-head half), so the accumulators hold only
-//     the tile's heads, and the probabilities go from S's
+//   * S = Q K^T with Q as the 16-row A operand (rows 8-15 are zero), K^T as B (8 tokens per
+//     n-tile); then O^T += V^T P^T with V^T as A (16 head-dim rows) and P^T as B (8 heads), so
+//     the accumulators hold only the tile's 8 heads, and the probabilities go from S's
 //     accumulator registers to PV's B operand without a shuffle;
 //   * both products sum over an index whose order is free: thread j of a quad takes head-dim
 //     elements 32p + 8j .. 8j+7 (one 16-byte key vector) and tokens 4j .. 4j+3 (one 8-byte value
 //     vector), and Q and P are laid out to match, so every load is a whole vector;
-//   * each warp copies K and V of its coming chunks into a ring of stages in shared memory
-//     (cp.async, lane-private), so it keeps STAGES - 1 chunks of loads in flight while it
-//     computes on the oldest; the block table entries of a chunk are read a step before its
-//     copies are issued, so a lookup never delays them;
+//   * K and V loads of the warp's next chunk are issued as soon as this chunk's have been used
+//     (K after Q K^T, V after P V), so each warp keeps one chunk of loads in flight; the block
+//     table entries of a chunk are read two steps ahead, so a lookup never delays its loads;
 //   * the warps of a block merge in shared memory in a fixed order; a single partition writes
 //     the output, several write normalised partials that paged_attention_reduce merges.
 // Addressing is the same compile-time switch as v1/v2 (physical_block<ADDR>), so the paged,
@@ -508,17 +506,15 @@ struct ChunkBlocks {
   int v[NV];
 };
 
-// physical_block for the matrix-unit kernel: the contiguous block number and NO_OFFSET's zero
-// are opaque to the optimiser, as a value read from the table is, so it cannot turn their
-// addresses into loop-carried (or loop-invariant) registers, and the three instantiations
-// compile alike: they differ in the table read alone.
+// physical_block for the matrix-unit kernel: NO_OFFSET's zero is opaque to the optimiser, so it
+// cannot hoist the (then loop-invariant) addresses into extra registers and the no_offset
+// instantiation compiles like the paged one.
 template <int ADDR>
 __device__ __forceinline__ int mma_block(const int* __restrict__ table_row, int first, int logical) {
-  if (ADDR == PAGED) return physical_block<ADDR>(table_row, first, logical);
-  int b;
-  if (ADDR == NO_OFFSET) asm volatile("mov.b32 %0, 0;" : "=r"(b));
-  else asm volatile("mov.b32 %0, %1;" : "=r"(b) : "r"(physical_block<ADDR>(table_row, first, logical)));
-  return b;
+  if (ADDR != NO_OFFSET) return physical_block<ADDR>(table_row, first, logical);
+  int zero;
+  asm volatile("mov.b32 %0, 0;" : "=r"(zero));
+  return zero;
 }
 
 template <int ADDR, int BS>
@@ -550,124 +546,71 @@ struct ChunkRegs {
   static constexpr int KP = D / 32;           // 16-byte key vectors per token and thread
   static constexpr int KR = (D % 32) ? 1 : 0; // an 8-byte remainder (head sizes 80, 112)
   static constexpr int MT = D / 16;           // 16-row tiles of the head dimension
+  uint4 k[2][KP > 0 ? KP : 1];
+  uint2 kr[2];
+  uint2 v[MT][2];                             // rows d0 and d0 + 8 of each tile
 };
 
-// The per-warp ring of K/V stages in shared memory. Each lane copies, and later reads back, only
-// its own operand vectors, so a stage is lane-private: word w of lane l lives at w * 32 + l
-// (16-byte words for the key vectors, then 8-byte words for the key remainders and the value
-// vectors), which no two lanes of a warp share a bank for. A stage of one chunk is 2 D bytes per
-// lane (64 D per warp).
-#ifndef UPA_MMA_STAGES
-#define UPA_MMA_STAGES 3  // ring stages of each v3 warp up to head size 128 (256: 2); the plan
-                          // reads the same define (lib/engine/kernels/plan.py, mma_stages)
-#endif
-
-template <int D>
-struct MmaRing {
-  static constexpr int KP = D / 32, KR = (D % 32) ? 1 : 0, MT = D / 16;
-  static constexpr int STAGES = D > 128 ? 2 : UPA_MMA_STAGES;  // chunks a warp has in flight + 1
-  static constexpr int K16 = 2 * KP;                     // 16-byte words (2 key tokens x KP)
-  static constexpr int W8 = 2 * KR + 2 * MT;             // 8-byte words (key remainders, values)
-  static constexpr int STAGE_BYTES = 32 * (16 * K16 + 8 * W8);
-};
-
-// cp.async of 16, 8 or 4 bytes, zero-filling the bytes past `src_bytes` (0 copies nothing).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async8(void* dst, const void* src, int src_bytes) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-// Start copying this lane's key vectors of one chunk into a stage (tokens >= end give zeros).
+// Issue the loads of the key vectors of one chunk (tokens >= end give zeros).
 template <typename T, int BS, int D>
-__device__ __forceinline__ void copy_keys(char* stage, const T* __restrict__ k_cache,
+__device__ __forceinline__ void load_keys(ChunkRegs<T, BS, D>& r, const T* __restrict__ k_cache,
                                           const ChunkBlocks<BS>& b, int kvh, int num_kv_heads,
                                           int c0, int end, int lane) {
-  using G = MmaRing<D>;
   constexpr int X = 16 / sizeof(T);
   const int j = lane % 4, n = lane / 4;
-  uint4* w16 = reinterpret_cast<uint4*>(stage);
-  uint2* w8 = reinterpret_cast<uint2*>(stage + 32 * 16 * G::K16);
 #pragma unroll
   for (int nt = 0; nt < 2; ++nt) {
     const int t = c0 + mma_token(nt, n);
     const bool ok = t < end;
-    // x-vector j of the classic layout, then whole multiples of 4 x-vectors: one base pointer
-    // and compile-time offsets (the copies' immediates)
     const T* base = k_cache + ((size_t)b.k[nt] * num_kv_heads + kvh) * (size_t)D * BS + (t % BS) * X;
-    const T* kj = base + j * BS * X;
 #pragma unroll
-    for (int p = 0; p < G::KP; ++p)  // elements 32 p + 8 j .. + 7
-      cp_async16(w16 + (nt * G::KP + p) * 32 + lane, kj + 4 * p * BS * X, ok ? 16 : 0);
-    if (G::KR) {
-      const int e = 32 * G::KP + 4 * j;
-      cp_async8(w8 + nt * 32 + lane, base + (e / X) * BS * X + e % X, ok ? 8 : 0);
+    for (int p = 0; p < ChunkRegs<T, BS, D>::KP; ++p) {
+      const int e = 32 * p + 8 * j;  // first element: one whole x-vector of the classic layout
+      r.k[nt][p] = ok ? __ldg(reinterpret_cast<const uint4*>(base + (e / X) * BS * X))
+                      : make_uint4(0, 0, 0, 0);
+    }
+    if (ChunkRegs<T, BS, D>::KR) {
+      const int e = 32 * ChunkRegs<T, BS, D>::KP + 4 * j;
+      r.kr[nt] = ok ? __ldg(reinterpret_cast<const uint2*>(base + (e / X) * BS * X + e % X))
+                    : make_uint2(0, 0);
     }
   }
 }
 
-// Start copying the value vectors of one chunk: this lane's tokens 4j..4j+3 of head-dim rows
-// d0 = 16 mt + n and d0 + 8 (tokens >= end give zeros: the cache may hold NaN there), or, in
-// blocks of 16 tokens or more, whole rows shared out over the warp in 16-byte copies. Blocks of
-// one token hold a lane's four values in four places, 2 bytes each, below cp.async's smallest
-// copy: there the values are loaded and stored (this lane waits for them at the store).
+// Issue the loads of the value vectors of one chunk: tokens 4j..4j+3 of head-dim rows
+// d0 = 16 mt + n and d0 + 8 (tokens >= end give zeros: the cache may hold NaN there).
 template <typename T, int BS, int D>
-__device__ __forceinline__ void copy_values(char* stage, const T* __restrict__ v_cache,
+__device__ __forceinline__ void load_values(ChunkRegs<T, BS, D>& r, const T* __restrict__ v_cache,
                                             const ChunkBlocks<BS>& b, int kvh, int num_kv_heads,
                                             int c0, int end, int lane) {
-  using G = MmaRing<D>;
   const int j = lane % 4, n = lane / 4;
   const int t0 = c0 + 4 * j;
-  const int valid = max(0, min(4, end - t0));  // of this lane's four tokens
-  uint2* w8 = reinterpret_cast<uint2*>(stage + 32 * 16 * G::K16) + 2 * G::KR * 32;
-  if constexpr (BS >= MMA_CHUNK) {
-    // The chunk's 16 tokens of row d are 32 contiguous bytes of one block: the warp copies them
-    // as 16-byte halves (lane l: half l % 2 of rows l / 2 + 16 i) into [d][16 tokens], the
-    // order the lanes read their operands in (lane (n, j), row d, tokens 4j..: byte 32 d + 8 j);
-    // each lane then reads other lanes' copies, after a __syncwarp.
-    char* rows = reinterpret_cast<char*>(w8);
-    const int hv = lane % 2;
-    const int bytes = 2 * max(0, min(8, end - (c0 + 8 * hv)));
-    const T* vb = v_cache + (((size_t)b.v[0] * num_kv_heads + kvh) * D + lane / 2) * BS + c0 % BS + 8 * hv;
+  const bool full = t0 + 3 < end;
 #pragma unroll
-    for (int i = 0; i < D / 16; ++i)
-      cp_async16(rows + (lane / 2 + 16 * i) * 32 + 16 * hv, vb + 16 * i * BS, bytes);
-    return;
-  }
-  // row n of the block's head: one base pointer, rows 16 mt + 8 h below it at fixed offsets
-  const T* vn = v_cache + (((size_t)b.v[0] * num_kv_heads + kvh) * D + n) * BS + t0 % BS;
-#pragma unroll
-  for (int mt = 0; mt < G::MT; ++mt) {
+  for (int mt = 0; mt < ChunkRegs<T, BS, D>::MT; ++mt) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int d = 16 * mt + n + 8 * h;
-      uint2* dst = w8 + (2 * mt + h) * 32 + lane;
       if (BS >= 4) {
-        cp_async8(dst, vn + (16 * mt + 8 * h) * BS, 2 * valid);
-      } else if (BS == 2) {
+        const T* p = v_cache + (((size_t)b.v[0] * num_kv_heads + kvh) * D + d) * BS + t0 % BS;
+        if (full) {
+          r.v[mt][h] = __ldg(reinterpret_cast<const uint2*>(p));
+        } else {
+          unsigned short e[4];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const T* p = v_cache + (((size_t)b.v[i] * num_kv_heads + kvh) * D + d) * BS;
-          cp_async4(reinterpret_cast<unsigned*>(dst) + i, p, 2 * max(0, min(2, valid - 2 * i)));
+          for (int i = 0; i < 4; ++i)
+            e[i] = t0 + i < end ? __ldg(reinterpret_cast<const unsigned short*>(p) + i) : 0;
+          r.v[mt][h] = make_uint2(e[0] | (unsigned)e[1] << 16, e[2] | (unsigned)e[3] << 16);
         }
       } else {
         unsigned short e[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const T* p = v_cache + ((size_t)b.v[i] * num_kv_heads + kvh) * D + d;
-          e[i] = i < valid ? __ldg(reinterpret_cast<const unsigned short*>(p)) : 0;
+          const int t = t0 + i;
+          const T* p = v_cache + (((size_t)b.v[i / BS] * num_kv_heads + kvh) * D + d) * BS + t % BS;
+          e[i] = t < end ? __ldg(reinterpret_cast<const unsigned short*>(p)) : 0;
         }
-        *dst = make_uint2(e[0] | (unsigned)e[1] << 16, e[2] | (unsigned)e[3] << 16);
+        r.v[mt][h] = make_uint2(e[0] | (unsigned)e[1] << 16, e[2] | (unsigned)e[3] << 16);
       }
     }
   }
@@ -756,45 +699,20 @@ paged_attention_mma(T* __restrict__ out, float* __restrict__ part_out,
 
   int c0 = part_start + warp * MMA_CHUNK;
   constexpr int STEP = NUM_WARPS * MMA_CHUNK;  // tokens between a warp's chunks
-  using G = MmaRing<D>;
-  constexpr int S = G::STAGES;
-  char* ring = reinterpret_cast<char*>(sum_s + NUM_WARPS * HT) +
-               (Q_IN_REGS ? 0 : NUM_WARPS * HT * Q_ROW * (int)sizeof(T)) + warp * S * G::STAGE_BYTES;
-  // The warp keeps S - 1 chunks of K/V copies in flight (cp.async into its ring) while it
-  // computes on the oldest. Physical blocks of the next chunk to copy (nb0) and of the one after
-  // (nb1) are read ahead, so a page-table read never holds up the copies that need it.
-  ChunkBlocks<BS> nb0 = {}, nb1 = {};
-  int ci = c0;  // the next chunk to copy
-  if (ci < end) nb0 = chunk_blocks<ADDR, BS>(table_row, first, ci, end, lane);
-  if (ci + STEP < end) nb1 = chunk_blocks<ADDR, BS>(table_row, first, ci + STEP, end, lane);
-#pragma unroll
-  for (int st = 0; st < S - 1; ++st) {
-    if (ci < end) {
-      copy_keys<T, BS, D>(ring + st * G::STAGE_BYTES, k_cache, nb0, kvh, num_kv_heads, ci, end, lane);
-      copy_values<T, BS, D>(ring + st * G::STAGE_BYTES, v_cache, nb0, kvh, num_kv_heads, ci, end, lane);
-    }
-    cp_async_commit();
-    ci += STEP;
-    nb0 = nb1;
-    if (ci + STEP < end) nb1 = chunk_blocks<ADDR, BS>(table_row, first, ci + STEP, end, lane);
+  R r;
+  // Physical blocks of the warp's next chunk (nxt) and of the one after (nn): a chunk's table
+  // entries are read a whole step before its K/V loads need them, so the page-table read is not
+  // on the load chain (read one step ahead, it cost paged v3 up to 13% over contiguous).
+  ChunkBlocks<BS> nxt, nn;
+  if (c0 < end) {
+    const ChunkBlocks<BS> blk = chunk_blocks<ADDR, BS>(table_row, first, c0, end, lane);
+    load_keys<T, BS, D>(r, k_cache, blk, kvh, num_kv_heads, c0, end, lane);
+    load_values<T, BS, D>(r, v_cache, blk, kvh, num_kv_heads, c0, end, lane);
+    if (c0 + STEP < end) nxt = chunk_blocks<ADDR, BS>(table_row, first, c0 + STEP, end, lane);
   }
-  int use = 0, fill = S - 1;  // stages: the one computed on now, the one copied into next
   for (; c0 < end; c0 += STEP) {
-    __syncwarp();  // this lane's reads of the stage about to be refilled are done
-    if (ci < end) {
-      copy_keys<T, BS, D>(ring + fill * G::STAGE_BYTES, k_cache, nb0, kvh, num_kv_heads, ci, end, lane);
-      copy_values<T, BS, D>(ring + fill * G::STAGE_BYTES, v_cache, nb0, kvh, num_kv_heads, ci, end, lane);
-    }
-    cp_async_commit();
-    ci += STEP;
-    nb0 = nb1;
-    if (ci + STEP < end) nb1 = chunk_blocks<ADDR, BS>(table_row, first, ci + STEP, end, lane);
-    cp_async_wait<S - 1>();  // this chunk's copies (all but the S - 1 newest groups) have landed
-    if constexpr (BS >= MMA_CHUNK) __syncwarp();  // and the other lanes' copies of its values
-    const uint4* k16 = reinterpret_cast<const uint4*>(ring + use * G::STAGE_BYTES) + lane;
-    const uint2* w8 = reinterpret_cast<const uint2*>(ring + use * G::STAGE_BYTES + 32 * 16 * G::K16) + lane;
-    use = use + 1 == S ? 0 : use + 1;
-    fill = fill + 1 == S ? 0 : fill + 1;
+    const int c1 = c0 + STEP;  // this warp's next chunk
+    if (c1 + STEP < end) nn = chunk_blocks<ADDR, BS>(table_row, first, c1 + STEP, end, lane);
 
     // ---- S = Q K^T (two n-tiles of 8 tokens; rows 8-15 are the second half's heads, or zero) ----
     float s[2][4];
@@ -809,16 +727,15 @@ paged_attention_mma(T* __restrict__ out, float* __restrict__ part_out,
           a[hh] = Q_IN_REGS ? qa[hh][Q_IN_REGS ? p : 0]
                             : *reinterpret_cast<const uint4*>(q_s + (g + MMA_HEADS * hh) * Q_ROW + 32 * p + 8 * j);
         const uint4 b = NH > 1 ? a[NH - 1] : make_uint4(0, 0, 0, 0);
-        const uint4 kv = k16[(nt * R::KP + p) * 32];
-        mma16816<T>(s[nt], a[0].x, b.x, a[0].y, b.y, kv.x, kv.y);
-        mma16816<T>(s[nt], a[0].z, b.z, a[0].w, b.w, kv.z, kv.w);
+        mma16816<T>(s[nt], a[0].x, b.x, a[0].y, b.y, r.k[nt][p].x, r.k[nt][p].y);
+        mma16816<T>(s[nt], a[0].z, b.z, a[0].w, b.w, r.k[nt][p].z, r.k[nt][p].w);
       }
       if (R::KR) {
         const uint2 b = NH > 1 ? qr[NH - 1] : make_uint2(0, 0);
-        const uint2 kr = w8[nt * 32];
-        mma16816<T>(s[nt], qr[0].x, b.x, qr[0].y, b.y, kr.x, kr.y);
+        mma16816<T>(s[nt], qr[0].x, b.x, qr[0].y, b.y, r.kr[nt].x, r.kr[nt].y);
       }
     }
+    if (c1 < end) load_keys<T, BS, D>(r, k_cache, nxt, kvh, num_kv_heads, c1, end, lane);
 
     unsigned pb[NH][2];
 #pragma unroll
@@ -859,14 +776,14 @@ paged_attention_mma(T* __restrict__ out, float* __restrict__ part_out,
 
     // ---- O^T += V^T P^T (one product per half, the same V operand) ----
 #pragma unroll
-    for (int mt = 0; mt < R::MT; ++mt) {
-      const uint2 v0 = w8[(2 * R::KR + 2 * mt) * 32], v1 = w8[(2 * R::KR + 2 * mt + 1) * 32];
+    for (int mt = 0; mt < R::MT; ++mt)
 #pragma unroll
       for (int hh = 0; hh < NH; ++hh)
-        mma16816<T>(acc[hh][mt], v0.x, v1.x, v0.y, v1.y, pb[hh][0], pb[hh][1]);
-    }
+        mma16816<T>(acc[hh][mt], r.v[mt][0].x, r.v[mt][1].x, r.v[mt][0].y, r.v[mt][1].y,
+                    pb[hh][0], pb[hh][1]);
+    if (c1 < end) load_values<T, BS, D>(r, v_cache, nxt, kvh, num_kv_heads, c1, end, lane);
+    nxt = nn;
   }
-  cp_async_wait<0>();  // no copy outlives the block (the last groups are empty)
 
   // ---- merge the warps (fixed order) ----
   if (j == 0) {

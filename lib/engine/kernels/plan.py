@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,16 +38,12 @@ MMA_TILES = (MMA_TILE, MMA_WIDE_TILE)
 MMA_WIDE_MAX_HEAD = 128
 MMA_CHUNK = 16
 MMA_PARTITION_QUANTUM = NUM_WARPS * MMA_CHUNK
-#: the smallest v3 partition worth its partial writes and reduce (tokens): two chunks per warp
-MMA_MIN_PARTITION = 128
-#: register-bound v3 blocks per SM by head tile (~165 registers a thread allow 3, the wide tile's
-#: ~210 allow 2); shared memory (each warp's ring of K/V stages) may allow fewer, see
-#: `mma_blocks_per_sm`
+#: the smallest v3 partition worth its partial writes and reduce (tokens)
+MMA_MIN_PARTITION = 256
+#: v3 splits sequences until the grid has this many thread blocks per SM (3 are resident at
+#: ~165 registers a thread, so 3 is one full wave; the wide tile's ~210 registers allow 2)
 MMA_BLOCKS_PER_SM = 3
 MMA_WIDE_BLOCKS_PER_SM = 2
-#: shared memory of one SM, and what the hardware reserves per resident block (Hopper)
-SM_SHARED_BYTES = 228 * 1024
-BLOCK_RESERVED_SHARED = 1024
 MMA_DTYPES = ("float16", "bfloat16")
 
 
@@ -66,29 +61,9 @@ def mma_head_tile(num_heads: int, num_kv_heads: int, head_size: int) -> int:
     return MMA_WIDE_TILE if group > MMA_TILE and head_size <= MMA_WIDE_MAX_HEAD else MMA_TILE
 
 
-def mma_stages(head_size: int) -> int:
-    """Stages of each v3 warp's K/V ring (it keeps one less than this many chunks of copies in
-    flight): 3, or the `-DUPA_MMA_STAGES=N` of UVM_STUDY_KERNEL_DEFINES (a tuning knob the kernel
-    source reads too); two at head size 256, whose stages are twice as large."""
-    if head_size > 128:
-        return 2
-    m = re.search(r"-DUPA_MMA_STAGES=(\d+)", os.environ.get("UVM_STUDY_KERNEL_DEFINES", ""))
-    return int(m.group(1)) if m else 3
-
-
-def mma_stage_bytes(head_size: int) -> int:
-    """Shared memory of one ring stage of one warp: 16 tokens of K and V, 2 x head size bytes a
-    lane (the `.cu`'s MmaRing::STAGE_BYTES)."""
-    kp, kr, mt = head_size // 32, 1 if head_size % 32 else 0, head_size // 16
-    return 32 * (16 * 2 * kp + 8 * (2 * kr + 2 * mt))
-
-
-def mma_blocks_per_sm(tile: int, head_size: int = 128) -> int:
-    """Resident v3 blocks per SM that one wave counts on: the register bound of the tile, or what
-    shared memory holds, whichever is fewer."""
-    regs = MMA_WIDE_BLOCKS_PER_SM if tile == MMA_WIDE_TILE else MMA_BLOCKS_PER_SM
-    smem = SM_SHARED_BYTES // (mma_smem_bytes(head_size, tile) + BLOCK_RESERVED_SHARED)
-    return max(1, min(regs, smem))
+def mma_blocks_per_sm(tile: int) -> int:
+    """Resident v3 blocks per SM that one wave counts on, by head tile."""
+    return MMA_WIDE_BLOCKS_PER_SM if tile == MMA_WIDE_TILE else MMA_BLOCKS_PER_SM
 
 
 def smem_bytes(tile: int, head_size: int, partition_tokens: int) -> int:
@@ -97,18 +72,16 @@ def smem_bytes(tile: int, head_size: int, partition_tokens: int) -> int:
 
 
 def mma_smem_bytes(head_size: int, tile: int = MMA_TILE) -> int:
-    """Dynamic shared memory of v3: the block's output, per-warp max and sum, (head size above
-    128) each warp's padded copy of the tile's queries (2-byte elements), and each warp's ring of
-    K/V stages."""
+    """Dynamic shared memory of v3: the block's output, per-warp max and sum, and (head size
+    above 128) each warp's padded copy of the tile's queries (2-byte elements)."""
     q = NUM_WARPS * tile * (head_size + 32) * 2 if head_size > 128 else 0
-    ring = NUM_WARPS * mma_stages(head_size) * mma_stage_bytes(head_size)
-    return 4 * (tile * head_size + 2 * NUM_WARPS * tile) + q + ring
+    return 4 * (tile * head_size + 2 * NUM_WARPS * tile) + q
 
 
 def mma_partition(*, num_seqs: int, num_heads: int, num_kv_heads: int, max_seq_len: int,
-                  num_sms: int = 132, tile: int = MMA_TILE, head_size: int = 128) -> int:
+                  num_sms: int = 132, tile: int = MMA_TILE) -> int:
     """v3 partition (tokens): split sequences (flash-decoding) into as many partitions as keep the
-    grid within one wave of resident blocks (`mma_blocks_per_sm` per SM), never below
+    grid within one wave of resident blocks (`mma_blocks_per_sm(tile)` per SM), never below
     MMA_MIN_PARTITION tokens; a grid of (KV head, head tile, sequence) blocks that already fills
     a wave keeps whole sequences. Why one wave: in a partition-size probe on an H200
     (scripts/device/v3_probe.py, not committed data) grids of 1.1 to 1.3 waves of these
@@ -116,7 +89,7 @@ def mma_partition(*, num_seqs: int, num_heads: int, num_kv_heads: int, max_seq_l
     once; a partial second wave leaves most of the GPU idle."""
     blocks = num_seqs * num_kv_heads * math.ceil(num_heads // num_kv_heads / tile)
     whole = _round_up(max_seq_len, MMA_PARTITION_QUANTUM)
-    fits = mma_blocks_per_sm(tile, head_size) * num_sms // blocks
+    fits = mma_blocks_per_sm(tile) * num_sms // blocks
     parts = max(1, min(fits, max_seq_len // MMA_MIN_PARTITION))
     return min(whole, _round_up(math.ceil(max_seq_len / parts), MMA_PARTITION_QUANTUM))
 
@@ -316,7 +289,7 @@ def _plan_mma(*, dtype, block_size, head_size, num_heads, num_kv_heads, num_seqs
     if partition_size is None:
         partition_size = mma_partition(num_seqs=num_seqs, num_heads=num_heads,
                                        num_kv_heads=num_kv_heads, max_seq_len=max_seq_len,
-                                       num_sms=num_sms, tile=tile, head_size=head_size)
+                                       num_sms=num_sms, tile=tile)
     if partition_size <= 0 or partition_size % MMA_PARTITION_QUANTUM:
         raise ValueError(f"v3 partition_size={partition_size} must be a positive multiple of "
                          f"{MMA_PARTITION_QUANTUM} tokens ({NUM_WARPS} warps x {MMA_CHUNK})")

@@ -138,3 +138,54 @@ def test_every_committed_v3_run_names_its_kernel():
     h = v3.kernel_history(speed, R.load_provenance("kernel_speed", "h200"))
     assert len(h) >= 10 and "?" not in set(h["kernel"]), h[["run", "commit", "kernel"]]
     assert set(h["kernel"]) == set(v3.KERNEL_OF_COMMIT.values())
+
+
+def _probe(rows):
+    return pd.DataFrame([dict(label=lab, shape=sh, backend=be, median_us=us, check_passed=True, error="")
+                         for lab, sh, be, us in rows])
+
+
+def test_ring_probe_table_compares_each_to_sdpa_of_its_own_run():
+    probe = _probe([("s3", "8x4096 64:8", "sdpa_dense", 40.0), ("s3", "8x4096 64:8", "own-v3-paged", 60.0),
+                    ("s2", "8x4096 64:8", "own-v3-paged", 62.0), ("s4", "8x4096 64:8", "own-v3-paged", 66.0),
+                    ("s3", "1x4096 32:1", "sdpa_dense", 10.0), ("s3", "1x4096 32:1", "own-v3-paged", 15.0),
+                    ("s2", "1x4096 32:1", "own-v3-paged", 14.0), ("s4", "1x4096 32:1", "own-v3-paged", 16.0)])
+    runs = pd.DataFrame([dict(batch_size=b, seq_len=4096, num_heads=h, num_kv_heads=k, backend=be,
+                              median_us=us, point_key=f"{b}{h}")
+                         for b, h, k, be, us in [(8, 64, 8, "own-v3-paged", 22.0), (8, 64, 8, "sdpa_dense", 20.0),
+                                                 (1, 32, 1, "own-v3-paged", 30.0), (1, 32, 1, "sdpa_dense", 10.0)]])
+    t = v3.ring_probe_table(probe, runs)
+    assert list(t.index) == ["8x4096 64:8", "1x4096 32:1"]  # group 8 before MQA 32:1
+    assert list(t.columns) == ["registers", "ring, 2 stages", "ring, 3 stages", "ring, 4 stages",
+                               "best ring / registers"]
+    assert t.loc["8x4096 64:8", "registers"] == pytest.approx(1.1)
+    assert t.loc["8x4096 64:8", "ring, 3 stages"] == pytest.approx(1.5)
+    assert t.loc["8x4096 64:8", "best ring / registers"] == pytest.approx(1.5 / 1.1)
+    assert t.loc["1x4096 32:1", "best ring / registers"] == pytest.approx(1.4 / 3.0)
+    c = v3.ring_claims(t)  # batch >= 8: the one 8 x 4096 row
+    assert (c["b8_lo"], c["b8_hi"]) == (pytest.approx(1.5 / 1.1), pytest.approx(1.5 / 1.1))
+    assert c["s23_spread"] == pytest.approx((62 - 60) / 40 / 1.5)
+
+
+def test_load_ring_probe_refuses_failed_checks(tmp_path):
+    f = tmp_path / "p.jsonl"
+    _probe([("s3", "8x4096 64:8", "own-v3-paged", 60.0)]).assign(check_passed=False).to_json(f, orient="records", lines=True)
+    with pytest.raises(ValueError, match="failed their check"):
+        v3.load_ring_probe(f)
+
+
+def test_committed_ring_probe_says_what_the_chapter_says():
+    """The kernel chapter: at batch 8 or more the ring is slower than the register kernel at
+    every shape, and four stages slower than two and three; its correctness slice all passed."""
+    from lib.book import frame
+    from lib.harness import results as R
+
+    speed = frame.with_physical_card(frame.load_checked("kernel_speed", "h200", dedupe=False), "kernel_speed")
+    runs = v3.newest_kernel_runs(speed, R.load_provenance("kernel_speed", "h200"))
+    t = v3.ring_probe_table(v3.load_ring_probe(v3.RING_PROBE), runs)
+    big = t[t.index.str.split("x").str[0].astype(int) >= 8]
+    assert len(big) >= 6 and (big["best ring / registers"] > 1).all(), big
+    assert (big["ring, 4 stages"] > big[["ring, 2 stages", "ring, 3 stages"]].max(axis=1)).all(), big
+    assert not t["registers"].isna().any()
+    ok, n = v3.ring_checks()
+    assert ok == n > 900
