@@ -184,9 +184,11 @@ def with_run_spread(table: pd.DataFrame, speed_all: pd.DataFrame) -> pd.DataFram
 
 #: which v3 source each committed kernel_speed run's commit holds (from `git log --
 #: lib/engine/kernels/`): 7d9dd42 moved the block-table reads two warp steps ahead of the loads,
-#: ec4f13a added the wide head tile; 1698623 and f3b188e hold the same first source
+#: ec4f13a added the wide head tile; 1698623 and f3b188e hold the same first source, a67a71c and
+#: 0851e2b the same wide-tile source (0851e2b after the cp.async ring was tried and reverted)
 KERNEL_OF_COMMIT = {"1698623": "first v3", "f3b188e": "first v3",
-                    "fbbee38": "+ lookahead (7d9dd42)", "a67a71c": "+ wide tile (ec4f13a)"}
+                    "fbbee38": "+ lookahead (7d9dd42)", "a67a71c": "+ wide tile (ec4f13a)",
+                    "0851e2b": "+ wide tile (ec4f13a)"}
 
 
 def run_commits(provenance: dict) -> dict[str, str]:
