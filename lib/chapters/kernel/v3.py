@@ -370,3 +370,14 @@ def ring_checks(path=RING_CHECK) -> tuple[int, int]:
     """(passed, total) of the correctness slice the first ring ran."""
     d = pd.read_json(path, lines=True)
     return int(d["passed"].astype(bool).sum()), len(d)
+
+
+def style_ring_table(table: pd.DataFrame, caption: str | None = None):
+    """The ring probe's table in the chapter's compact style: shapes as rows, ratios to three
+    decimals, "best ring / registers" red where the ring was slower."""
+    from lib.chapters.kernel.figures import _compact
+
+    st = table.style.format("{:.3f}", na_rep="–")
+    st = st.map(lambda v: "font-weight: bold; color: #b2182b" if isinstance(v, float) and v > 1
+                else "", subset=["best ring / registers"])
+    return _compact(st, caption)
