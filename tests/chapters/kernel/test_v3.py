@@ -189,3 +189,15 @@ def test_committed_ring_probe_says_what_the_chapter_says():
     assert not t["registers"].isna().any()
     ok, n = v3.ring_checks()
     assert ok == n > 900
+
+
+def test_committed_v3_profiles_say_what_the_chapter_says():
+    """The kernel chapter: at 128 x 4096 MQA neither DRAM nor the SM is saturated (both under
+    half busy) and the wide tile leaves fewer warp slots filled than the tile of 8 at 64:8."""
+    from lib.chapters.kernel import ncu
+
+    gqa = ncu.metrics("h200/ncu_128x4096_64to8_b16_own-v3-paged.txt")
+    mqa = ncu.metrics("h200/ncu_128x4096_32to1_b16_own-v3-paged.txt")
+    assert mqa["DRAM Throughput"] < 50 and mqa["Compute (SM) Throughput"] < 50, mqa
+    assert mqa["Achieved Occupancy"] < gqa["Achieved Occupancy"] < 25
+    assert gqa["DRAM Throughput"] > mqa["DRAM Throughput"]
