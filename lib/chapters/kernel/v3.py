@@ -303,8 +303,14 @@ def style_speed_table(table: pd.DataFrame, caption: str | None = None):
 RING_PROBE = DATA / "probes" / "v3_ring" / "variants-7bb9d12.jsonl"
 #: the correctness slice the first ring (faad5d8) passed
 RING_CHECK = DATA / "probes" / "v3_ring" / "check-faad5d8.jsonl"
-#: the probe's card (its own hash: data/probes/v3_ring/provenance.json)
-RING_CARD = "cb3b4798fbf5f2bc"
+
+
+def ring_card(path=RING_PROBE) -> str:
+    """The card the ring probe ran on, as its provenance file names it (the probe's own hash)."""
+    import json
+
+    prov = json.loads(path.with_name("provenance.json").read_text())
+    return prov["runs"][path.name]["card"]
 
 
 def load_ring_probe(path) -> pd.DataFrame:

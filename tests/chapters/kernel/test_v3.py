@@ -189,6 +189,7 @@ def test_committed_ring_probe_says_what_the_chapter_says():
     assert not t["registers"].isna().any()
     ok, n = v3.ring_checks()
     assert ok == n > 900
+    assert v3.ring_card() == "cb3b4798fbf5f2bc"  # the card the probe's provenance names
 
 
 def test_committed_v3_profiles_say_what_the_chapter_says():
