@@ -235,7 +235,7 @@ def waste_at(w: pd.DataFrame, shape: str, scheme: str, **param) -> float:
 
 # ----------------------------------------------------------------------------- numbers for the prose
 
-ISSUE_POINT = {"batch_size": 32, "seq_len": 4096, "shape": "MHA 32:32", "block_size": 16}
+HEADLINE_POINT = {"batch_size": 32, "seq_len": 4096, "shape": "MHA 32:32", "block_size": 16}
 
 
 def _one(d: pd.DataFrame, col: str, **eq) -> float:
@@ -256,7 +256,7 @@ def headline(ktab: pd.DataFrame, mtab: pd.DataFrame, gtab: pd.DataFrame, gpu: st
     for col in ("paged_us", "vmm_us", "device_contiguous_us", "paged_over_vmm", "vmm_over_device",
                 "reserved_bytes", "mapped_bytes", "used_bytes", "grow_ms", "copy_ms", "kv_bytes",
                 "slot_bytes", "chunk_bytes"):
-        h[f"issue_{col}"] = _one(k, col, **ISSUE_POINT) if col in k.columns else float("nan")
+        h[f"issue_{col}"] = _one(k, col, **HEADLINE_POINT) if col in k.columns else float("nan")
     h["points"] = float(len(k))
     gran = m["granularity"].dropna() if "granularity" in m.columns else pd.Series(dtype=float)
     h["granularity"] = float(gran.iloc[0]) if len(gran) else float("nan")
@@ -275,8 +275,8 @@ def headline(ktab: pd.DataFrame, mtab: pd.DataFrame, gtab: pd.DataFrame, gpu: st
     h["grow_new_share_max"] = float(g["grow_new_share"].max()) if len(g) else float("nan")
     h["grow_new_share_median"] = float(g["grow_new_share"].median()) if len(g) else float("nan")
     h["grow_reuse_share_max"] = float(g["grow_reuse_share"].max()) if len(g) else float("nan")
-    h["issue_grow_new_step_us"] = _one(g, "grow_new_step_us", **ISSUE_POINT) if len(g) else float("nan")
-    h["issue_tokens_per_chunk"] = _one(g, "tokens_per_chunk", **ISSUE_POINT) if len(g) else float("nan")
+    h["issue_grow_new_step_us"] = _one(g, "grow_new_step_us", **HEADLINE_POINT) if len(g) else float("nan")
+    h["issue_tokens_per_chunk"] = _one(g, "tokens_per_chunk", **HEADLINE_POINT) if len(g) else float("nan")
     return h
 
 
