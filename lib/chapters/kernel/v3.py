@@ -142,6 +142,11 @@ def v3_points(speed: pd.DataFrame) -> pd.DataFrame:
     return speed[speed["point_key"].isin(keys)]
 
 
+def _shape_order(batch: int, seq_len: int, heads: int, kv_heads: int) -> tuple:
+    """Where a shape goes in the chapter's tables: by group size, heads, then tokens."""
+    return (heads // kv_heads, heads, batch * seq_len, seq_len)
+
+
 def speed_table(speed: pd.DataFrame) -> pd.DataFrame:
     """Per kernel_speed shape: each backend's median µs, own-auto-paged over the fastest peer
     (SDPA, vLLM, FlashInfer: whichever ran), and own-auto's % of the run's read ceiling."""
@@ -150,8 +155,8 @@ def speed_table(speed: pd.DataFrame) -> pd.DataFrame:
     d = speed.copy()
     d["shape"] = [f"{int(b)} × {int(n)}, {int(h)}:{int(k)}" for b, n, h, k in
                   zip(d["batch_size"], d["seq_len"], d["num_heads"], d["num_kv_heads"])]
-    d["order"] = list(zip(d["num_heads"] // d["num_kv_heads"], d["num_heads"],
-                          d["batch_size"] * d["seq_len"], d["seq_len"]))
+    d["order"] = [_shape_order(b, n, h, k) for b, n, h, k in
+                  zip(d["batch_size"], d["seq_len"], d["num_heads"], d["num_kv_heads"])]
     t = d.pivot_table(index=["order", "shape"], columns="backend", values="median_us",
                       aggfunc="first")
     peers = [p for p in PEERS if p in t.columns]
@@ -313,18 +318,21 @@ def ring_card(path=RING_PROBE) -> str:
     return prov["runs"][path.name]["card"]
 
 
+#: the backends the ring table compares (the probe also timed v1 and v2 beside them)
+RING_BACKENDS = ("own-v3-paged", "sdpa_dense")
+
+
 def load_ring_probe(path) -> pd.DataFrame:
-    """The ring probe's rows (one JSON object a line), checked rows only; refuses a file whose
-    rows did not all pass the check that ran beside their timing, v1's refusal of 32k logits
-    aside."""
+    """The ring probe's rows of RING_BACKENDS (one JSON object a line); refuses a file where any
+    of them did not pass the check that ran beside its timing."""
     d = pd.read_json(path, lines=True)
-    require_columns(d, ["label", "shape", "backend", "median_us", "check_passed", "error"],
-                    "load_ring_probe")
-    failed = d[(d["check_passed"] != True) & ~d["error"].fillna("").str.contains("use version 2")]  # noqa: E712
+    require_columns(d, ["label", "shape", "backend", "median_us", "check_passed"], "load_ring_probe")
+    d = d[d["backend"].isin(RING_BACKENDS)]
+    failed = d[d["check_passed"] != True]  # noqa: E712
     if len(failed):
         raise ValueError(f"{path}: {len(failed)} rows failed their check: "
                          f"{failed[['label', 'shape', 'backend']].to_dict('records')[:3]}")
-    return d[d["check_passed"] == True]  # noqa: E712
+    return d
 
 
 def _probe_shape(b, n, h, k) -> str:
@@ -351,11 +359,9 @@ def ring_probe_table(probe: pd.DataFrame, kernel_runs: pd.DataFrame) -> pd.DataF
     out.insert(0, "registers", (reg["own-v3-paged"] / reg["sdpa_dense"]).reindex(out.index))
     out["best ring / registers"] = out.filter(like="ring,").min(axis=1) / out["registers"]
 
-    def order(s):
-        bn, hk = s.split(" ")
-        b, n = map(int, bn.split("x"))
-        h, kv = map(int, hk.split(":"))
-        return (h // kv, h, b * n, n)
+    def order(label):  # "8x4096 64:8", as _probe_shape writes it
+        bn, hk = label.split(" ")
+        return _shape_order(*map(int, bn.split("x")), *map(int, hk.split(":")))
     out = out.loc[sorted(out.index, key=order)]
     out.index.name = "shape (batch x tokens, heads)"
     return out
